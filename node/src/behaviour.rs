@@ -1,0 +1,110 @@
+//! The composed libp2p behaviour and the swarm built around it.
+//!
+//! Standard protocols under their standard ids (identify, ping, Kademlia, AutoNAT v1, circuit
+//! relay v2 client, DCUtR), so any libp2p implementation interoperates, plus `libp2p-stream` for
+//! warren's own stream protocols and for on-demand pings.
+
+use std::time::Duration;
+
+use libp2p::{
+    StreamProtocol, Swarm, autonat, connection_limits, dcutr, identify, identity::Keypair, kad, mdns, noise,
+    ping, relay, swarm::NetworkBehaviour, swarm::behaviour::toggle::Toggle, tcp, yamux,
+};
+
+use crate::config::{Config, DhtMode};
+
+/// The agent string peers see in identify.
+pub const AGENT: &str = concat!("warren/", env!("CARGO_PKG_VERSION"));
+/// warren's identify protocol family, as libp2p recommends: `/<name>/<version>`.
+pub const IDENTIFY_PROTOCOL: &str = "/ipfs/id/1.0.0";
+/// Connections kept to one peer at most (a direct and a relayed one, plus a few racing dials).
+const MAX_CONNECTIONS_PER_PEER: u32 = 8;
+/// Pending inbound handshakes at once: bounds what a flood of dials can cost.
+const MAX_PENDING_INCOMING: u32 = 128;
+
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    pub limits: connection_limits::Behaviour,
+    pub identify: identify::Behaviour,
+    pub ping: ping::Behaviour,
+    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
+    pub autonat: autonat::Behaviour,
+    pub relay_client: relay::client::Behaviour,
+    pub dcutr: dcutr::Behaviour,
+    pub stream: libp2p_stream::Behaviour,
+}
+
+/// Errors building the swarm.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The configured Kademlia protocol id is not a valid protocol id.
+    #[error("invalid kad protocol id {0:?}")]
+    KadProtocol(String),
+    /// A transport or behaviour could not be created (mDNS socket, DNS resolver, ...).
+    #[error("{0}")]
+    Setup(String),
+}
+
+pub fn build_swarm(keypair: Keypair, config: &Config) -> Result<Swarm<Behaviour>, BuildError> {
+    let kad_protocol = StreamProtocol::try_from_owned(config.kad_protocol.clone())
+        .map_err(|_| BuildError::KadProtocol(config.kad_protocol.clone()))?;
+    let mdns_on = config.mdns;
+    let dht_mode = config.dht_mode;
+    let bootstrap_interval = config.bootstrap_interval();
+    let setup = |e: &dyn std::fmt::Display| BuildError::Setup(e.to_string());
+
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| setup(&e))?
+        .with_quic_config(|mut quic| {
+            // Keep idle connections alive through NAT mappings (most expire UDP state after 30 s).
+            quic.keep_alive_interval = Duration::from_secs(15);
+            quic
+        })
+        .with_dns()
+        .map_err(|e| setup(&e))?
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| setup(&e))?
+        .with_behaviour(|key, relay_client| {
+            let peer_id = key.public().to_peer_id();
+            let mut kad_config = kad::Config::new(kad_protocol);
+            kad_config.set_periodic_bootstrap_interval(Some(bootstrap_interval));
+            kad_config.set_query_timeout(Duration::from_secs(30));
+            let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+            kad.set_mode(match dht_mode {
+                DhtMode::Server => Some(kad::Mode::Server),
+                DhtMode::Client => Some(kad::Mode::Client),
+                DhtMode::Auto => None,
+            });
+            let mdns = if mdns_on {
+                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
+            } else {
+                None
+            };
+            Ok(Behaviour {
+                limits: connection_limits::Behaviour::new(
+                    connection_limits::ConnectionLimits::default()
+                        .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
+                        .with_max_pending_incoming(Some(MAX_PENDING_INCOMING)),
+                ),
+                identify: identify::Behaviour::new(
+                    identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
+                        .with_agent_version(AGENT.to_string())
+                        .with_push_listen_addr_updates(true),
+                ),
+                ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15))),
+                kad,
+                mdns: mdns.into(),
+                autonat: autonat::Behaviour::new(peer_id, autonat::Config::default()),
+                relay_client,
+                dcutr: dcutr::Behaviour::new(peer_id),
+                stream: libp2p_stream::Behaviour::new(),
+            })
+        })
+        .map_err(|e| setup(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout()))
+        .build();
+    Ok(swarm)
+}

@@ -1,0 +1,233 @@
+//! The `warren` command line: one subcommand each, parsed by clap, dispatched to the node
+//! ([`crate::node`]) or to the control API client.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use libp2p::{Multiaddr, PeerId};
+
+use crate::config::{self, Config, DhtMode, Overrides};
+use crate::control::{api, client::Client};
+use crate::error::UserError;
+
+const ABOUT: &str = "warren: a peer-to-peer node that finds peers on the LAN (mDNS) and across \
+the internet (Kademlia DHT), and lets you inspect it while it runs.";
+
+const AFTER_HELP: &str = "Start a node with `warren up`, then, from another terminal, `warren status`.\n\
+Every command but `up` and `config` talks to the running node through its control socket\n\
+in the data dir, so pass the same --data-dir (or WARREN_DATA_DIR) to both.";
+
+#[derive(Debug, Parser)]
+#[command(name = "warren", version, about = ABOUT, after_help = AFTER_HELP, propagate_version = true)]
+pub struct Cli {
+    /// Where the node keeps its identity, peer store, config.toml and control socket
+    /// [default: the per-user data dir, e.g. ~/.local/share/warren]
+    #[arg(long, global = true, env = "WARREN_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Print machine-readable JSON instead of text
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node in the foreground (Ctrl-C stops it cleanly)
+    Up(NodeArgs),
+    /// Show the running node's identity, addresses, reachability and DHT state
+    Status,
+    /// List connected peers: address, transport, direct or relayed, round-trip time
+    Peers,
+    /// Measure round-trip time to a peer with the standard libp2p ping protocol
+    Ping {
+        /// The peer to ping; it is dialed first if needed (stored addresses, then the DHT)
+        #[arg(value_parser = parse_peer_id, value_name = "PEER")]
+        peer: PeerId,
+        /// Number of pings
+        #[arg(long, short = 'c', default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=i64::from(api::MAX_PING_COUNT)))]
+        count: u32,
+    },
+    /// Look a peer's addresses up in the DHT and report how long it took
+    Find {
+        #[arg(value_parser = parse_peer_id, value_name = "PEER")]
+        peer: PeerId,
+    },
+    /// Print the running node's PeerId
+    Id,
+    /// Print the effective configuration (config file + flags) without starting a node
+    Config(NodeArgs),
+    /// Diagnostics for developers
+    #[command(hide = true)]
+    Debug {
+        #[command(subcommand)]
+        command: DebugCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DebugCommand {
+    /// Add COUNT synthetic records to the peer store (load for crash tests)
+    StoreChurn { count: u32 },
+}
+
+/// Settings of a node, shared by `up` and `config`.
+#[derive(Debug, Args, Clone)]
+pub struct NodeArgs {
+    /// Read settings from this TOML file [default: DATA_DIR/config.toml when it exists]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Listen on this address (repeatable); port 0 picks a free port
+    /// [default: QUIC and TCP on port 4001, IPv4 and IPv6]
+    #[arg(long, value_name = "MULTIADDR", value_parser = parse_multiaddr)]
+    pub listen: Vec<Multiaddr>,
+
+    /// Join the network through this peer (repeatable), e.g. /ip4/192.0.2.7/udp/4001/quic-v1/p2p/12D3Koo...
+    #[arg(long, value_name = "MULTIADDR/p2p/ID", value_parser = parse_bootstrap)]
+    pub bootstrap: Vec<Multiaddr>,
+
+    /// Do not discover or announce peers on the LAN by mDNS
+    #[arg(long)]
+    pub no_mdns: bool,
+
+    /// DHT role: server answers queries, client only asks, auto is server once AutoNAT confirms
+    /// the node is publicly reachable [default: auto]
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub dht_mode: Option<DhtMode>,
+
+    /// Kademlia protocol id; /ipfs/kad/1.0.0 joins the IPFS DHT [default: /warren/kad/1.0.0]
+    #[arg(long, value_name = "PROTOCOL")]
+    pub kad_protocol: Option<String>,
+}
+
+impl NodeArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            listen: self.listen.clone(),
+            bootstrap: self.bootstrap.clone(),
+            no_mdns: self.no_mdns,
+            dht_mode: self.dht_mode,
+            kad_protocol: self.kad_protocol.clone(),
+        }
+    }
+
+    pub fn load(&self, data_dir: &std::path::Path) -> Result<Config, UserError> {
+        Config::load(data_dir, self.config.as_deref(), self.overrides())
+    }
+}
+
+fn parse_multiaddr(value: &str) -> Result<Multiaddr, String> {
+    value.parse().map_err(|e| format!("not a multiaddr ({e}); expected e.g. /ip4/0.0.0.0/udp/4001/quic-v1"))
+}
+
+fn parse_bootstrap(value: &str) -> Result<Multiaddr, String> {
+    let addr = parse_multiaddr(value)?;
+    config::bootstrap_peer(&addr).map_err(|_| "the address must end in /p2p/PEERID (the peer prints it at start)".to_string())?;
+    Ok(addr)
+}
+
+fn parse_peer_id(value: &str) -> Result<PeerId, String> {
+    value.parse().map_err(|_| "not a PeerId; PeerIds look like 12D3KooW... (see `warren id` on that node)".to_string())
+}
+
+pub fn main() -> ExitCode {
+    main_with(std::env::args_os())
+}
+
+/// Runs the command line `args` (program name first).
+pub fn main_with<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = Cli::parse_from(args);
+    init_tracing(matches!(cli.command, Command::Up(_)));
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            e.kind.exit_code()
+        }
+    }
+}
+
+fn init_tracing(daemon: bool) {
+    let default = if daemon { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn run(cli: Cli) -> Result<(), UserError> {
+    let data_dir = cli.data_dir.clone().unwrap_or_else(config::default_data_dir);
+    let client = Client::new(&data_dir);
+    let quick = Duration::from_secs(5);
+    match cli.command {
+        Command::Up(args) => crate::node::up(&data_dir, args.load(&data_dir)?).await,
+        Command::Config(args) => {
+            let config = args.load(&data_dir)?;
+            if cli.json {
+                print_json(&config);
+            } else {
+                print!("{}", config.to_toml());
+            }
+            Ok(())
+        }
+        Command::Status => {
+            let status: api::Status = client.get("/v1/status", quick).await?;
+            output(cli.json, &status, crate::output::status);
+            Ok(())
+        }
+        Command::Peers => {
+            let peers: Vec<api::PeerEntry> = client.get("/v1/peers", quick).await?;
+            output(cli.json, &peers, |p| crate::output::peers(p));
+            Ok(())
+        }
+        Command::Id => {
+            let id: api::Identity = client.get("/v1/id", quick).await?;
+            output(cli.json, &id, |id| id.peer_id.clone());
+            Ok(())
+        }
+        Command::Ping { peer, count } => {
+            let timeout = Duration::from_secs(45) + Duration::from_secs(11) * count;
+            let reply: api::PingReply = client.post(&format!("/v1/ping/{peer}?count={count}"), timeout).await?;
+            output(cli.json, &reply, crate::output::ping);
+            Ok(())
+        }
+        Command::Find { peer } => {
+            let reply: api::FindReply = client.post(&format!("/v1/find/{peer}"), Duration::from_secs(60)).await?;
+            output(cli.json, &reply, crate::output::find);
+            if reply.found {
+                Ok(())
+            } else {
+                Err(UserError::operation(format!(
+                    "{peer} was not found in the DHT (lookup took {:.0} ms)",
+                    reply.elapsed_ms
+                )))
+            }
+        }
+        Command::Debug { command: DebugCommand::StoreChurn { count } } => {
+            let reply: api::ChurnReply = client.post(&format!("/v1/debug/store-churn/{count}"), Duration::from_secs(60)).await?;
+            output(cli.json, &reply, |r| format!("added {} synthetic peer records", r.inserted));
+            Ok(())
+        }
+    }
+}
+
+fn print_json<T: serde::Serialize>(value: &T) {
+    println!("{}", serde_json::to_string_pretty(value).expect("API types serialise"));
+}
+
+fn output<T: serde::Serialize>(json: bool, value: &T, text: impl FnOnce(&T) -> String) {
+    if json {
+        print_json(value);
+    } else {
+        println!("{}", text(value));
+    }
+}

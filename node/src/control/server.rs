@@ -1,0 +1,188 @@
+//! The daemon side of the control API: HTTP/1.1 on a Unix socket that only the node's owner can
+//! open (socket mode 0600 inside a 0700 data dir, and the caller's uid checked on accept).
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{AsyncReadExt, AsyncWriteExt};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use libp2p::{PeerId, StreamProtocol};
+use rand::RngCore;
+use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
+
+use super::api;
+use crate::event_loop::{Command, NodeHandle};
+use crate::error::UserError;
+
+/// Control connections served at once; more wait in the socket's backlog.
+const MAX_CONTROL_CONNECTIONS: usize = 32;
+/// How long a connect (dial, lookup, dial) may take before `ping` gives up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The standard libp2p ping protocol, spoken by every libp2p node.
+const PING_PROTOCOL: StreamProtocol = StreamProtocol::new("/ipfs/ping/1.0.0");
+const PING_SIZE: usize = 32;
+const PING_TIMEOUT: Duration = Duration::from_secs(10);
+const PING_GAP: Duration = Duration::from_millis(200);
+
+/// Binds the control socket, replacing a stale one left by a node that was killed.
+pub async fn bind(data_dir: &Path) -> Result<(UnixListener, PathBuf), UserError> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = data_dir.join(api::SOCKET_NAME);
+    if path.exists() {
+        if tokio::net::UnixStream::connect(&path).await.is_ok() {
+            return Err(UserError::bad_input(format!(
+                "a warren node is already running with data dir {}: stop it first, or use another --data-dir",
+                data_dir.display()
+            )));
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    let listener = UnixListener::bind(&path).map_err(|e| {
+        UserError::operation(format!("cannot create the control socket {}: {e}", path.display()))
+    })?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| UserError::operation(format!("cannot restrict the control socket {}: {e}", path.display())))?;
+    Ok((listener, path))
+}
+
+pub async fn serve(listener: UnixListener, handle: NodeHandle) {
+    let permits = Arc::new(Semaphore::new(MAX_CONTROL_CONNECTIONS));
+    let own_uid = current_uid();
+    loop {
+        let permit = permits.clone().acquire_owned().await.expect("semaphore never closes");
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == own_uid || cred.uid() == 0 => {}
+            other => {
+                tracing::warn!(cred = ?other, "refusing a control connection from another user");
+                continue;
+            }
+        }
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let handle = handle.clone();
+                async move { Ok::<_, Infallible>(route(req, handle).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            drop(permit);
+        });
+    }
+}
+
+/// The effective uid of this process: the owner of /proc/self (no unsafe libc call needed).
+fn current_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
+}
+
+async fn route(req: Request<Incoming>, handle: NodeHandle) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // Requests carry no body we read; drain whatever came, bounded.
+    let _ = http_body_util::Limited::new(req.into_body(), 4096).collect().await;
+    let result = match segments.as_slice() {
+        ["v1", "status"] => handle.request(Command::Status).await.map(json).map_err(unavailable),
+        ["v1", "peers"] => handle.request(Command::Peers).await.map(json).map_err(unavailable),
+        ["v1", "id"] => Ok(json(api::Identity {
+            peer_id: handle.peer_id.to_string(),
+            public_key: handle.peer_id.to_base58(),
+            agent: crate::behaviour::AGENT.to_string(),
+        })),
+        ["v1", "find", peer] => match parse_peer(peer) {
+            Ok(peer) => handle.request(|tx| Command::Find(peer, tx)).await.map(json).map_err(unavailable),
+            Err(e) => Err(e),
+        },
+        ["v1", "ping", peer] => match (parse_peer(peer), parse_count(&query)) {
+            (Ok(peer), Ok(count)) => ping(&handle, peer, count).await.map(json),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        },
+        ["v1", "debug", "store-churn", count] => match count.parse::<u32>() {
+            Ok(n) if n <= api::MAX_CHURN => {
+                handle.request(|tx| Command::StoreChurn(n, tx)).await.map(json).map_err(unavailable)
+            }
+            _ => Err((StatusCode::BAD_REQUEST, format!("count {count:?} must be a number up to {}", api::MAX_CHURN))),
+        },
+        _ => Err((StatusCode::NOT_FOUND, format!("no such control route: {path}"))),
+    };
+    match result {
+        Ok(body) => respond(StatusCode::OK, body),
+        Err((status, error)) => respond(status, serde_json::to_vec(&api::ApiError { error }).expect("serialises")),
+    }
+}
+
+type RouteError = (StatusCode, String);
+
+fn json<T: serde::Serialize>(value: T) -> Vec<u8> {
+    serde_json::to_vec(&value).expect("API types serialise")
+}
+
+fn unavailable(e: String) -> RouteError {
+    (StatusCode::SERVICE_UNAVAILABLE, e)
+}
+
+fn respond(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
+fn parse_peer(text: &str) -> Result<PeerId, RouteError> {
+    text.parse().map_err(|_| (StatusCode::BAD_REQUEST, format!("{text:?} is not a PeerId")))
+}
+
+fn parse_count(query: &str) -> Result<u32, RouteError> {
+    let Some(value) = query.split('&').find_map(|kv| kv.strip_prefix("count=")) else { return Ok(3) };
+    match value.parse::<u32>() {
+        Ok(n) if (1..=api::MAX_PING_COUNT).contains(&n) => Ok(n),
+        _ => Err((StatusCode::BAD_REQUEST, format!("count {value:?} must be between 1 and {}", api::MAX_PING_COUNT))),
+    }
+}
+
+/// Pings with the standard libp2p ping protocol on a fresh stream: connect first (stored
+/// addresses, then the DHT), then `count` round trips of 32 random bytes.
+async fn ping(handle: &NodeHandle, peer: PeerId, count: u32) -> Result<api::PingReply, RouteError> {
+    let unreachable = |e: String| (StatusCode::BAD_GATEWAY, format!("cannot reach {peer}: {e}"));
+    tokio::time::timeout(CONNECT_TIMEOUT, handle.request(|tx| Command::Connect(peer, tx)))
+        .await
+        .map_err(|_| unreachable("timed out".into()))?
+        .map_err(unavailable)?
+        .map_err(unreachable)?;
+    let mut control = handle.stream.clone();
+    let mut stream = control.open_stream(peer, PING_PROTOCOL).await.map_err(|e| unreachable(e.to_string()))?;
+    let mut rtts = Vec::new();
+    for i in 0..count {
+        if i > 0 {
+            tokio::time::sleep(PING_GAP).await;
+        }
+        let mut payload = [0u8; PING_SIZE];
+        rand::thread_rng().fill_bytes(&mut payload);
+        let started = Instant::now();
+        let round = async {
+            stream.write_all(&payload).await?;
+            stream.flush().await?;
+            let mut echo = [0u8; PING_SIZE];
+            stream.read_exact(&mut echo).await?;
+            Ok::<_, std::io::Error>(echo)
+        };
+        let echo = tokio::time::timeout(PING_TIMEOUT, round)
+            .await
+            .map_err(|_| unreachable("ping timed out".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        if echo != payload {
+            return Err(unreachable("the peer echoed different bytes".into()));
+        }
+        rtts.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    let _ = stream.close().await;
+    Ok(api::PingReply { peer_id: peer.to_string(), rtts_ms: rtts })
+}

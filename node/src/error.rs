@@ -1,0 +1,47 @@
+//! Errors that reach the person at the terminal: one line, the bad value named, what to do,
+//! and an exit code that scripts can tell apart.
+
+use std::process::ExitCode;
+
+/// How a command failed, which decides its exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The operation ran and failed (peer unreachable, not found, ...). Exit code 1.
+    Operation,
+    /// A value the user gave is wrong (flag, config file, data dir). Exit code 2, like clap.
+    BadInput,
+    /// No node is running for this data dir. Exit code 3.
+    NotRunning,
+}
+
+impl Failure {
+    pub fn exit_code(self) -> ExitCode {
+        match self {
+            Failure::Operation => ExitCode::from(1),
+            Failure::BadInput => ExitCode::from(2),
+            Failure::NotRunning => ExitCode::from(3),
+        }
+    }
+}
+
+/// An error meant for the user: the message is complete as it stands.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct UserError {
+    pub kind: Failure,
+    pub message: String,
+}
+
+impl UserError {
+    pub fn bad_input(message: impl Into<String>) -> Self {
+        Self { kind: Failure::BadInput, message: message.into() }
+    }
+
+    pub fn operation(message: impl Into<String>) -> Self {
+        Self { kind: Failure::Operation, message: message.into() }
+    }
+
+    pub fn not_running(message: impl Into<String>) -> Self {
+        Self { kind: Failure::NotRunning, message: message.into() }
+    }
+}

@@ -1,0 +1,22 @@
+//! The warren node.
+//!
+//! # Layout
+//! - [`cli`]: the `warren` command line, one subcommand each.
+//! - [`config`]: the TOML configuration and its defaults.
+//! - [`node`]: `warren up`, which wires everything below together and shuts it down in order.
+//! - [`behaviour`]: the composed libp2p behaviour and swarm.
+//! - [`event_loop`]: the one task that owns the swarm, driven through a [`event_loop::NodeHandle`].
+//! - [`store`] and [`peer_record`]: identity and peer store in sled.
+//! - [`control`]: the local HTTP+JSON API on a Unix socket, server and client.
+//! - [`output`]: text rendering for people.
+
+pub mod behaviour;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod error;
+pub mod event_loop;
+pub mod node;
+pub mod output;
+pub mod peer_record;
+pub mod store;

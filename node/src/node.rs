@@ -1,0 +1,109 @@
+//! `warren up`: opens the store, builds the swarm, listens, serves the control socket and runs
+//! the event loop until Ctrl-C or SIGTERM, then shuts down in order (control socket first, then
+//! the swarm, then the peer store is written out).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use libp2p::{Multiaddr, multiaddr::Protocol};
+
+use crate::behaviour::build_swarm;
+use crate::config::Config;
+use crate::control::server;
+use crate::error::UserError;
+use crate::event_loop::EventLoop;
+use crate::peer_record::PeerBook;
+use crate::store::Store;
+
+pub async fn up(data_dir: &Path, config: Config) -> Result<(), UserError> {
+    let store = Store::open(data_dir)?;
+    let peer_id = store.peer_id();
+    if store.new_identity {
+        tracing::info!(peer = %peer_id, "created a new identity");
+    }
+    let book = PeerBook::new(config.max_stored_peers, store.load_peers());
+    let defaults = config.listen_is_default();
+    for addr in &config.listen {
+        if let Err(e) = check_port_free(addr) {
+            if defaults {
+                tracing::warn!(%addr, error = %e.message, "skipping a default listen address");
+            } else {
+                return Err(e);
+            }
+        }
+    }
+    let mut swarm = build_swarm(store.keypair.clone(), &config)
+        .map_err(|e| UserError::operation(format!("cannot set up networking: {e}")))?;
+    let mut listening = 0;
+    for addr in &config.listen {
+        match swarm.listen_on(addr.clone()) {
+            Ok(_) => listening += 1,
+            Err(e) if defaults => tracing::warn!(%addr, error = %e, "skipping a default listen address"),
+            Err(e) => {
+                return Err(UserError::bad_input(format!(
+                    "cannot listen on {addr}: {e}; pass a different --listen address"
+                )));
+            }
+        }
+    }
+    if listening == 0 {
+        return Err(UserError::bad_input(
+            "none of the default listen addresses could be bound (is port 4001 in use?): pass --listen, e.g. --listen /ip4/0.0.0.0/udp/0/quic-v1",
+        ));
+    }
+    let (listener, socket_path) = server::bind(data_dir).await?;
+    println!("warren node {peer_id}");
+    println!("data dir {}", data_dir.display());
+    tracing::info!(peer = %peer_id, data_dir = %data_dir.display(), stored_peers = book.len(), "node starting");
+
+    let writer = store.spawn_writer();
+    let (event_loop, handle) = EventLoop::new(swarm, config, book, writer);
+    let control = tokio::spawn(server::serve(listener, handle));
+    event_loop.run(shutdown_signal()).await;
+    control.abort();
+    let _ = std::fs::remove_file(&socket_path);
+    drop(store);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// libp2p binds TCP listeners with SO_REUSEPORT, so a port held by another warren node would be
+/// shared silently. Bind it once ourselves, without SO_REUSEPORT, to find out.
+fn check_port_free(addr: &Multiaddr) -> Result<(), UserError> {
+    let mut ip: Option<IpAddr> = None;
+    let mut target = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(a.into()),
+            Protocol::Ip6(a) => ip = Some(a.into()),
+            Protocol::Tcp(port) => target = Some((port, socket2::Type::STREAM, socket2::Protocol::TCP)),
+            Protocol::Udp(port) => target = Some((port, socket2::Type::DGRAM, socket2::Protocol::UDP)),
+            _ => {}
+        }
+    }
+    let (Some(ip), Some((port, kind, proto))) = (ip, target) else { return Ok(()) };
+    if port == 0 {
+        return Ok(());
+    }
+    let sockaddr = SocketAddr::new(ip, port);
+    let socket = socket2::Socket::new(socket2::Domain::for_address(sockaddr), kind, Some(proto))
+        .map_err(|e| UserError::bad_input(format!("cannot listen on {addr}: {e}")))?;
+    if ip.is_ipv6() {
+        let _ = socket.set_only_v6(true);
+    }
+    socket.bind(&sockaddr.into()).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            format!("port {port} is already in use; stop what uses it or pass --listen with another port (0 picks a free one)")
+        } else {
+            "pass a different --listen address".to_string()
+        };
+        UserError::bad_input(format!("cannot listen on {addr}: {e}; {hint}"))
+    })
+}

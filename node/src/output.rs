@@ -1,0 +1,70 @@
+//! Text rendering of control API answers for people; `--json` prints the structs instead.
+
+use std::fmt::Write;
+
+use crate::control::api;
+
+pub fn status(s: &api::Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "peer id       {}", s.peer_id);
+    let _ = writeln!(out, "agent         {}", s.agent);
+    let _ = writeln!(out, "reachability  {}", s.reachability);
+    let _ = writeln!(out, "dht           {} (setting: {}, protocol {})", s.dht_mode, s.dht_mode_setting, s.kad_protocol);
+    let _ = writeln!(
+        out,
+        "peers         {} connected over {} connections; {} in routing table; {} stored",
+        s.connected_peers, s.connections, s.routing_table_peers, s.stored_peers
+    );
+    let _ = writeln!(out, "uptime        {}s", s.uptime_secs);
+    list(&mut out, "listening", &s.listen_addrs);
+    list(&mut out, "external", &s.external_addrs);
+    out.trim_end().to_string()
+}
+
+fn list(out: &mut String, label: &str, items: &[String]) {
+    if items.is_empty() {
+        let _ = writeln!(out, "{label:<13} (none)");
+    }
+    for (i, item) in items.iter().enumerate() {
+        let _ = writeln!(out, "{:<13} {item}", if i == 0 { label } else { "" });
+    }
+}
+
+pub fn peers(peers: &[api::PeerEntry]) -> String {
+    if peers.is_empty() {
+        return "no connected peers".to_string();
+    }
+    let mut out = format!("{:<52}  {:<7}  {:<4}  {:>9}  ADDRESS\n", "PEER", "PATH", "VIA", "RTT");
+    for peer in peers {
+        for (i, c) in peer.connections.iter().enumerate() {
+            let rtt = c.rtt_ms.map(|r| format!("{r:.2} ms")).unwrap_or_else(|| "-".into());
+            let name = if i == 0 { peer.peer_id.as_str() } else { "" };
+            let _ = writeln!(out, "{name:<52}  {:<7}  {:<4}  {rtt:>9}  {}", c.path, c.transport, c.address);
+        }
+    }
+    out.trim_end().to_string()
+}
+
+pub fn ping(reply: &api::PingReply) -> String {
+    let mut out = String::new();
+    for (i, rtt) in reply.rtts_ms.iter().enumerate() {
+        let _ = writeln!(out, "pong from {}: seq={} time={rtt:.2} ms", reply.peer_id, i + 1);
+    }
+    let n = reply.rtts_ms.len().max(1) as f64;
+    let min = reply.rtts_ms.iter().cloned().fold(f64::INFINITY, f64::min);
+    let max = reply.rtts_ms.iter().cloned().fold(0.0, f64::max);
+    let avg = reply.rtts_ms.iter().sum::<f64>() / n;
+    let _ = write!(out, "{} pings: min/avg/max = {min:.2}/{avg:.2}/{max:.2} ms", reply.rtts_ms.len());
+    out
+}
+
+pub fn find(reply: &api::FindReply) -> String {
+    if !reply.found {
+        return format!("{} not found ({:.1} ms)", reply.peer_id, reply.elapsed_ms);
+    }
+    let mut out = format!("found {} in {:.1} ms", reply.peer_id, reply.elapsed_ms);
+    for addr in &reply.addrs {
+        let _ = write!(out, "\n  {addr}");
+    }
+    out
+}
