@@ -143,7 +143,7 @@ impl Config {
             let detail = e.message().trim().to_string();
             let line = e
                 .span()
-                .map(|span| format!(" (line {})", text[..span.start].lines().count().max(1)))
+                .map(|span| format!(" (line {})", text[..span.start].matches('\n').count() + 1))
                 .unwrap_or_default();
             UserError::bad_input(format!(
                 "config file {}{line} is invalid: {detail}; fix it or move it away to use the defaults",

@@ -226,10 +226,10 @@ impl EventLoop {
             Command::Connect(peer, reply) => self.connect(peer, reply),
             Command::StoreChurn(count, reply) => {
                 let now = unix_now();
-                for i in 0..count {
-                    let addr: Multiaddr = format!("/ip4/198.51.100.{}/udp/{}/quic-v1", i % 250 + 1, 1024 + i % 60000)
-                        .parse()
-                        .expect("valid synthetic address");
+                for _ in 0..count {
+                    // Loopback port 1 (tcpmux) listens nowhere: a restarted node that dials these
+                    // synthetic peers sends nothing beyond this machine and fails at once.
+                    let addr: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().expect("valid synthetic address");
                     self.book.update(PeerId::random(), |r| {
                         r.observe_addr(addr, now);
                         r.set_protocols(["/ipfs/id/1.0.0".to_string(), "/ipfs/ping/1.0.0".to_string()]);
@@ -401,7 +401,16 @@ impl EventLoop {
                     Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
                 };
                 if let Some(find) = self.finds.remove(&id) {
-                    let addrs = addresses_of(&find.peer, &peers);
+                    let mut addrs = addresses_of(&find.peer, &peers);
+                    // The lookup reports addresses that other peers returned; a target that was
+                    // already in our routing table comes back without them.
+                    if peers.iter().any(|p| p.peer_id == find.peer) {
+                        for addr in self.routing_table_addresses(&find.peer) {
+                            if !addrs.contains(&addr) {
+                                addrs.push(addr);
+                            }
+                        }
+                    }
                     if !addrs.is_empty() {
                         let now = unix_now();
                         self.book.update(find.peer, |r| addrs.iter().for_each(|a| r.observe_addr(a.clone(), now)));
@@ -432,6 +441,18 @@ impl EventLoop {
             kad::Event::ModeChanged { new_mode } => tracing::info!(mode = %new_mode, "DHT mode changed"),
             _ => {}
         }
+    }
+
+    fn routing_table_addresses(&mut self, peer: &PeerId) -> Vec<Multiaddr> {
+        let mut out = Vec::new();
+        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+            for entry in bucket.iter() {
+                if entry.node.key.preimage() == peer {
+                    out.extend(entry.node.value.iter().cloned());
+                }
+            }
+        }
+        out
     }
 
     fn routing_table_size(&mut self) -> usize {

@@ -16,12 +16,6 @@ use crate::peer_record::PeerBook;
 use crate::store::Store;
 
 pub async fn up(data_dir: &Path, config: Config) -> Result<(), UserError> {
-    let store = Store::open(data_dir)?;
-    let peer_id = store.peer_id();
-    if store.new_identity {
-        tracing::info!(peer = %peer_id, "created a new identity");
-    }
-    let book = PeerBook::new(config.max_stored_peers, store.load_peers());
     let defaults = config.listen_is_default();
     for addr in &config.listen {
         if let Err(e) = check_port_free(addr) {
@@ -32,6 +26,13 @@ pub async fn up(data_dir: &Path, config: Config) -> Result<(), UserError> {
             }
         }
     }
+    // Ports are checked before the store is touched, so a refused start leaves no trace on disk.
+    let store = Store::open(data_dir)?;
+    let peer_id = store.peer_id();
+    if store.new_identity {
+        tracing::info!(peer = %peer_id, "created a new identity");
+    }
+    let book = PeerBook::new(config.max_stored_peers, store.load_peers());
     let mut swarm = build_swarm(store.keypair.clone(), &config)
         .map_err(|e| UserError::operation(format!("cannot set up networking: {e}")))?;
     let mut listening = 0;

@@ -1,0 +1,66 @@
+//! Nodes on loopback find each other through a bootstrap node and the DHT, and remember what
+//! they learned across restarts.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Node, wait_until};
+
+/// On loopback AutoNAT never confirms a public address, so every node is told to serve the DHT.
+const SERVER: [&str; 2] = ["--dht-mode", "server"];
+
+#[test]
+fn five_nodes_given_only_the_first_as_bootstrap_all_find_each_other() {
+    let first = Node::start(&SERVER);
+    let bootstrap = first.quic_addr();
+    let mut nodes = vec![first];
+    for _ in 1..5 {
+        nodes.push(Node::start(&["--dht-mode", "server", "--bootstrap", &bootstrap]));
+    }
+    for finder in &nodes {
+        for target in &nodes {
+            if finder.peer_id == target.peer_id {
+                continue;
+            }
+            wait_until(Duration::from_secs(30), &format!("{} to find {}", finder.peer_id, target.peer_id), || {
+                finder.finds(&target.peer_id)
+            });
+        }
+    }
+    for node in &nodes {
+        let peers = node.json(&["peers"]).expect("peers answers");
+        let peers = peers.as_array().unwrap();
+        assert!(!peers.is_empty(), "{} lists no connections", node.peer_id);
+        for peer in peers {
+            let conn = &peer["connections"][0];
+            assert!(conn["address"].as_str().unwrap().starts_with("/ip4/127.0.0.1/"), "{conn}");
+            assert_eq!(conn["path"], "direct");
+            assert!(["quic", "tcp"].contains(&conn["transport"].as_str().unwrap()), "{conn}");
+        }
+    }
+    // Every lookup went through the DHT: the bootstrap node has everyone in its routing table.
+    let status = nodes[0].status();
+    assert!(status["routing_table_peers"].as_u64().unwrap() >= 4, "{status}");
+}
+
+#[test]
+fn a_restarted_node_keeps_its_peer_id_and_rejoins_from_its_peer_store() {
+    let hub = Node::start(&SERVER);
+    let bootstrap = hub.quic_addr();
+    let other = Node::start(&["--dht-mode", "server", "--bootstrap", &bootstrap]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start_in(dir.path(), &["--dht-mode", "server", "--bootstrap", &bootstrap]);
+    let id = node.peer_id.clone();
+    wait_until(Duration::from_secs(30), "the node to find the other peer", || node.finds(&other.peer_id));
+    node.stop();
+
+    let restarted = Node::start_in(dir.path(), &SERVER);
+    assert_eq!(restarted.peer_id, id, "the identity changed across a restart");
+    assert!(restarted.status()["stored_peers"].as_u64().unwrap() >= 2);
+    wait_until(Duration::from_secs(30), "the restarted node, with no bootstrap, to find the peer it had met", || {
+        restarted.finds(&other.peer_id)
+    });
+    let ping = restarted.json(&["ping", &other.peer_id, "--count", "2"]).expect("ping answers");
+    assert_eq!(ping["rtts_ms"].as_array().unwrap().len(), 2);
+}
