@@ -33,6 +33,7 @@ pub struct Behaviour {
     pub relay_client: relay::client::Behaviour,
     pub dcutr: dcutr::Behaviour,
     pub stream: libp2p_stream::Behaviour,
+    pub forward: crate::forward::streams::Behaviour,
 }
 
 /// Errors building the swarm.
@@ -46,7 +47,16 @@ pub enum BuildError {
     Setup(String),
 }
 
-pub fn build_swarm(keypair: Keypair, config: &Config) -> Result<Swarm<Behaviour>, BuildError> {
+/// The swarm, plus the two ends of the forward streams behaviour that live outside it.
+pub struct Built {
+    pub swarm: Swarm<Behaviour>,
+    pub opener: crate::forward::streams::Opener,
+    pub inbound: tokio::sync::mpsc::Receiver<(libp2p::PeerId, libp2p::Stream)>,
+}
+
+pub fn build_swarm(keypair: Keypair, config: &Config) -> Result<Built, BuildError> {
+    let (forward, opener, inbound) = crate::forward::streams::Behaviour::new();
+    let mut forward = Some(forward);
     let kad_protocol = StreamProtocol::try_from_owned(config.kad_protocol.clone())
         .map_err(|_| BuildError::KadProtocol(config.kad_protocol.clone()))?;
     let mdns_on = config.mdns;
@@ -61,6 +71,8 @@ pub fn build_swarm(keypair: Keypair, config: &Config) -> Result<Swarm<Behaviour>
         .with_quic_config(|mut quic| {
             // Keep idle connections alive through NAT mappings (most expire UDP state after 30 s).
             quic.keep_alive_interval = Duration::from_secs(15);
+            // Every forwarded connection is a stream: allow many at once (our own caps bound them).
+            quic.max_concurrent_stream_limit = 4096;
             quic
         })
         .with_dns()
@@ -101,10 +113,11 @@ pub fn build_swarm(keypair: Keypair, config: &Config) -> Result<Swarm<Behaviour>
                 relay_client,
                 dcutr: dcutr::Behaviour::new(peer_id),
                 stream: libp2p_stream::Behaviour::new(),
+                forward: forward.take().expect("the behaviour is built once"),
             })
         })
         .map_err(|e| setup(&e))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout()))
         .build();
-    Ok(swarm)
+    Ok(Built { swarm, opener, inbound })
 }

@@ -11,6 +11,7 @@ use libp2p::{Multiaddr, PeerId};
 use crate::config::{self, Config, DhtMode, Overrides};
 use crate::control::{api, client::Client};
 use crate::error::UserError;
+use crate::forward::{ExposeSpec, ForwardSpec};
 
 const ABOUT: &str = "warren: a peer-to-peer node that finds peers on the LAN (mDNS) and across \
 the internet (Kademlia DHT), and lets you inspect it while it runs.";
@@ -59,6 +60,53 @@ pub enum Command {
     },
     /// Print the running node's PeerId
     Id,
+    /// Offer a local service to chosen peers under a name (kept across restarts)
+    #[command(after_help = "Example: warren expose web 127.0.0.1:8080 --allow 12D3KooW...\nPeers not allowed are refused; a peer names the service, never a host or port.")]
+    Expose {
+        /// The name peers ask for ([A-Za-z0-9._-], at most 64 bytes)
+        name: String,
+        /// Where connections go, HOST:PORT
+        target: String,
+        /// A peer allowed to use the service (repeatable); nobody is allowed by default
+        #[arg(long, value_name = "PEERID", value_parser = parse_peer_id)]
+        allow: Vec<PeerId>,
+        /// Allow every peer (must be said explicitly)
+        #[arg(long, conflicts_with = "allow")]
+        allow_any: bool,
+        /// Expose a UDP service (datagrams) instead of TCP
+        #[arg(long)]
+        udp: bool,
+        /// Concurrent connections (UDP sessions) served at most
+        #[arg(long, default_value_t = crate::forward::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
+    },
+    /// List exposed services with their live counters
+    Exposes,
+    /// Stop exposing a service
+    Unexpose { name: String },
+    /// Forward a local port to a service on a peer, like `ssh -L` (kept across restarts)
+    #[command(after_help = "Example: warren forward 8080 12D3KooW.../web   then connect to 127.0.0.1:8080")]
+    Forward {
+        /// Local [IP:]PORT to listen on; the IP defaults to 127.0.0.1, port 0 picks one
+        #[arg(value_name = "[BIND_ADDR:]PORT", value_parser = parse_bind)]
+        bind: std::net::SocketAddr,
+        /// The peer and the service's name on it
+        #[arg(value_name = "PEERID/NAME", value_parser = parse_target)]
+        target: (PeerId, String),
+        /// Forward UDP datagrams instead of TCP connections
+        #[arg(long)]
+        udp: bool,
+        /// Concurrent local connections (UDP sessions) at most
+        #[arg(long, default_value_t = crate::forward::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
+    },
+    /// List forwards: live connections, bytes each way, path, last error
+    Forwards,
+    /// Stop a forward
+    Unforward {
+        #[arg(value_name = "[BIND_ADDR:]PORT", value_parser = parse_bind)]
+        bind: std::net::SocketAddr,
+    },
     /// Print the effective configuration (config file + flags) without starting a node
     Config(NodeArgs),
     /// Diagnostics for developers
@@ -129,6 +177,20 @@ fn parse_bootstrap(value: &str) -> Result<Multiaddr, String> {
     let addr = parse_multiaddr(value)?;
     config::bootstrap_peer(&addr).map_err(|_| "the address must end in /p2p/PEERID (the peer prints it at start)".to_string())?;
     Ok(addr)
+}
+
+fn parse_bind(value: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = value.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    value.parse().map_err(|_| "expected PORT or IP:PORT, e.g. 8080 or 127.0.0.1:8080".to_string())
+}
+
+fn parse_target(value: &str) -> Result<(PeerId, String), String> {
+    let (peer, name) = value.split_once('/').ok_or("expected PEERID/NAME, e.g. 12D3KooW.../web")?;
+    let peer = parse_peer_id(peer)?;
+    warren_forward::validate_service_name(name)?;
+    Ok((peer, name.to_string()))
 }
 
 fn parse_peer_id(value: &str) -> Result<PeerId, String> {
@@ -216,6 +278,39 @@ async fn run(cli: Cli) -> Result<(), UserError> {
                     reply.elapsed_ms
                 )))
             }
+        }
+        Command::Expose { name, target, allow, allow_any, udp, max_connections } => {
+            let spec = ExposeSpec { name, target, allow: allow.iter().map(|p| p.to_string()).collect(), allow_any, udp, max_connections };
+            spec.validate().map_err(UserError::bad_input)?;
+            let info: api::ExposeInfo = client.post_json("/v1/exposes", &spec, quick).await?;
+            output(cli.json, &info, |i| format!("exposing {} -> {}", i.name, i.target));
+            Ok(())
+        }
+        Command::Exposes => {
+            let list: Vec<api::ExposeInfo> = client.get("/v1/exposes", quick).await?;
+            output(cli.json, &list, |l| crate::output::exposes(l));
+            Ok(())
+        }
+        Command::Unexpose { name } => {
+            let () = client.delete(&format!("/v1/exposes/{name}"), quick).await?;
+            output(cli.json, &(), |_| format!("stopped exposing {name}"));
+            Ok(())
+        }
+        Command::Forward { bind, target: (peer, service), udp, max_connections } => {
+            let spec = ForwardSpec { bind: bind.to_string(), peer: peer.to_string(), service, udp, max_connections };
+            let info: api::ForwardInfo = client.post_json("/v1/forwards", &spec, quick).await?;
+            output(cli.json, &info, |i| format!("forwarding {} -> {}/{}", i.bind, i.peer, i.service));
+            Ok(())
+        }
+        Command::Forwards => {
+            let list: Vec<api::ForwardInfo> = client.get("/v1/forwards", quick).await?;
+            output(cli.json, &list, |l| crate::output::forwards(l));
+            Ok(())
+        }
+        Command::Unforward { bind } => {
+            let () = client.delete(&format!("/v1/forwards/{bind}"), quick).await?;
+            output(cli.json, &(), |_| format!("stopped forwarding {bind}"));
+            Ok(())
         }
         Command::Debug { command: DebugCommand::StoreChurn { count } } => {
             let reply: api::ChurnReply = client.post(&format!("/v1/debug/store-churn/{count}"), Duration::from_secs(60)).await?;

@@ -10,6 +10,7 @@ use libp2p::{Multiaddr, PeerId, multiaddr::Protocol};
 use serde::{Deserialize, Serialize};
 
 use crate::error::UserError;
+use crate::forward::{ExposeSpec, ForwardSpec};
 
 /// The port a node listens on unless told otherwise: the conventional libp2p port.
 pub const DEFAULT_PORT: u16 = 4001;
@@ -59,6 +60,12 @@ pub struct Config {
     /// Seconds a connection with no open streams is kept. Default: 60, long enough that a
     /// command issued right after a lookup reuses the connection.
     pub idle_connection_timeout_secs: u64,
+    /// Seconds of silence after which a forwarded UDP session is closed. Default: 60.
+    pub udp_idle_timeout_secs: u64,
+    /// Services exposed to peers (`[[expose]]` tables). Default: none.
+    pub expose: Vec<ExposeSpec>,
+    /// Local ports forwarded to peers' services (`[[forward]]` tables). Default: none.
+    pub forward: Vec<ForwardSpec>,
 }
 
 impl Default for Config {
@@ -73,6 +80,9 @@ impl Default for Config {
             max_stored_peers: 2000,
             rejoin_dials: 16,
             idle_connection_timeout_secs: 60,
+            udp_idle_timeout_secs: crate::forward::DEFAULT_UDP_IDLE_SECS,
+            expose: Vec::new(),
+            forward: Vec::new(),
         }
     }
 }
@@ -178,6 +188,15 @@ impl Config {
         }
         if self.max_stored_peers == 0 {
             return Err(UserError::bad_input("max_stored_peers must be at least 1"));
+        }
+        for spec in &self.expose {
+            spec.validate().map_err(|e| UserError::bad_input(format!("[[expose]] {:?}: {e}", spec.name)))?;
+        }
+        for spec in &self.forward {
+            spec.validate().map_err(|e| UserError::bad_input(format!("[[forward]] {:?}: {e}", spec.bind)))?;
+        }
+        if self.udp_idle_timeout_secs == 0 {
+            return Err(UserError::bad_input("udp_idle_timeout_secs must be at least 1"));
         }
         if self.bootstrap_interval_secs == 0 {
             return Err(UserError::bad_input("bootstrap_interval_secs must be at least 1"));

@@ -7,6 +7,7 @@
 //! - [`behaviour`]: the composed libp2p behaviour and swarm.
 //! - [`event_loop`]: the one task that owns the swarm, driven through a [`event_loop::NodeHandle`].
 //! - [`store`] and [`peer_record`]: identity and peer store in sled.
+//! - [`forward`]: port forwarding over `/warren/forward/1.0.0` streams (expose and forward).
 //! - [`control`]: the local HTTP+JSON API on a Unix socket, server and client.
 //! - [`output`]: text rendering for people.
 
@@ -16,6 +17,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod event_loop;
+pub mod forward;
 pub mod node;
 pub mod output;
 pub mod peer_record;

@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::control::server;
 use crate::error::UserError;
 use crate::event_loop::EventLoop;
+use crate::forward::Forwarding;
 use crate::peer_record::PeerBook;
 use crate::store::Store;
 
@@ -33,8 +34,9 @@ pub async fn up(data_dir: &Path, config: Config) -> Result<(), UserError> {
         tracing::info!(peer = %peer_id, "created a new identity");
     }
     let book = PeerBook::new(config.max_stored_peers, store.load_peers());
-    let mut swarm = build_swarm(store.keypair.clone(), &config)
+    let built = build_swarm(store.keypair.clone(), &config)
         .map_err(|e| UserError::operation(format!("cannot set up networking: {e}")))?;
+    let mut swarm = built.swarm;
     let mut listening = 0;
     for addr in &config.listen {
         match swarm.listen_on(addr.clone()) {
@@ -58,10 +60,16 @@ pub async fn up(data_dir: &Path, config: Config) -> Result<(), UserError> {
     tracing::info!(peer = %peer_id, data_dir = %data_dir.display(), stored_peers = book.len(), "node starting");
 
     let writer = store.spawn_writer();
+    let udp_idle = std::time::Duration::from_secs(config.udp_idle_timeout_secs);
+    let (exposes, forwards) = (config.expose.clone(), config.forward.clone());
     let (event_loop, handle) = EventLoop::new(swarm, config, book, writer);
-    let control = tokio::spawn(server::serve(listener, handle));
+    let forwarding = Forwarding::new(handle.clone(), built.opener, udp_idle, store.tree("forwarding")?);
+    forwarding.restore(&exposes, &forwards).await.map_err(UserError::bad_input)?;
+    let serving = tokio::spawn(crate::forward::serve::run(forwarding.clone(), built.inbound));
+    let control = tokio::spawn(server::serve(listener, handle, forwarding));
     event_loop.run(shutdown_signal()).await;
     control.abort();
+    serving.abort();
     let _ = std::fs::remove_file(&socket_path);
     drop(store);
     Ok(())

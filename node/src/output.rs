@@ -68,3 +68,49 @@ pub fn find(reply: &api::FindReply) -> String {
     }
     out
 }
+
+pub fn exposes(list: &[api::ExposeInfo]) -> String {
+    if list.is_empty() {
+        return "no exposed services".to_string();
+    }
+    let mut out = String::new();
+    for e in list {
+        let who = if e.allow_any { "any peer".to_string() } else { e.allow.join(", ") };
+        let _ = writeln!(
+            out,
+            "{} -> {}{}  active {}  total {}  refused {}  in {} B  out {} B  allow: {who}",
+            e.name, e.target, if e.udp { " (udp)" } else { "" }, e.active, e.total, e.refused, e.bytes_in, e.bytes_out
+        );
+        if let Some(err) = &e.last_error {
+            let _ = writeln!(out, "    last error: {err}");
+        }
+    }
+    out.trim_end().to_string()
+}
+
+pub fn forwards(list: &[api::ForwardInfo]) -> String {
+    if list.is_empty() {
+        return "no forwards".to_string();
+    }
+    let mut out = String::new();
+    for f in list {
+        let _ = writeln!(
+            out,
+            "{}{} -> {}/{}  {}  active {}  total {}  failed {}  sent {} B  received {} B",
+            f.bind,
+            if f.udp { " (udp)" } else { "" },
+            f.peer,
+            f.service,
+            f.path.as_deref().unwrap_or("not connected yet"),
+            f.active,
+            f.total,
+            f.failed,
+            f.bytes_sent,
+            f.bytes_received
+        );
+        if let Some(err) = &f.last_error {
+            let _ = writeln!(out, "    last error: {err}");
+        }
+    }
+    out.trim_end().to_string()
+}

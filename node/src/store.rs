@@ -75,6 +75,11 @@ impl Store {
         Ok(Self { db, peers, set_aside, keypair, new_identity })
     }
 
+    /// A named tree of the store, for other parts of the node (forwarding keeps its entries here).
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, UserError> {
+        self.db.open_tree(name).map_err(storage_error)
+    }
+
     pub fn peer_id(&self) -> PeerId {
         self.keypair.public().to_peer_id()
     }

@@ -7,6 +7,10 @@
 //! - `GET  /v1/id`                  → [`Identity`]
 //! - `POST /v1/ping/{peer}?count=N` → [`PingReply`]
 //! - `POST /v1/find/{peer}`         → [`FindReply`]
+//! - `GET  /v1/exposes` → `Vec<`[`ExposeInfo`]`>`; `POST /v1/exposes` with an `ExposeSpec` body;
+//!   `DELETE /v1/exposes/{name}`
+//! - `GET  /v1/forwards` → `Vec<`[`ForwardInfo`]`>`; `POST /v1/forwards` with a `ForwardSpec` body;
+//!   `DELETE /v1/forwards/{bind}`
 //! - `POST /v1/debug/store-churn/{count}` → [`ChurnReply`] (synthetic peer-store load, for crash tests)
 //!
 //! Errors come back with a 4xx/5xx status and an [`ApiError`] body.
@@ -87,6 +91,53 @@ pub struct FindReply {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChurnReply {
     pub inserted: u32,
+}
+
+/// An exposed service and its counters (`warren exposes`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExposeInfo {
+    pub name: String,
+    pub target: String,
+    pub allow: Vec<String>,
+    pub allow_any: bool,
+    pub udp: bool,
+    pub max_connections: usize,
+    pub active: u64,
+    pub total: u64,
+    pub refused: u64,
+    /// Bytes from peers to the service.
+    pub bytes_in: u64,
+    /// Bytes from the service to peers.
+    pub bytes_out: u64,
+    pub last_error: Option<String>,
+    /// `config` (from the config file) or `api` (added at run time, kept in the store).
+    pub source: String,
+}
+
+/// A forward and its counters (`warren forwards`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForwardInfo {
+    /// The local address actually bound.
+    pub bind: String,
+    pub peer: String,
+    pub service: String,
+    pub udp: bool,
+    pub max_connections: usize,
+    /// Connections (or UDP sessions) open now.
+    pub active: u64,
+    pub total: u64,
+    /// Local connections that could not be forwarded.
+    pub failed: u64,
+    /// Bytes from local clients to the peer.
+    pub bytes_sent: u64,
+    /// Bytes from the peer to local clients.
+    pub bytes_received: u64,
+    /// Why the last connection failed: unreachable peer, or the peer's refusal
+    /// (`not allowed`, `unknown service`, `upstream unreachable: <os error>`, `over capacity`).
+    pub last_error: Option<String>,
+    /// `direct` or `relayed`: the connection the last stream used.
+    pub path: Option<String>,
+    pub source: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
@@ -28,14 +28,23 @@ impl Client {
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str, timeout: Duration) -> Result<T, UserError> {
-        self.call(Method::GET, path, timeout).await
+        self.call(Method::GET, path, Vec::new(), timeout).await
     }
 
     pub async fn post<T: DeserializeOwned>(&self, path: &str, timeout: Duration) -> Result<T, UserError> {
-        self.call(Method::POST, path, timeout).await
+        self.call(Method::POST, path, Vec::new(), timeout).await
     }
 
-    async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, timeout: Duration) -> Result<T, UserError> {
+    pub async fn post_json<B: serde::Serialize, T: DeserializeOwned>(&self, path: &str, body: &B, timeout: Duration) -> Result<T, UserError> {
+        let body = serde_json::to_vec(body).expect("request bodies serialise");
+        self.call(Method::POST, path, body, timeout).await
+    }
+
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str, timeout: Duration) -> Result<T, UserError> {
+        self.call(Method::DELETE, path, Vec::new(), timeout).await
+    }
+
+    async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Vec<u8>, timeout: Duration) -> Result<T, UserError> {
         let not_running = || {
             UserError::not_running(format!(
                 "no warren node is running for data dir {}: start one with `warren up`{}",
@@ -54,7 +63,8 @@ impl Client {
                 .method(method)
                 .uri(path)
                 .header("host", "warren")
-                .body(Empty::<Bytes>::new())
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
                 .expect("static request parts are valid");
             let response = sender.send_request(request).await?;
             let status = response.status();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures::{AsyncReadExt, AsyncWriteExt};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use libp2p::{PeerId, StreamProtocol};
 use rand::RngCore;
@@ -19,9 +19,12 @@ use tokio::sync::Semaphore;
 use super::api;
 use crate::event_loop::{Command, NodeHandle};
 use crate::error::UserError;
+use crate::forward::{ExposeSpec, ForwardSpec, Forwarding};
 
 /// Control connections served at once; more wait in the socket's backlog.
 const MAX_CONTROL_CONNECTIONS: usize = 32;
+/// Largest request body read (an expose or forward spec is a few hundred bytes).
+const MAX_REQUEST_BODY: usize = 64 * 1024;
 /// How long a connect (dial, lookup, dial) may take before `ping` gives up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The standard libp2p ping protocol, spoken by every libp2p node.
@@ -51,7 +54,7 @@ pub async fn bind(data_dir: &Path) -> Result<(UnixListener, PathBuf), UserError>
     Ok((listener, path))
 }
 
-pub async fn serve(listener: UnixListener, handle: NodeHandle) {
+pub async fn serve(listener: UnixListener, handle: NodeHandle, forwarding: Arc<Forwarding>) {
     let permits = Arc::new(Semaphore::new(MAX_CONTROL_CONNECTIONS));
     let own_uid = current_uid();
     loop {
@@ -65,10 +68,12 @@ pub async fn serve(listener: UnixListener, handle: NodeHandle) {
             }
         }
         let handle = handle.clone();
+        let forwarding = forwarding.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let handle = handle.clone();
-                async move { Ok::<_, Infallible>(route(req, handle).await) }
+                let forwarding = forwarding.clone();
+                async move { Ok::<_, Infallible>(route(req, handle, forwarding).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
             drop(permit);
@@ -82,13 +87,41 @@ fn current_uid() -> u32 {
     std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
 }
 
-async fn route(req: Request<Incoming>, handle: NodeHandle) -> Response<Full<Bytes>> {
+async fn route(req: Request<Incoming>, handle: NodeHandle, forwarding: Arc<Forwarding>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
+    let method = req.method().clone();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    // Requests carry no body we read; drain whatever came, bounded.
-    let _ = http_body_util::Limited::new(req.into_body(), 4096).collect().await;
-    let result = match segments.as_slice() {
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_REQUEST_BODY).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => return respond(StatusCode::PAYLOAD_TOO_LARGE, json(api::ApiError { error: "request body too large".into() })),
+    };
+    let bad = |e: String| (StatusCode::BAD_REQUEST, e);
+    let result = match (&method, segments.as_slice()) {
+        (&Method::GET, ["v1", "exposes"]) => Ok(json(forwarding.exposes())),
+        (&Method::POST, ["v1", "exposes"]) => parse_body::<ExposeSpec>(&body).and_then(|spec| forwarding.expose(spec, false).map(json).map_err(bad)),
+        (&Method::DELETE, ["v1", "exposes", name]) => forwarding.unexpose(name).map(|_| json(())).map_err(|e| (StatusCode::NOT_FOUND, e)),
+        (&Method::GET, ["v1", "forwards"]) => Ok(json(forwarding.forwards())),
+        (&Method::POST, ["v1", "forwards"]) => match parse_body::<ForwardSpec>(&body) {
+            Ok(spec) => forwarding.forward(spec, false).await.map(json).map_err(bad),
+            Err(e) => Err(e),
+        },
+        (&Method::DELETE, ["v1", "forwards", bind]) => forwarding.unforward(bind).map(|_| json(())).map_err(|e| (StatusCode::NOT_FOUND, e)),
+        (_, rest) => route_node(rest, &query, &handle).await,
+    };
+    match result {
+        Ok(body) => respond(StatusCode::OK, body),
+        Err((status, error)) => respond(status, serde_json::to_vec(&api::ApiError { error }).expect("serialises")),
+    }
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, RouteError> {
+    serde_json::from_slice(body).map_err(|e| (StatusCode::BAD_REQUEST, format!("invalid request body: {e}")))
+}
+
+async fn route_node(segments: &[&str], query: &str, handle: &NodeHandle) -> Result<Vec<u8>, RouteError> {
+    let path = segments.join("/");
+    match segments {
         ["v1", "status"] => handle.request(Command::Status).await.map(json).map_err(unavailable),
         ["v1", "peers"] => handle.request(Command::Peers).await.map(json).map_err(unavailable),
         ["v1", "id"] => Ok(json(api::Identity {
@@ -100,8 +133,8 @@ async fn route(req: Request<Incoming>, handle: NodeHandle) -> Response<Full<Byte
             Ok(peer) => handle.request(|tx| Command::Find(peer, tx)).await.map(json).map_err(unavailable),
             Err(e) => Err(e),
         },
-        ["v1", "ping", peer] => match (parse_peer(peer), parse_count(&query)) {
-            (Ok(peer), Ok(count)) => ping(&handle, peer, count).await.map(json),
+        ["v1", "ping", peer] => match (parse_peer(peer), parse_count(query)) {
+            (Ok(peer), Ok(count)) => ping(handle, peer, count).await.map(json),
             (Err(e), _) | (_, Err(e)) => Err(e),
         },
         ["v1", "debug", "store-churn", count] => match count.parse::<u32>() {
@@ -110,11 +143,7 @@ async fn route(req: Request<Incoming>, handle: NodeHandle) -> Response<Full<Byte
             }
             _ => Err((StatusCode::BAD_REQUEST, format!("count {count:?} must be a number up to {}", api::MAX_CHURN))),
         },
-        _ => Err((StatusCode::NOT_FOUND, format!("no such control route: {path}"))),
-    };
-    match result {
-        Ok(body) => respond(StatusCode::OK, body),
-        Err((status, error)) => respond(status, serde_json::to_vec(&api::ApiError { error }).expect("serialises")),
+        _ => Err((StatusCode::NOT_FOUND, format!("no such control route: /{path}"))),
     }
 }
 

@@ -1,0 +1,225 @@
+//! The forwarding side: each local TCP connection (or UDP source address) becomes one stream to
+//! the peer's service, on the node's existing connection to that peer.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use libp2p::Stream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::mpsc;
+use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+use warren_forward::{MAX_DATAGRAM, Request, Status, Transport};
+
+use super::{Active, Forward, Forwarding, Stats, splice};
+use crate::event_loop::Command;
+
+/// Reaching the peer (dial, DHT lookup, dial) may take this long before a local connection is
+/// given up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The peer must answer a request this soon.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Datagrams queued per UDP session before new ones are dropped (UDP's own answer to overload).
+const UDP_SESSION_QUEUE: usize = 512;
+
+pub enum Listener {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+}
+
+pub async fn run(forwarding: Arc<Forwarding>, forward: Arc<Forward>, listener: Listener) {
+    match listener {
+        Listener::Tcp(listener) => run_tcp(forwarding, forward, listener).await,
+        Listener::Udp(socket) => run_udp(forwarding, forward, Arc::new(socket)).await,
+    }
+}
+
+async fn run_tcp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, listener: TcpListener) {
+    loop {
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed on a forward");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = forward.permits.clone().try_acquire_owned() else {
+            forward.stats.fail(format!("local connection refused: at the cap of {} connections", forward.spec.max_connections));
+            splice::reset(&tcp);
+            continue;
+        };
+        let forwarding = forwarding.clone();
+        let forward = forward.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match open(&forwarding, &forward, Transport::Tcp).await {
+                Ok(stream) => {
+                    let _active = Active::new(&forward.stats);
+                    if let Err(e) = splice::tcp(tcp, stream, &forward.stats.sent, &forward.stats.received).await {
+                        tracing::debug!(error = %e, "forwarded connection ended with an error");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %forward.peer, service = %forward.spec.service, error = %e, "forward failed");
+                    forward.stats.fail(e);
+                    splice::reset(&tcp);
+                }
+            }
+        });
+    }
+}
+
+/// Connects to the peer if needed, opens a stream and asks for the service.
+async fn open(
+    forwarding: &Forwarding,
+    forward: &Forward,
+    transport: Transport,
+) -> Result<tokio_util::compat::Compat<Stream>, String> {
+    let peer = forward.peer;
+    let connected = tokio::time::timeout(CONNECT_TIMEOUT, forwarding.node.request(|tx| Command::Connect(peer, tx))).await;
+    match connected {
+        Err(_) => return Err(format!("cannot reach {peer}: timed out after {CONNECT_TIMEOUT:?}")),
+        Ok(Err(e)) | Ok(Ok(Err(e))) => return Err(format!("cannot reach {peer}: {e}")),
+        Ok(Ok(Ok(()))) => {}
+    }
+    let (mut stream, relayed) =
+        forwarding.opener.open(peer).await.map_err(|e| format!("cannot open a stream to {peer}: {e}"))?;
+    *forward.stats.path.lock().unwrap() = Some(if relayed { "relayed" } else { "direct" }.to_string());
+    let request = Request::new(forward.spec.service.clone(), transport);
+    warren_forward::write_request(&mut stream, &request).await.map_err(|e| format!("request failed: {e}"))?;
+    let reply = tokio::time::timeout(REPLY_TIMEOUT, warren_forward::read_reply(&mut stream))
+        .await
+        .map_err(|_| "the peer did not answer".to_string())?
+        .map_err(|e| format!("the peer's answer was unreadable: {e}"))?;
+    if reply.status != Status::Accepted {
+        return Err(match reply.detail {
+            Some(detail) => format!("{}: {detail}", reply.status),
+            None => reply.status.to_string(),
+        });
+    }
+    Ok(stream.compat())
+}
+
+type Sessions = Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>>;
+
+async fn run_udp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, socket: Arc<UdpSocket>) {
+    let sessions: Sessions = Arc::default();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let Ok((n, from)) = socket.recv_from(&mut buf).await else { continue };
+        let datagram = buf[..n].to_vec();
+        let existing = sessions.lock().unwrap().get(&from).cloned();
+        if let Some(tx) = existing {
+            let _ = tx.try_send(datagram);
+            continue;
+        }
+        let Ok(permit) = forward.permits.clone().try_acquire_owned() else {
+            forward.stats.fail(format!("UDP session from {from} dropped: at the cap of {}", forward.spec.max_connections));
+            continue;
+        };
+        let (tx, rx) = mpsc::channel(UDP_SESSION_QUEUE);
+        let _ = tx.try_send(datagram);
+        sessions.lock().unwrap().insert(from, tx);
+        let (forwarding, forward, socket, sessions) = (forwarding.clone(), forward.clone(), socket.clone(), sessions.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            match open(&forwarding, &forward, Transport::Udp).await {
+                Ok(stream) => {
+                    let _active = Active::new(&forward.stats);
+                    let local = Datagrams { source: Source::Channel(rx), socket, to: Some(from) };
+                    udp_over_stream(local, stream, &forward.stats, forwarding.udp_idle).await;
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %forward.peer, service = %forward.spec.service, error = %e, "UDP forward failed");
+                    forward.stats.fail(e);
+                }
+            }
+            sessions.lock().unwrap().remove(&from);
+        });
+    }
+}
+
+/// The local end of a UDP session.
+pub struct Datagrams {
+    /// Where datagrams for the peer come from.
+    pub source: Source,
+    /// The socket replies go out of, and to whom (`None`: the socket is connected).
+    pub socket: Arc<UdpSocket>,
+    pub to: Option<SocketAddr>,
+}
+
+pub enum Source {
+    /// The exposing side: the socket connected to the service.
+    Socket,
+    /// The forwarding side: datagrams the forward's receive loop routed to this session.
+    Channel(mpsc::Receiver<Vec<u8>>),
+}
+
+/// Carries datagrams both ways between a local UDP endpoint and a stream until either side ends
+/// or nothing moves for `idle`. Each direction is its own loop, so no frame read is ever cut
+/// short by the other direction.
+pub async fn udp_over_stream<S>(local: Datagrams, stream: S, stats: &Stats, idle: Duration)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use futures::AsyncWriteExt as _;
+    let (r, w) = tokio::io::split(stream);
+    let (mut r, mut w) = (r.compat(), w.compat_write());
+    let started = tokio::time::Instant::now();
+    let last = std::sync::atomic::AtomicU64::new(0);
+    let touch = || last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    let Datagrams { source, socket, to } = local;
+    let up = async {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut source = source;
+        loop {
+            let n = match &mut source {
+                Source::Socket => match socket.recv(&mut buf).await {
+                    Ok(n) => n,
+                    Err(_) => continue,
+                },
+                Source::Channel(rx) => match rx.recv().await {
+                    Some(d) => {
+                        buf[..d.len()].copy_from_slice(&d);
+                        d.len()
+                    }
+                    None => break,
+                },
+            };
+            if warren_forward::write_datagram(&mut w, &buf[..n]).await.is_err() || w.flush().await.is_err() {
+                break;
+            }
+            stats.sent.fetch_add(n as u64, Ordering::Relaxed);
+            touch();
+        }
+    };
+    let down = async {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        while let Ok(Some(n)) = warren_forward::read_datagram(&mut r, &mut buf).await {
+            let _ = match to {
+                Some(to) => socket.send_to(&buf[..n], to).await,
+                None => socket.send(&buf[..n]).await,
+            };
+            stats.received.fetch_add(n as u64, Ordering::Relaxed);
+            touch();
+        }
+    };
+    let watchdog = async {
+        loop {
+            let idle_for = started.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+            if idle_for >= idle {
+                break;
+            }
+            tokio::time::sleep(idle - idle_for).await;
+        }
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+        _ = watchdog => {}
+    }
+}

@@ -1,0 +1,358 @@
+//! Port forwarding: services this node exposes to chosen peers ([`serve`]), and local ports
+//! forwarded to services on other peers ([`client`]), over `/warren/forward/1.0.0` streams
+//! ([`streams`], wire format in the `warren-forward` crate).
+//!
+//! Exposes and forwards come from the config file (`[[expose]]`, `[[forward]]`) and from the
+//! control API; those added through the API are kept in the store, so both survive restarts.
+
+pub mod client;
+pub mod serve;
+pub mod splice;
+pub mod streams;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use crate::control::api;
+use crate::event_loop::NodeHandle;
+
+/// Connections per forward and per exposed service unless configured: generous for a person's
+/// tools, and a bound on what one peer can make us hold open.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// How long an idle UDP session lives unless configured: longer than the 25 s keepalive of
+/// WireGuard, shorter than a typical NAT's 2-minute UDP timeout.
+pub const DEFAULT_UDP_IDLE_SECS: u64 = 60;
+
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+
+/// A service this node offers to chosen peers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExposeSpec {
+    /// The name peers ask for (`[A-Za-z0-9._-]`, at most 64 bytes).
+    pub name: String,
+    /// Where connections go: `host:port`, chosen by the owner, never by the peer.
+    pub target: String,
+    /// PeerIds allowed to use the service. Default: none (deny by default).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Allow every peer. Default: false; must be said explicitly.
+    #[serde(default)]
+    pub allow_any: bool,
+    /// A UDP service (datagrams) instead of TCP. Default: false.
+    #[serde(default)]
+    pub udp: bool,
+    /// Concurrent connections (or UDP sessions). Default: 1024.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+/// A local port forwarded to a service on a peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardSpec {
+    /// Local address to listen on, `IP:PORT` (port 0 picks one).
+    pub bind: String,
+    /// The peer that exposes the service.
+    pub peer: String,
+    /// The service's name on that peer.
+    pub service: String,
+    /// Forward UDP datagrams instead of TCP connections. Default: false.
+    #[serde(default)]
+    pub udp: bool,
+    /// Concurrent local connections (or UDP sessions). Default: 1024.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+impl ExposeSpec {
+    pub fn validate(&self) -> Result<Vec<PeerId>, String> {
+        warren_forward::validate_service_name(&self.name).map_err(|e| format!("{e} (got {:?})", self.name))?;
+        let port_ok = self.target.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+        });
+        if !port_ok {
+            return Err(format!("target {:?} must be HOST:PORT, e.g. 127.0.0.1:8080", self.target));
+        }
+        let allow = self
+            .allow
+            .iter()
+            .map(|p| p.parse::<PeerId>().map_err(|_| format!("allowed peer {p:?} is not a PeerId")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if allow.is_empty() && !self.allow_any {
+            return Err(format!(
+                "service {:?} would allow nobody: name peers with --allow PEERID, or pass --allow-any to allow every peer",
+                self.name
+            ));
+        }
+        check_max(self.max_connections)?;
+        Ok(allow)
+    }
+}
+
+impl ForwardSpec {
+    pub fn validate(&self) -> Result<(SocketAddr, PeerId), String> {
+        let bind = self.bind.parse::<SocketAddr>().map_err(|_| format!("bind address {:?} must be IP:PORT", self.bind))?;
+        let peer = self.peer.parse::<PeerId>().map_err(|_| format!("{:?} is not a PeerId", self.peer))?;
+        warren_forward::validate_service_name(&self.service).map_err(|e| format!("{e} (got {:?})", self.service))?;
+        check_max(self.max_connections)?;
+        Ok((bind, peer))
+    }
+}
+
+fn check_max(max: usize) -> Result<(), String> {
+    if (1..=65_536).contains(&max) {
+        Ok(())
+    } else {
+        Err(format!("max_connections {max} must be between 1 and 65536"))
+    }
+}
+
+/// Live counters of one expose or forward.
+#[derive(Default)]
+pub struct Stats {
+    pub active: AtomicU64,
+    pub total: AtomicU64,
+    pub refused: AtomicU64,
+    /// Bytes from the local side to the stream.
+    pub sent: AtomicU64,
+    /// Bytes from the stream to the local side.
+    pub received: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+    pub path: Mutex<Option<String>>,
+}
+
+impl Stats {
+    pub fn fail(&self, error: String) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock().unwrap() = Some(error);
+    }
+}
+
+/// Counts a connection as active for as long as the guard lives.
+pub struct Active<'a>(&'a Stats);
+
+impl<'a> Active<'a> {
+    pub fn new(stats: &'a Stats) -> Self {
+        stats.active.fetch_add(1, Ordering::Relaxed);
+        stats.total.fetch_add(1, Ordering::Relaxed);
+        Active(stats)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub struct Exposed {
+    pub spec: ExposeSpec,
+    pub allow: Vec<PeerId>,
+    pub permits: Arc<Semaphore>,
+    pub stats: Stats,
+    pub from_config: bool,
+}
+
+pub struct Forward {
+    pub spec: ForwardSpec,
+    pub peer: PeerId,
+    pub local: SocketAddr,
+    pub permits: Arc<Semaphore>,
+    pub stats: Stats,
+    pub from_config: bool,
+    task: tokio::task::AbortHandle,
+}
+
+/// The registry of exposes and forwards, shared by the serving task, the forward tasks and the
+/// control API.
+pub struct Forwarding {
+    pub node: NodeHandle,
+    pub opener: streams::Opener,
+    pub udp_idle: Duration,
+    exposes: Mutex<HashMap<String, Arc<Exposed>>>,
+    forwards: Mutex<HashMap<SocketAddr, Arc<Forward>>>,
+    saved: sled::Tree,
+}
+
+const EXPOSE_PREFIX: &str = "expose/";
+const FORWARD_PREFIX: &str = "forward/";
+
+impl Forwarding {
+    pub fn new(node: NodeHandle, opener: streams::Opener, udp_idle: Duration, saved: sled::Tree) -> Arc<Self> {
+        Arc::new(Self { node, opener, udp_idle, exposes: Mutex::default(), forwards: Mutex::default(), saved })
+    }
+
+    /// Loads the config's entries, then those saved from the control API.
+    pub async fn restore(self: &Arc<Self>, exposes: &[ExposeSpec], forwards: &[ForwardSpec]) -> Result<(), String> {
+        for spec in exposes {
+            self.expose(spec.clone(), true).map_err(|e| format!("[[expose]] {:?}: {e}", spec.name))?;
+        }
+        for spec in forwards {
+            self.forward(spec.clone(), true).await.map_err(|e| format!("[[forward]] {:?}: {e}", spec.bind))?;
+        }
+        for (key, value) in self.saved.iter().flatten() {
+            let key = String::from_utf8_lossy(&key).to_string();
+            let restored = if key.starts_with(EXPOSE_PREFIX) {
+                match serde_json::from_slice::<ExposeSpec>(&value) {
+                    Ok(spec) if !self.exposes.lock().unwrap().contains_key(&spec.name) => self.expose(spec, false).map(|_| ()),
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e.to_string()),
+                }
+            } else {
+                match serde_json::from_slice::<ForwardSpec>(&value) {
+                    Ok(spec) => self.forward(spec, false).await.map(|_| ()),
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            if let Err(e) = restored {
+                tracing::warn!(entry = %key, error = %e, "a saved expose/forward could not be restored");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn expose(&self, spec: ExposeSpec, from_config: bool) -> Result<api::ExposeInfo, String> {
+        let allow = spec.validate()?;
+        let exposed = Arc::new(Exposed {
+            permits: Arc::new(Semaphore::new(spec.max_connections)),
+            allow,
+            spec: spec.clone(),
+            stats: Stats::default(),
+            from_config,
+        });
+        if !from_config {
+            let _ = self.saved.insert(format!("{EXPOSE_PREFIX}{}", spec.name), serde_json::to_vec(&spec).unwrap());
+            let _ = self.saved.flush();
+        }
+        tracing::info!(service = %spec.name, target = %spec.target, udp = spec.udp, "exposing service");
+        let info = expose_info(&exposed);
+        self.exposes.lock().unwrap().insert(spec.name.clone(), exposed);
+        Ok(info)
+    }
+
+    pub fn unexpose(&self, name: &str) -> Result<(), String> {
+        let removed = self.exposes.lock().unwrap().remove(name).ok_or_else(|| format!("no service named {name:?} is exposed"))?;
+        let _ = self.saved.remove(format!("{EXPOSE_PREFIX}{name}"));
+        let _ = self.saved.flush();
+        if removed.from_config {
+            tracing::warn!(service = %name, "unexposed for this run; it is in the config file, remove it there too");
+        }
+        Ok(())
+    }
+
+    pub fn exposed(&self, name: &str) -> Option<Arc<Exposed>> {
+        self.exposes.lock().unwrap().get(name).cloned()
+    }
+
+    pub fn exposes(&self) -> Vec<api::ExposeInfo> {
+        let mut list: Vec<_> = self.exposes.lock().unwrap().values().map(|e| expose_info(e)).collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    /// Binds the local socket and starts forwarding; the spec is saved unless it came from the
+    /// config file. A port-0 bind is saved with the port actually bound.
+    pub async fn forward(self: &Arc<Self>, mut spec: ForwardSpec, from_config: bool) -> Result<api::ForwardInfo, String> {
+        let (bind, peer) = spec.validate()?;
+        if self.forwards.lock().unwrap().contains_key(&bind) {
+            return Err(format!("{bind} is already forwarded; remove it first with `warren unforward {bind}`"));
+        }
+        let bind_error = |e: std::io::Error| format!("cannot listen on {bind}: {e}");
+        let (local, task) = if spec.udp {
+            let socket = tokio::net::UdpSocket::bind(bind).await.map_err(bind_error)?;
+            let local = socket.local_addr().map_err(bind_error)?;
+            (local, client::Listener::Udp(socket))
+        } else {
+            let listener = tokio::net::TcpListener::bind(bind).await.map_err(bind_error)?;
+            let local = listener.local_addr().map_err(bind_error)?;
+            (local, client::Listener::Tcp(listener))
+        };
+        spec.bind = local.to_string();
+        let (tx, rx) = tokio::sync::oneshot::channel::<Arc<Forward>>();
+        let this = self.clone();
+        let handle = tokio::spawn(async move {
+            if let Ok(forward) = rx.await {
+                client::run(this, forward, task).await;
+            }
+        });
+        let forward = Arc::new(Forward {
+            permits: Arc::new(Semaphore::new(spec.max_connections)),
+            spec: spec.clone(),
+            peer,
+            local,
+            stats: Stats::default(),
+            from_config,
+            task: handle.abort_handle(),
+        });
+        let _ = tx.send(forward.clone());
+        if !from_config {
+            let _ = self.saved.insert(format!("{FORWARD_PREFIX}{local}"), serde_json::to_vec(&spec).unwrap());
+            let _ = self.saved.flush();
+        }
+        tracing::info!(%local, peer = %peer, service = %spec.service, udp = spec.udp, "forwarding");
+        let info = forward_info(&forward);
+        self.forwards.lock().unwrap().insert(local, forward);
+        Ok(info)
+    }
+
+    pub fn unforward(&self, bind: &str) -> Result<(), String> {
+        let addr: SocketAddr = bind.parse().map_err(|_| format!("{bind:?} is not IP:PORT"))?;
+        let removed = self.forwards.lock().unwrap().remove(&addr).ok_or_else(|| format!("nothing is forwarded from {addr}"))?;
+        removed.task.abort();
+        let _ = self.saved.remove(format!("{FORWARD_PREFIX}{addr}"));
+        let _ = self.saved.flush();
+        Ok(())
+    }
+
+    pub fn forwards(&self) -> Vec<api::ForwardInfo> {
+        let mut list: Vec<_> = self.forwards.lock().unwrap().values().map(|f| forward_info(f)).collect();
+        list.sort_by(|a, b| a.bind.cmp(&b.bind));
+        list
+    }
+}
+
+fn expose_info(e: &Exposed) -> api::ExposeInfo {
+    api::ExposeInfo {
+        name: e.spec.name.clone(),
+        target: e.spec.target.clone(),
+        allow: e.spec.allow.clone(),
+        allow_any: e.spec.allow_any,
+        udp: e.spec.udp,
+        max_connections: e.spec.max_connections,
+        active: e.stats.active.load(Ordering::Relaxed),
+        total: e.stats.total.load(Ordering::Relaxed),
+        refused: e.stats.refused.load(Ordering::Relaxed),
+        bytes_in: e.stats.received.load(Ordering::Relaxed),
+        bytes_out: e.stats.sent.load(Ordering::Relaxed),
+        last_error: e.stats.last_error.lock().unwrap().clone(),
+        source: if e.from_config { "config" } else { "api" }.to_string(),
+    }
+}
+
+fn forward_info(f: &Forward) -> api::ForwardInfo {
+    api::ForwardInfo {
+        bind: f.local.to_string(),
+        peer: f.spec.peer.clone(),
+        service: f.spec.service.clone(),
+        udp: f.spec.udp,
+        max_connections: f.spec.max_connections,
+        active: f.stats.active.load(Ordering::Relaxed),
+        total: f.stats.total.load(Ordering::Relaxed),
+        failed: f.stats.refused.load(Ordering::Relaxed),
+        bytes_sent: f.stats.sent.load(Ordering::Relaxed),
+        bytes_received: f.stats.received.load(Ordering::Relaxed),
+        last_error: f.stats.last_error.lock().unwrap().clone(),
+        path: f.stats.path.lock().unwrap().clone(),
+        source: if f.from_config { "config" } else { "api" }.to_string(),
+    }
+}
