@@ -23,7 +23,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The peer must answer a request this soon.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Datagrams queued per UDP session before new ones are dropped (UDP's own answer to overload).
-const UDP_SESSION_QUEUE: usize = 512;
+const UDP_SESSION_QUEUE: usize = 1024;
 
 pub enum Listener {
     Tcp(TcpListener),

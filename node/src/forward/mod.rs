@@ -270,6 +270,7 @@ impl Forwarding {
         let bind_error = |e: std::io::Error| format!("cannot listen on {bind}: {e}");
         let (local, task) = if spec.udp {
             let socket = tokio::net::UdpSocket::bind(bind).await.map_err(bind_error)?;
+            splice::enlarge_udp_buffers(&socket);
             let local = socket.local_addr().map_err(bind_error)?;
             (local, client::Listener::Udp(socket))
         } else {

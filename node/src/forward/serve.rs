@@ -108,6 +108,7 @@ async fn udp_upstream(target: &str) -> std::io::Result<tokio::net::UdpSocket> {
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address for the target"))?;
     let local: std::net::SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
     let socket = tokio::net::UdpSocket::bind(local).await?;
+    splice::enlarge_udp_buffers(&socket);
     socket.connect(addr).await?;
     Ok(socket)
 }

@@ -49,3 +49,13 @@ where
 pub fn reset(tcp: &tokio::net::TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
 }
+
+/// Socket buffer asked for on forwarding UDP sockets: bursts from a fast sender queue here rather
+/// than being dropped by the kernel (the kernel caps it at net.core.rmem_max).
+const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+pub fn enlarge_udp_buffers(socket: &tokio::net::UdpSocket) {
+    let sock = socket2::SockRef::from(socket);
+    let _ = sock.set_recv_buffer_size(UDP_SOCKET_BUFFER);
+    let _ = sock.set_send_buffer_size(UDP_SOCKET_BUFFER);
+}

@@ -1,0 +1,296 @@
+//! Port forwarding between real `warren` processes on loopback.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{Node, wait_until};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+/// A TCP echo service on loopback; returns its address.
+async fn echo_service() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Two connected nodes: (client, server); the client bootstraps from the server.
+fn pair() -> (Node, Node) {
+    let server = Node::start(&["--dht-mode", "server"]);
+    let client = Node::start(&["--dht-mode", "server", "--bootstrap", &server.quic_addr()]);
+    (client, server)
+}
+
+fn expose(server: &Node, name: &str, target: &str, allow: &[&str]) {
+    let mut args = vec!["expose", name, target];
+    for peer in allow {
+        args.extend(["--allow", peer]);
+    }
+    let out = server.cli(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Starts a forward from a free local port; returns the bound address.
+fn forward(client: &Node, target: &str) -> SocketAddr {
+    let info = client.json(&["forward", "127.0.0.1:0", target]).expect("forward accepted");
+    info["bind"].as_str().unwrap().parse().unwrap()
+}
+
+fn forward_info(client: &Node, bind: SocketAddr) -> Value {
+    let list = client.json(&["forwards"]).unwrap();
+    list.as_array().unwrap().iter().find(|f| f["bind"] == bind.to_string()).cloned().expect("the forward is listed")
+}
+
+/// Sends `n` pseudo-random bytes and reads the echo concurrently; returns both digests.
+async fn echo_transfer(addr: SocketAddr, n: usize, seed: u8) -> ([u8; 32], [u8; 32]) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = tcp.into_split();
+    let writer = tokio::spawn(async move {
+        let mut hash = Sha256::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut sent = 0;
+        let mut x = seed as u32 + 1;
+        while sent < n {
+            let len = chunk.len().min(n - sent);
+            for b in &mut chunk[..len] {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                *b = (x >> 16) as u8;
+            }
+            w.write_all(&chunk[..len]).await.unwrap();
+            hash.update(&chunk[..len]);
+            sent += len;
+        }
+        w.shutdown().await.unwrap();
+        hash.finalize().into()
+    });
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0;
+    loop {
+        let k = r.read(&mut buf).await.unwrap();
+        if k == 0 {
+            break;
+        }
+        hash.update(&buf[..k]);
+        got += k;
+    }
+    assert_eq!(got, n, "echoed byte count");
+    (writer.await.unwrap(), hash.finalize().into())
+}
+
+/// Connects through a refusing forward: the connection must end (FIN or reset) with no data.
+async fn assert_closed_without_data(bind: SocketAddr, within: Duration) {
+    let outcome = tokio::time::timeout(within, async {
+        let mut tcp = TcpStream::connect(bind).await?;
+        let mut buf = [0u8; 16];
+        tcp.read(&mut buf).await
+    })
+    .await
+    .expect("the local connection was closed, not left hanging");
+    assert!(matches!(outcome, Ok(0) | Err(_)), "no data may arrive: {outcome:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_megabytes_each_way_arrive_intact() {
+    let (client, server) = pair();
+    expose(&server, "echo", &echo_service().await.to_string(), &[&client.peer_id]);
+    let bind = forward(&client, &format!("{}/echo", server.peer_id));
+    let (sent, echoed) = echo_transfer(bind, 200 * 1024 * 1024, 7).await;
+    assert_eq!(sent, echoed, "SHA-256 of what went out and what came back");
+    let info = forward_info(&client, bind);
+    assert!(info["bytes_sent"].as_u64().unwrap() >= 200 * 1024 * 1024, "{info}");
+    assert_eq!(info["path"], "direct");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_hundred_concurrent_connections_each_echo_a_megabyte() {
+    let (client, server) = pair();
+    expose(&server, "echo", &echo_service().await.to_string(), &[&client.peer_id]);
+    let bind = forward(&client, &format!("{}/echo", server.peer_id));
+    let tasks: Vec<_> = (0..500u32).map(|i| tokio::spawn(echo_transfer(bind, 1024 * 1024, i as u8))).collect();
+    for task in tasks {
+        let (sent, echoed) = task.await.unwrap();
+        assert_eq!(sent, echoed);
+    }
+    assert_eq!(forward_info(&client, bind)["total"].as_u64().unwrap(), 500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_still_receives_the_full_reply() {
+    // A service that reads everything, then answers, then closes.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let service = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut request = Vec::new();
+        tcp.read_to_end(&mut request).await.unwrap();
+        let reply = format!("got {} bytes: {}", request.len(), String::from_utf8_lossy(&request)).repeat(1000);
+        tcp.write_all(reply.as_bytes()).await.unwrap();
+    });
+    let (client, server) = pair();
+    expose(&server, "svc", &service.to_string(), &[&client.peer_id]);
+    let bind = forward(&client, &format!("{}/svc", server.peer_id));
+    let mut tcp = TcpStream::connect(bind).await.unwrap();
+    tcp.write_all(b"hello").await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let mut reply = String::new();
+    tcp.read_to_string(&mut reply).await.unwrap();
+    assert_eq!(reply, "got 5 bytes: hello".repeat(1000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_upstream_closes_the_local_connection_within_a_second() {
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = closed.local_addr().unwrap();
+    drop(closed);
+    let (client, server) = pair();
+    expose(&server, "down", &dead.to_string(), &[&client.peer_id]);
+    let bind = forward(&client, &format!("{}/down", server.peer_id));
+    // Warm the connection so the second measures the refusal, not the dial.
+    assert_closed_without_data(bind, Duration::from_secs(10)).await;
+    let started = Instant::now();
+    assert_closed_without_data(bind, Duration::from_secs(5)).await;
+    assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+    let info = forward_info(&client, bind);
+    let error = info["last_error"].as_str().unwrap();
+    assert!(error.starts_with("upstream unreachable") && error.contains("refused"), "{info}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refusals_name_their_reason_and_leave_other_streams_alone() {
+    let (client, server) = pair();
+    let echo = echo_service().await.to_string();
+    expose(&server, "echo", &echo, &[&client.peer_id]);
+    let stranger = libp2p::PeerId::random().to_string();
+    expose(&server, "private", &echo, &[&stranger]);
+    let good = forward(&client, &format!("{}/echo", server.peer_id));
+    let mut open = TcpStream::connect(good).await.unwrap();
+    open.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    open.read_exact(&mut buf).await.unwrap();
+
+    for (service, reason) in [("private", "not allowed"), ("nosuch", "unknown service")] {
+        let bind = forward(&client, &format!("{}/{service}", server.peer_id));
+        assert_closed_without_data(bind, Duration::from_secs(10)).await;
+        wait_until(Duration::from_secs(5), "the refusal to be recorded", || {
+            forward_info(&client, bind)["last_error"].as_str() == Some(reason)
+        });
+    }
+    let exposes = server.json(&["exposes"]).unwrap();
+    let private = exposes.as_array().unwrap().iter().find(|e| e["name"] == "private").unwrap();
+    assert_eq!(private["refused"], 1);
+    assert_eq!(private["total"], 0, "a refused peer never reached the service");
+
+    open.write_all(b"after!").await.unwrap();
+    open.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"after!", "the open stream carried on");
+}
+
+#[test]
+fn forwards_and_exposes_in_the_config_and_from_the_cli_come_back_after_a_restart() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let echo = runtime.block_on(echo_service());
+    let server_dir = tempfile::tempdir().unwrap();
+    let client_dir = tempfile::tempdir().unwrap();
+    // Identities first, so the config can name them.
+    let (client_id, server_id) = {
+        let s = Node::start_in(server_dir.path(), &[]);
+        let c = Node::start_in(client_dir.path(), &[]);
+        (c.peer_id.clone(), s.peer_id.clone())
+    };
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    std::fs::write(
+        server_dir.path().join("config.toml"),
+        format!("dht_mode = \"server\"\n[[expose]]\nname = \"echo\"\ntarget = \"{echo}\"\nallow = [\"{client_id}\"]\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        client_dir.path().join("config.toml"),
+        format!("[[forward]]\nbind = \"{free}\"\npeer = \"{server_id}\"\nservice = \"echo\"\n"),
+    )
+    .unwrap();
+    let check = |bind: SocketAddr| {
+        let (a, b) = runtime.block_on(echo_transfer(bind, 100_000, 3));
+        assert_eq!(a, b);
+    };
+    let server = Node::start_in(server_dir.path(), &[]);
+    let mut client = Node::start_in(client_dir.path(), &["--bootstrap", &server.quic_addr()]);
+    check(free);
+    // One more added at run time through the CLI.
+    let added = forward(&client, &format!("{server_id}/echo"));
+    client.stop();
+    let client = Node::start_in(client_dir.path(), &[]);
+    let listed = client.json(&["forwards"]).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    check(free);
+    check(added);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_thousand_udp_datagrams_of_mixed_sizes_come_back_intact() {
+    let service = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let service_addr = service.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_535];
+        loop {
+            let (n, from) = service.recv_from(&mut buf).await.unwrap();
+            let _ = service.send_to(&buf[..n], from).await;
+        }
+    });
+    let (client, server) = pair();
+    let out = server.cli(&["expose", "dns", &service_addr.to_string(), "--udp", "--allow", &client.peer_id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info = client.json(&["forward", "127.0.0.1:0", &format!("{}/dns", server.peer_id), "--udp"]).unwrap();
+    let bind: SocketAddr = info["bind"].as_str().unwrap().parse().unwrap();
+
+    let socket = std::sync::Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    socket.connect(bind).await.unwrap();
+    let total = 10_000u32;
+    // Mixed sizes, from the smallest that can carry the index to jumbo datagrams.
+    fn payload(i: u32) -> Vec<u8> {
+        const SIZES: [usize; 7] = [4, 32, 512, 1200, 1472, 4000, 9000];
+        let mut p = vec![(i % 251) as u8; SIZES[i as usize % SIZES.len()]];
+        p[..4].copy_from_slice(&i.to_be_bytes());
+        p
+    }
+    let receiver = {
+        let socket = socket.clone();
+        tokio::spawn(async move {
+            let mut seen = std::collections::HashSet::new();
+            let mut buf = vec![0u8; 65_535];
+            while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(3), socket.recv(&mut buf)).await {
+                if n >= 4 {
+                    let i = u32::from_be_bytes(buf[..4].try_into().unwrap());
+                    if buf[..n] == payload(i)[..] {
+                        seen.insert(i);
+                    }
+                }
+            }
+            seen
+        })
+    };
+    // Pace lightly (as a real UDP application would) so loopback socket buffers are not the test.
+    for i in 0..total {
+        socket.send(&payload(i)).await.unwrap();
+        if i % 8 == 7 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let seen = receiver.await.unwrap();
+    let ratio = seen.len() as f64 / f64::from(total);
+    assert!(ratio >= 0.999, "{} of {total} datagrams came back intact ({ratio})", seen.len());
+}
