@@ -11,7 +11,7 @@ cargo build --release -q -p warren-node
 bin=$PWD/target/release/warren
 work=$(mktemp -d /tmp/warren-bench.XXXXXX)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; rm -rf "$work"; }
 trap cleanup EXIT
 
 now() { date +%s.%N; }
@@ -42,7 +42,7 @@ done; done
 t2=$(now)
 printf 'first successful find (n4 finds n3): %.0f ms after the first process started\n' "$(echo "($t1-$t0)*1000" | bc)"
 printf 'all 20 pairs found:                  %.0f ms\n' "$(echo "($t2-$t0)*1000" | bc)"
-for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; pids=()
+for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; pids=()
 
 echo "== idle hub with 50 peers"
 start_node "$work/hub"; wait_status "$work/hub"

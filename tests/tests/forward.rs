@@ -294,3 +294,70 @@ async fn ten_thousand_udp_datagrams_of_mixed_sizes_come_back_intact() {
     let ratio = seen.len() as f64 / f64::from(total);
     assert!(ratio >= 0.999, "{} of {total} datagrams came back intact ({ratio})", seen.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn garbage_and_over_long_headers_are_refused_without_disturbing_other_streams() {
+    use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
+    use warren_forward::{Request, Status, Transport};
+
+    let (client, server) = pair();
+    expose(&server, "echo", &echo_service().await.to_string(), &[&client.peer_id]);
+    let good = forward(&client, &format!("{}/echo", server.peer_id));
+    let mut open = TcpStream::connect(good).await.unwrap();
+    open.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    open.read_exact(&mut buf).await.unwrap();
+
+    // A raw libp2p peer that speaks the protocol id but sends bad requests.
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_quic()
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .unwrap()
+        .build();
+    let server_id: libp2p::PeerId = server.peer_id.parse().unwrap();
+    swarm.dial(server.quic_addr().parse::<libp2p::Multiaddr>().unwrap()).unwrap();
+    let mut control = swarm.behaviour().new_control();
+    tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    let protocol = libp2p::StreamProtocol::new(warren_forward::PROTOCOL);
+    let mut over_long = vec![0xff, 0xff];
+    over_long.extend(vec![0xA5; 4096]);
+    let mut not_cbor = vec![0x00, 0x08];
+    not_cbor.extend(b"GET / HT");
+    let mut host_port = Vec::new();
+    let request = Request::new("127.0.0.1:22", Transport::Tcp).encode();
+    host_port.extend((request.len() as u16).to_be_bytes());
+    host_port.extend(request);
+    for bad in [over_long, not_cbor, vec![0x00, 0x00], host_port] {
+        let mut stream = None;
+        wait_until_async(Duration::from_secs(10), async || {
+            stream = control.open_stream(server_id, protocol.clone()).await.ok();
+            stream.is_some()
+        })
+        .await;
+        let mut stream = stream.unwrap();
+        stream.write_all(&bad).await.unwrap();
+        stream.flush().await.unwrap();
+        let reply = warren_forward::read_reply(&mut stream).await.expect("a reply, not a hang-up");
+        assert_eq!(reply.status, Status::BadRequest);
+        assert_eq!(reply.detail, None, "a refusal says no more than it needs");
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest).await;
+        assert!(rest.is_empty(), "nothing follows a refusal");
+    }
+    open.write_all(b"after!").await.unwrap();
+    open.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"after!", "the open stream carried on");
+}
+
+async fn wait_until_async(timeout: Duration, mut condition: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
