@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""Forwarding benchmark on loopback: a warren forward beside a direct TCP connection and a plain
+socat TCP forward, all to the same service, in one run. Reports each figure and its ratio to socat.
+
+Usage: simulations/forward_bench.py [--mib 512]   (builds warren in release; needs socat)
+Nothing here asserts: machines are shared and noisy, so read the ratios, not the absolutes.
+"""
+import argparse, json, os, socket, statistics, subprocess, sys, tempfile, threading, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "warren")
+CHUNK = 256 * 1024
+
+
+def serve(listener):
+    """One service for every test: first byte E = echo, S = sink, D<8-byte n> = send n bytes."""
+    def handle(conn):
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = bytearray(CHUNK)
+        try:
+            mode = conn.recv(1)
+            if mode == b"E":
+                while True:
+                    n = conn.recv_into(buf)
+                    if n == 0:
+                        break
+                    conn.sendall(memoryview(buf)[:n])
+            elif mode == b"S":
+                total = 0
+                while True:
+                    n = conn.recv_into(buf)
+                    if n == 0:
+                        break
+                    total += n
+                conn.sendall(total.to_bytes(8, "big"))
+            elif mode == b"D":
+                n = int.from_bytes(recv_exact(conn, 8), "big")
+                block = bytes(CHUNK)
+                while n > 0:
+                    k = min(n, CHUNK)
+                    conn.sendall(block[:k])
+                    n -= k
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+
+def recv_exact(conn, n):
+    out = b""
+    while len(out) < n:
+        part = conn.recv(n - len(out))
+        if not part:
+            raise OSError("closed early")
+        out += part
+    return out
+
+
+def connect(port):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def upload(port, nbytes):
+    s = connect(port)
+    s.sendall(b"S")
+    block = bytes(CHUNK)
+    t = time.perf_counter()
+    left = nbytes
+    while left > 0:
+        k = min(left, CHUNK)
+        s.sendall(block[:k])
+        left -= k
+    s.shutdown(socket.SHUT_WR)
+    got = int.from_bytes(recv_exact(s, 8), "big")
+    dt = time.perf_counter() - t
+    s.close()
+    assert got == nbytes, (got, nbytes)
+    return nbytes / dt / 2**20
+
+
+def download(port, nbytes):
+    s = connect(port)
+    s.sendall(b"D" + nbytes.to_bytes(8, "big"))
+    buf = bytearray(CHUNK)
+    t = time.perf_counter()
+    got = 0
+    while True:
+        n = s.recv_into(buf)
+        if n == 0:
+            break
+        got += n
+    dt = time.perf_counter() - t
+    s.close()
+    assert got == nbytes, (got, nbytes)
+    return nbytes / dt / 2**20
+
+
+def rtt(port, rounds=2000):
+    s = connect(port)
+    s.sendall(b"E")
+    samples = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        s.sendall(b"x")
+        recv_exact(s, 1)
+        samples.append(time.perf_counter() - t)
+    s.close()
+    return pct(samples, 50), pct(samples, 99)
+
+
+def setup(port, n=200):
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        s = connect(port)
+        s.sendall(b"Ex")
+        recv_exact(s, 1)
+        samples.append(time.perf_counter() - t)
+        s.close()
+    return pct(samples, 50), pct(samples, 99)
+
+
+def concurrent(port, n=200, size=64 * 1024):
+    errors = []
+
+    def one():
+        try:
+            s = connect(port)
+            s.sendall(b"E")
+            payload = os.urandom(size)
+            threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)), daemon=True).start()
+            back = b""
+            while True:
+                part = s.recv(CHUNK)
+                if not part:
+                    break
+                back += part
+            if back != payload:
+                errors.append("mismatch")
+            s.close()
+        except OSError as e:
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[:3]
+    return time.perf_counter() - t
+
+
+def pct(samples, p):
+    samples = sorted(samples)
+    return samples[min(len(samples) - 1, int(len(samples) * p / 100))]
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def warren(data_dir, *args, check=True):
+    out = subprocess.run([BIN, "--data-dir", data_dir, *args], capture_output=True, text=True)
+    if check and out.returncode != 0:
+        sys.exit(f"warren {args}: {out.stderr}")
+    return out.stdout
+
+
+def start_node(data_dir, *extra):
+    p = subprocess.Popen([BIN, "--data-dir", data_dir, "up", "--no-mdns", "--dht-mode", "server",
+                          "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--listen", "/ip4/127.0.0.1/tcp/0", *extra],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "error"})
+    for _ in range(500):
+        if subprocess.run([BIN, "--data-dir", data_dir, "status"], capture_output=True).returncode == 0:
+            return p
+        time.sleep(0.02)
+    sys.exit("node did not start")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mib", type=int, default=512, help="bulk transfer size each way")
+    args = ap.parse_args()
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "warren-node"], cwd=ROOT, check=True)
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    service = listener.getsockname()[1]
+    threading.Thread(target=serve, args=(listener,), daemon=True).start()
+
+    procs = []
+    try:
+        socat_port = free_port()
+        procs.append(subprocess.Popen(["socat", f"TCP-LISTEN:{socat_port},bind=127.0.0.1,fork,reuseaddr,backlog=1024",
+                                       f"TCP:127.0.0.1:{service},nodelay"]))
+        tmp = tempfile.mkdtemp(prefix="warren-fwd-bench.")
+        server_dir, client_dir = os.path.join(tmp, "server"), os.path.join(tmp, "client")
+        procs.append(start_node(server_dir))
+        status = json.loads(warren(server_dir, "status", "--json"))
+        server_id = status["peer_id"]
+        quic = next(a for a in status["listen_addrs"] if "quic" in a)
+        procs.append(start_node(client_dir, "--bootstrap", f"{quic}/p2p/{server_id}"))
+        client_id = warren(client_dir, "id").strip()
+        warren(server_dir, "expose", "bench", f"127.0.0.1:{service}", "--allow", client_id)
+        fwd = json.loads(warren(client_dir, "forward", "127.0.0.1:0", f"{server_id}/bench", "--json"))
+        warren_port = int(fwd["bind"].rsplit(":", 1)[1])
+        time.sleep(0.5)
+        for port in (service, socat_port):
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port)).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+
+        nbytes = args.mib * 2**20
+        rows = {}
+        for name, port in (("direct", service), ("socat", socat_port), ("warren", warren_port)):
+            setup(port, 20)  # warm up: connection to the peer, threads
+            r50, r99 = rtt(port)
+            s50, s99 = setup(port)
+            rows[name] = {
+                "upload_mib_s": upload(port, nbytes),
+                "download_mib_s": download(port, nbytes),
+                "rtt_p50_us": r50 * 1e6, "rtt_p99_us": r99 * 1e6,
+                "setup_p50_ms": s50 * 1e3, "setup_p99_ms": s99 * 1e3,
+                "concurrent_200x64k_ms": concurrent(port) * 1e3,
+            }
+        print(json.dumps(rows, indent=2), file=sys.stderr)
+        keys = list(rows["socat"].keys())
+        print("| metric | direct | socat | warren | warren / socat |")
+        print("|---|---|---|---|---|")
+        for k in keys:
+            print(f"| {k} | {rows['direct'][k]:.1f} | {rows['socat'][k]:.1f} | {rows['warren'][k]:.1f} | "
+                  f"{rows['warren'][k] / rows['socat'][k]:.2f} |")
+    finally:
+        for p in procs:
+            p.kill()
+
+
+if __name__ == "__main__":
+    main()
