@@ -19,6 +19,8 @@ pub const AGENT: &str = concat!("warren/", env!("CARGO_PKG_VERSION"));
 pub const IDENTIFY_PROTOCOL: &str = "/ipfs/id/1.0.0";
 /// Connections kept to one peer at most (a direct and a relayed one, plus a few racing dials).
 const MAX_CONNECTIONS_PER_PEER: u32 = 8;
+/// Largest QUIC packet that path-MTU discovery may try.
+const QUIC_MTU_UPPER_BOUND: u16 = 9_000;
 /// Pending inbound handshakes at once: bounds what a flood of dials can cost.
 const MAX_PENDING_INCOMING: u32 = 128;
 
@@ -73,7 +75,10 @@ pub fn build_swarm(keypair: Keypair, config: &Config) -> Result<Built, BuildErro
             quic.keep_alive_interval = Duration::from_secs(15);
             // Every forwarded connection is a stream: allow many at once (our own caps bound them).
             quic.max_concurrent_stream_limit = 4096;
-            quic
+            // Let path-MTU discovery grow packets past quinn's 1452-byte ceiling where the path
+            // allows (LANs with jumbo frames, loopback): fewer packets, less per-packet crypto.
+            // Discovery only raises the size after a probe of that size got through.
+            quic.mtu_upper_bound(QUIC_MTU_UPPER_BOUND)
         })
         .with_dns()
         .map_err(|e| setup(&e))?
