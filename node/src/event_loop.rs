@@ -395,7 +395,7 @@ impl EventLoop {
 
     fn on_kad_event(&mut self, event: kad::Event) {
         match event {
-            kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetClosestPeers(result), step, .. } => {
+            kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetClosestPeers(result), .. } => {
                 let peers = match result {
                     Ok(ok) => ok.peers,
                     Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
@@ -432,10 +432,8 @@ impl EventLoop {
                         let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(addrs).build());
                     }
                 }
-                let _ = step;
             }
-            kad::Event::OutboundQueryProgressed { result: kad::QueryResult::Bootstrap(Ok(ok)), step, .. } if step.last => {
-                let _ = ok;
+            kad::Event::OutboundQueryProgressed { result: kad::QueryResult::Bootstrap(Ok(_)), step, .. } if step.last => {
                 tracing::info!(routing_table = self.routing_table_size(), "DHT bootstrap finished");
             }
             kad::Event::ModeChanged { new_mode } => tracing::info!(mode = %new_mode, "DHT mode changed"),

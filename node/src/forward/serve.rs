@@ -25,8 +25,9 @@ pub async fn run(forwarding: Arc<Forwarding>, mut inbound: mpsc::Receiver<(PeerI
         let permit = permits.clone().try_acquire_owned().ok();
         let forwarding = forwarding.clone();
         tokio::spawn(async move {
-            let _permit = permit.is_some().then_some(permit);
-            serve(&forwarding, peer, stream, _permit.is_some()).await;
+            let have_capacity = permit.is_some();
+            serve(&forwarding, peer, stream, have_capacity).await;
+            drop(permit);
         });
     }
 }

@@ -39,13 +39,13 @@ where
     let (mut stream_r, mut stream_w) = tokio::io::split(stream);
     let result = tokio::try_join!(pump(&mut tcp_r, &mut stream_w, sent), pump(&mut stream_r, &mut tcp_w, received));
     if result.is_err() {
-        let _ = socket2::SockRef::from(tcp_w.as_ref()).set_linger(Some(std::time::Duration::ZERO));
+        reset(tcp_w.as_ref());
     }
     result.map(|_| ())
 }
 
-/// Ends a TCP connection with a reset (RST) instead of a FIN, so the local application sees the
-/// refusal at once rather than a clean, empty connection.
+/// Makes the TCP connection end with a reset (RST) instead of a FIN when it is dropped, so the
+/// local application sees a failure or refusal at once rather than a clean end of data.
 pub fn reset(tcp: &tokio::net::TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
 }

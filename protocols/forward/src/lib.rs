@@ -232,17 +232,10 @@ pub async fn read_datagram<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> s
     Ok(Some(len))
 }
 
-/// Writes one datagram frame (the caller flushes).
+/// Writes one datagram frame (the caller flushes). Same framing as [`write_frame`]; a datagram
+/// may be empty.
 pub async fn write_datagram<W: AsyncWrite + Unpin>(w: &mut W, payload: &[u8]) -> std::io::Result<()> {
-    write_frame_allow_empty(w, payload).await
-}
-
-async fn write_frame_allow_empty<W: AsyncWrite + Unpin>(w: &mut W, body: &[u8]) -> std::io::Result<()> {
-    let len = u16::try_from(body.len()).map_err(|_| std::io::Error::other("datagram too long"))?;
-    let mut out = Vec::with_capacity(2 + body.len());
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(body);
-    w.write_all(&out).await
+    write_frame(w, payload).await
 }
 
 #[cfg(test)]
