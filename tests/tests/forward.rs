@@ -20,9 +20,17 @@ fn heavy() -> std::sync::MutexGuard<'static, ()> {
     HEAVY.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A loopback listener with a backlog for hundreds of simultaneous connects (the default lets a
+/// burst overflow into SYN cookies, which the kernel may answer with resets under load).
+fn listener() -> TcpListener {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    socket.listen(4096).unwrap()
+}
+
 /// A TCP echo service on loopback; returns its address.
 async fn echo_service() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = listener();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -138,6 +146,71 @@ async fn five_hundred_concurrent_connections_each_echo_a_megabyte() {
         assert_eq!(sent, echoed);
     }
     assert_eq!(forward_info(&client, bind)["total"].as_u64().unwrap(), 500);
+}
+
+/// A reset must arrive as a reset, never as a clean end of data: a cut-off transfer that looks
+/// complete is the worst thing a tunnel can do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_on_either_side_resets_the_other() {
+    // A service that sends some data, then resets the connection; and records how its
+    // connections end.
+    let service = listener();
+    let target = service.local_addr().unwrap();
+    let (ends_tx, mut ends) = tokio::sync::mpsc::channel::<std::io::Result<usize>>(4);
+    tokio::spawn(async move {
+        // First connection: send 100 KiB, then reset.
+        let (mut tcp, _) = service.accept().await.unwrap();
+        tcp.write_all(&vec![7u8; 100 * 1024]).await.unwrap();
+        socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(tcp);
+        // Second connection: read until the client's reset arrives, report how it ended.
+        let (mut tcp, _) = service.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut got = 0;
+        let end = loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) => break Ok(got),
+                Ok(n) => got += n,
+                Err(e) => break Err(e),
+            }
+        };
+        ends_tx.send(end).await.unwrap();
+    });
+    let (client, server) = pair();
+    expose(&server, "resetting", &target.to_string(), &[&client.peer_id]);
+    let bind = forward(&client, &format!("{}/resetting", server.peer_id));
+
+    // The service resets: the local application sees a reset after the data, not a clean EOF.
+    let mut tcp = TcpStream::connect(bind).await.unwrap();
+    let mut got = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => got += n,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the connection ended");
+    let err = end.expect_err("a service reset must reach the client as a reset, not EOF");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert!(got <= 100 * 1024);
+
+    // The local application resets: the service sees a reset (or at least no clean end).
+    let mut tcp = TcpStream::connect(bind).await.unwrap();
+    tcp.write_all(b"some data").await.unwrap();
+    // Wait until the service side is connected (the data travelled), then reset.
+    wait_until(Duration::from_secs(10), "the data reached the peer", || {
+        forward_info(&client, bind)["bytes_sent"].as_u64().unwrap() >= 9
+    });
+    socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(tcp);
+    let end = tokio::time::timeout(Duration::from_secs(10), ends.recv()).await.expect("the service saw the end").unwrap();
+    let err = end.expect_err("a client reset must reach the service as a reset, not EOF");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -274,7 +274,7 @@ impl Forwarding {
             let local = socket.local_addr().map_err(bind_error)?;
             (local, client::Listener::Udp(socket))
         } else {
-            let listener = tokio::net::TcpListener::bind(bind).await.map_err(bind_error)?;
+            let listener = splice::listen_tcp(bind).map_err(bind_error)?;
             let local = listener.local_addr().map_err(bind_error)?;
             (local, client::Listener::Tcp(listener))
         };

@@ -1,35 +1,79 @@
-//! Moving bytes between a local socket and a forward stream, both ways, with backpressure (each
-//! direction reads only after its last write finished), half-close passed on, and byte counts.
+//! Moving bytes between a local TCP connection and a forward stream, both ways, with backpressure
+//! (each direction reads only after its last write finished), half-close and reset passed on, and
+//! byte counts. The stream carries chunks (see `warren_forward`): a clean end is an explicit
+//! marker, so a stream that just stops is a reset, never a truncated-but-"complete" transfer.
 
+use std::io::{Error, ErrorKind};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use warren_forward::{Chunk, END_OF_DATA};
 
 /// Bytes read per direction per step: large enough for bulk throughput, small enough that 500
 /// connections cost 64 MiB at most.
 pub const BUFFER: usize = 64 * 1024;
+const HEADER: usize = 4;
 
-/// Copies until EOF, then closes the write side (FIN); counts bytes into `counter`.
-pub async fn pump<R, W>(mut r: R, mut w: W, counter: &AtomicU64) -> std::io::Result<()>
+/// Local data → stream, as chunks; at the local EOF sends the end marker and finishes the
+/// stream's write side.
+async fn to_stream<R, W>(mut tcp: R, mut stream: W, counter: &AtomicU64) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    // One buffer holds header and data, so each chunk is one write.
+    let mut buf = vec![0u8; HEADER + BUFFER];
+    loop {
+        let n = tcp.read(&mut buf[HEADER..]).await?;
+        if n == 0 {
+            stream.write_all(&END_OF_DATA.to_be_bytes()).await?;
+            stream.shutdown().await?;
+            return Ok(());
+        }
+        buf[..HEADER].copy_from_slice(&(n as u32).to_be_bytes());
+        stream.write_all(&buf[..HEADER + n]).await?;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Stream chunks → local data; at the end marker half-closes the local connection. A stream that
+/// ends without the marker is an error (the other side was reset or failed).
+async fn from_stream<R, W>(mut stream: R, mut tcp: W, counter: &AtomicU64) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; BUFFER];
     loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            w.shutdown().await?;
-            return Ok(());
+        let mut header = [0u8; HEADER];
+        stream.read_exact(&mut header).await.map_err(|e| match e.kind() {
+            ErrorKind::UnexpectedEof => Error::new(ErrorKind::ConnectionReset, "the peer's side was reset"),
+            _ => e,
+        })?;
+        let mut left = match warren_forward::decode_chunk_header(header) {
+            Ok(Chunk::End) => {
+                tcp.shutdown().await?;
+                return Ok(());
+            }
+            Ok(Chunk::Data(len)) => len,
+            Err(e) => return Err(Error::new(ErrorKind::InvalidData, e.to_string())),
+        };
+        while left > 0 {
+            let want = left.min(buf.len());
+            let n = stream.read(&mut buf[..want]).await?;
+            if n == 0 {
+                return Err(Error::new(ErrorKind::ConnectionReset, "the peer's side was reset mid-chunk"));
+            }
+            tcp.write_all(&buf[..n]).await?;
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+            left -= n;
         }
-        w.write_all(&buf[..n]).await?;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
 /// Splices a local TCP connection and a forward stream. Returns when both directions finished;
-/// the first error in either direction ends both and resets the TCP side, so the local
-/// application sees the failure rather than a clean end of data.
+/// the first error in either direction ends both: the TCP side is reset (RST) and the stream is
+/// dropped without its end marker, which the other side takes as a reset too.
 pub async fn tcp<S>(tcp: tokio::net::TcpStream, stream: S, sent: &AtomicU64, received: &AtomicU64) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -37,9 +81,13 @@ where
     let _ = tcp.set_nodelay(true);
     let (mut tcp_r, mut tcp_w) = tcp.into_split();
     let (mut stream_r, mut stream_w) = tokio::io::split(stream);
-    let result = tokio::try_join!(pump(&mut tcp_r, &mut stream_w, sent), pump(&mut stream_r, &mut tcp_w, received));
+    let result =
+        tokio::try_join!(to_stream(&mut tcp_r, &mut stream_w, sent), from_stream(&mut stream_r, &mut tcp_w, received));
     if result.is_err() {
         reset(tcp_w.as_ref());
+        // Dropping a write half sends a FIN first, which the application would read as a clean
+        // end before the reset: forget it instead, the socket closes with the read half.
+        tcp_w.forget();
     }
     result.map(|_| ())
 }
@@ -48,6 +96,19 @@ where
 /// local application sees a failure or refusal at once rather than a clean end of data.
 pub fn reset(tcp: &tokio::net::TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// Connections waiting to be accepted on a forward's listener: a burst of connects (hundreds of
+/// clients starting at once) queues here instead of overflowing into SYN cookies and resets.
+/// The kernel caps it at net.core.somaxconn.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A TCP listener for a forward, with a backlog for bursts.
+pub fn listen_tcp(bind: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if bind.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(bind)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Socket buffer asked for on forwarding UDP sockets: bursts from a fast sender queue here rather

@@ -15,8 +15,14 @@
 //! does not decode, an unknown version, or an invalid service name ends that stream with
 //! [`Status::BadRequest`] and touches nothing else.
 //!
-//! After an `Accepted` reply, a TCP forward carries raw bytes. A half-close (FIN) on either side
-//! is passed on as a close of the write side; a reset (error) on either side resets the other.
+//! After an `Accepted` reply, a TCP forward carries *chunks* each way: a 4-byte big-endian length
+//! (1 to [`MAX_CHUNK`]) followed by that many bytes of the connection's data. A length of 0
+//! ([`END_OF_DATA`]) means the sender's side of the connection was half-closed (FIN): no more data
+//! follows in that direction and the sender then finishes its side of the stream. A stream that
+//! ends *without* that marker, or that the peer stops reading, means the connection was reset or
+//! failed: the other side resets its connection too (RST), so an application never mistakes a
+//! cut-off transfer for a complete one. (A libp2p stream offers no reset of its own that survives
+//! every transport: dropping a QUIC stream finishes it cleanly.)
 //! A UDP forward carries datagrams, each as a 2-byte big-endian length then the payload
 //! ([`MAX_DATAGRAM`] at most), so datagram boundaries survive the stream.
 //!
@@ -40,6 +46,28 @@ pub const MAX_SERVICE_NAME: usize = 64;
 pub const MAX_DETAIL: usize = 256;
 /// Largest UDP payload carried (the largest UDP datagram).
 pub const MAX_DATAGRAM: usize = 65_535;
+/// Largest TCP data chunk a receiver accepts.
+pub const MAX_CHUNK: usize = 1024 * 1024;
+/// The chunk length that marks a clean end of data in one direction (a half-close).
+pub const END_OF_DATA: u32 = 0;
+
+/// What a chunk header announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunk {
+    /// This many bytes of data follow.
+    Data(usize),
+    /// The sender half-closed its side: nothing follows.
+    End,
+}
+
+/// Decodes a TCP chunk header, refusing lengths over [`MAX_CHUNK`].
+pub fn decode_chunk_header(header: [u8; 4]) -> Result<Chunk, FrameError> {
+    match u32::from_be_bytes(header) {
+        END_OF_DATA => Ok(Chunk::End),
+        n if n as usize <= MAX_CHUNK => Ok(Chunk::Data(n as usize)),
+        n => Err(FrameError::Invalid(format!("chunk length {n} over {MAX_CHUNK}"))),
+    }
+}
 
 /// What the opener wants.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,6 +271,15 @@ mod tests {
     use super::*;
     use futures::executor::block_on;
     use proptest::prelude::*;
+
+    #[test]
+    fn chunk_headers_are_bounded() {
+        assert_eq!(decode_chunk_header(0u32.to_be_bytes()).unwrap(), Chunk::End);
+        assert_eq!(decode_chunk_header(5u32.to_be_bytes()).unwrap(), Chunk::Data(5));
+        assert_eq!(decode_chunk_header((MAX_CHUNK as u32).to_be_bytes()).unwrap(), Chunk::Data(MAX_CHUNK));
+        assert!(decode_chunk_header((MAX_CHUNK as u32 + 1).to_be_bytes()).is_err());
+        assert!(decode_chunk_header(u32::MAX.to_be_bytes()).is_err());
+    }
 
     #[test]
     fn a_request_survives_the_wire() {
