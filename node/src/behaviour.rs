@@ -1,7 +1,7 @@
 //! The composed libp2p behaviour and the swarm built around it.
 //!
 //! Standard protocols under their standard ids (identify, ping, Kademlia, AutoNAT v1, circuit
-//! relay v2 client, DCUtR), so any libp2p implementation interoperates, plus `libp2p-stream` for
+//! relay v2 client and server, DCUtR), so any libp2p implementation interoperates, plus `libp2p-stream` for
 //! warren's own stream protocols and for on-demand pings.
 
 use std::time::Duration;
@@ -33,6 +33,7 @@ pub struct Behaviour {
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     pub autonat: autonat::Behaviour,
     pub relay_client: relay::client::Behaviour,
+    pub relay: Toggle<relay::Behaviour>,
     pub dcutr: dcutr::Behaviour,
     pub stream: libp2p_stream::Behaviour,
     pub forward: crate::forward::streams::Behaviour,
@@ -64,6 +65,11 @@ pub fn build_swarm(keypair: Keypair, config: &Config) -> Result<Built, BuildErro
     let mdns_on = config.mdns;
     let dht_mode = config.dht_mode;
     let bootstrap_interval = config.bootstrap_interval();
+    let relay_config = config.relay.then(|| (config.relay_limits.to_libp2p(), config.relay_force));
+    // AutoNAT only trusts globally routable addresses; with public ranges configured those
+    // ranges count too, so AutoNAT must consider every address (warren filters by range).
+    let autonat_only_global = config.public_ranges.is_empty();
+    let max_incoming = config.max_incoming_connections;
     let setup = |e: &dyn std::fmt::Display| BuildError::Setup(e.to_string());
 
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
@@ -71,10 +77,16 @@ pub fn build_swarm(keypair: Keypair, config: &Config) -> Result<Built, BuildErro
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
         .map_err(|e| setup(&e))?
         .with_quic_config(|mut quic| {
-            // Keep idle connections alive through NAT mappings (most expire UDP state after 30 s).
-            quic.keep_alive_interval = Duration::from_secs(15);
-            // Every forwarded connection is a stream: allow many at once (our own caps bound them).
-            quic.max_concurrent_stream_limit = 4096;
+            // Keep connections (relay reservations above all) alive through NAT mappings, and
+            // notice a peer that vanished (a killed relay sends no close) within 10 s, so a lost
+            // relay is replaced quickly. The idle timeout must exceed the keep-alive interval.
+            quic.keep_alive_interval = Duration::from_secs(3);
+            quic.max_idle_timeout = 10_000;
+            // Every forwarded connection is a stream: allow many at once; streams beyond the limit
+            // wait for a slot rather than fail. quinn reserves state for every allowed stream in
+            // every connection (measured: ~600 KiB per connection at 4096, ~150 KiB at 256), which
+            // is what a relay's connection count multiplies, so not more than this.
+            quic.max_concurrent_stream_limit = 1024;
             // Let path-MTU discovery grow packets past quinn's 1452-byte ceiling where the path
             // allows (LANs with jumbo frames, loopback): fewer packets, less per-packet crypto.
             // Discovery only raises the size after a probe of that size got through.
@@ -104,18 +116,35 @@ pub fn build_swarm(keypair: Keypair, config: &Config) -> Result<Built, BuildErro
                 limits: connection_limits::Behaviour::new(
                     connection_limits::ConnectionLimits::default()
                         .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
-                        .with_max_pending_incoming(Some(MAX_PENDING_INCOMING)),
+                        .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
+                        .with_max_established_incoming(Some(max_incoming)),
                 ),
                 identify: identify::Behaviour::new(
                     identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
                         .with_agent_version(AGENT.to_string())
                         .with_push_listen_addr_updates(true),
                 ),
-                ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15))),
+                // Every 5 s: cheap, keeps RTTs fresh, and also notices dead TCP connections
+                // (QUIC's own keep-alive and idle timeout cover QUIC).
+                ping: ping::Behaviour::new(
+                    ping::Config::new().with_interval(Duration::from_secs(5)).with_timeout(Duration::from_secs(5)),
+                ),
                 kad,
                 mdns: mdns.into(),
-                autonat: autonat::Behaviour::new(peer_id, autonat::Config::default()),
+                autonat: autonat::Behaviour::new(
+                    peer_id,
+                    autonat::Config { only_global_ips: autonat_only_global, ..Default::default() },
+                ),
                 relay_client,
+                relay: relay_config
+                    .map(|(limits, force)| {
+                        let mut relay = relay::Behaviour::new(peer_id, limits);
+                        if force {
+                            relay.set_status(Some(relay::Status::Enable));
+                        }
+                        relay
+                    })
+                    .into(),
                 dcutr: dcutr::Behaviour::new(peer_id),
                 stream: libp2p_stream::Behaviour::new(),
                 forward: forward.take().expect("the behaviour is built once"),

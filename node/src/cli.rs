@@ -151,6 +151,31 @@ pub struct NodeArgs {
     /// Kademlia protocol id; /ipfs/kad/1.0.0 joins the IPFS DHT [default: /warren/kad/1.0.0]
     #[arg(long, value_name = "PROTOCOL")]
     pub kad_protocol: Option<String>,
+
+    /// Listen on no direct address: the node is reached only through relays
+    #[arg(long, conflicts_with = "listen")]
+    pub no_listen: bool,
+
+    /// Serve as a volunteer relay for others (within [relay_limits] of the config) once the node
+    /// is confirmed publicly reachable
+    #[arg(long)]
+    pub relay: bool,
+
+    /// Serve as a relay even without a confirmed public address (LANs, labs); implies --relay
+    #[arg(long)]
+    pub relay_force: bool,
+
+    /// Always hold a reservation on this relay (repeatable), e.g. /ip4/192.0.2.7/udp/4001/quic-v1/p2p/12D3Koo...
+    #[arg(long, value_name = "MULTIADDR/p2p/ID", value_parser = parse_bootstrap)]
+    pub relay_via: Vec<Multiaddr>,
+
+    /// Relays to reserve on automatically while not publicly reachable; 0 turns it off [default: 2]
+    #[arg(long, value_name = "N")]
+    pub auto_relays: Option<usize>,
+
+    /// Address ranges to treat as publicly routable besides global ones, e.g. 203.0.113.0/24,10.0.0.0/8
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    pub public_ranges: Vec<String>,
 }
 
 impl NodeArgs {
@@ -161,6 +186,12 @@ impl NodeArgs {
             no_mdns: self.no_mdns,
             dht_mode: self.dht_mode,
             kad_protocol: self.kad_protocol.clone(),
+            no_listen: self.no_listen,
+            relay: self.relay,
+            relay_force: self.relay_force,
+            relay_via: self.relay_via.clone(),
+            auto_relays: self.auto_relays,
+            public_ranges: self.public_ranges.clone(),
         }
     }
 

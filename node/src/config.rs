@@ -60,12 +60,33 @@ pub struct Config {
     /// Seconds a connection with no open streams is kept. Default: 60, long enough that a
     /// command issued right after a lookup reuses the connection.
     pub idle_connection_timeout_secs: u64,
+    /// Connections other peers may hold to this node at once; beyond it new inbound connections
+    /// are refused. Bounds what a flood of connections (a relay's reservation flood, say) can
+    /// cost: a QUIC connection takes a few hundred KiB. Default: 1024.
+    pub max_incoming_connections: u32,
     /// Seconds of silence after which a forwarded UDP session is closed. Default: 60.
     pub udp_idle_timeout_secs: u64,
     /// Services exposed to peers (`[[expose]]` tables). Default: none.
     pub expose: Vec<ExposeSpec>,
     /// Local ports forwarded to peers' services (`[[forward]]` tables). Default: none.
     pub forward: Vec<ForwardSpec>,
+    /// Serve circuit relay v2 to others (a volunteer relay), within `relay_limits`. The hop
+    /// protocol is advertised only while the node has a confirmed public address, unless
+    /// `relay_force`. Default: off (the `warren-bootstrap` profile turns it on).
+    pub relay: bool,
+    /// Serve as a relay even without a confirmed public address (LANs, labs, tests). Default: off.
+    pub relay_force: bool,
+    /// What a relay lets others use.
+    pub relay_limits: crate::relay::RelayLimits,
+    /// Relays to always hold a reservation on, each `/…/p2p/RELAYID`. Default: none.
+    pub relay_via: Vec<Multiaddr>,
+    /// Relays a node that is not publicly reachable reserves on by itself, chosen among
+    /// reachable peers that offer the relay hop protocol; 0 turns automatic relay use off.
+    /// Default: 2, so losing one relay never leaves the node unreachable.
+    pub auto_relays: usize,
+    /// Address ranges (CIDR) counted as publicly routable besides globally routable addresses:
+    /// enterprise address plans, labs on documentation ranges. Default: none.
+    pub public_ranges: Vec<String>,
 }
 
 impl Default for Config {
@@ -80,9 +101,16 @@ impl Default for Config {
             max_stored_peers: 2000,
             rejoin_dials: 16,
             idle_connection_timeout_secs: 60,
+            max_incoming_connections: 1024,
             udp_idle_timeout_secs: crate::forward::DEFAULT_UDP_IDLE_SECS,
             expose: Vec::new(),
             forward: Vec::new(),
+            relay: false,
+            relay_force: false,
+            relay_limits: crate::relay::RelayLimits::default(),
+            relay_via: Vec::new(),
+            auto_relays: 2,
+            public_ranges: Vec::new(),
         }
     }
 }
@@ -107,6 +135,12 @@ pub struct Overrides {
     pub no_mdns: bool,
     pub dht_mode: Option<DhtMode>,
     pub kad_protocol: Option<String>,
+    pub no_listen: bool,
+    pub relay: bool,
+    pub relay_force: bool,
+    pub relay_via: Vec<Multiaddr>,
+    pub auto_relays: Option<usize>,
+    pub public_ranges: Vec<String>,
 }
 
 impl Config {
@@ -141,6 +175,16 @@ impl Config {
         if let Some(protocol) = overrides.kad_protocol {
             config.kad_protocol = protocol;
         }
+        if overrides.no_listen {
+            config.listen.clear();
+        }
+        config.relay |= overrides.relay || overrides.relay_force;
+        config.relay_force |= overrides.relay_force;
+        config.relay_via.extend(overrides.relay_via);
+        if let Some(n) = overrides.auto_relays {
+            config.auto_relays = n;
+        }
+        config.public_ranges.extend(overrides.public_ranges);
         config.validate()?;
         Ok(config)
     }
@@ -175,11 +219,21 @@ impl Config {
                 )));
             }
         }
-        if self.listen.is_empty() {
-            return Err(UserError::bad_input(
-                "no listen address configured: give at least one --listen MULTIADDR",
-            ));
+        for addr in &self.relay_via {
+            match addr.iter().last() {
+                Some(Protocol::P2p(_)) if !addr.iter().any(|p| p == Protocol::P2pCircuit) => {}
+                _ => {
+                    return Err(UserError::bad_input(format!(
+                        "relay address {addr} must be the relay's own address ending in /p2p/RELAYID (without /p2p-circuit)"
+                    )));
+                }
+            }
         }
+        self.public_ranges()?;
+        if self.auto_relays > 16 {
+            return Err(UserError::bad_input("auto_relays must be between 0 and 16"));
+        }
+        self.relay_limits.validate().map_err(UserError::bad_input)?;
         if !self.kad_protocol.starts_with('/') || self.kad_protocol.len() > 128 {
             return Err(UserError::bad_input(format!(
                 "kad protocol id {:?} is invalid: it must start with '/' and be at most 128 bytes, e.g. {DEFAULT_KAD_PROTOCOL}",
@@ -195,6 +249,9 @@ impl Config {
         for spec in &self.forward {
             spec.validate().map_err(|e| UserError::bad_input(format!("[[forward]] {:?}: {e}", spec.bind)))?;
         }
+        if self.max_incoming_connections == 0 {
+            return Err(UserError::bad_input("max_incoming_connections must be at least 1"));
+        }
         if self.udp_idle_timeout_secs == 0 {
             return Err(UserError::bad_input("udp_idle_timeout_secs must be at least 1"));
         }
@@ -202,6 +259,14 @@ impl Config {
             return Err(UserError::bad_input("bootstrap_interval_secs must be at least 1"));
         }
         Ok(())
+    }
+
+    /// The configured public ranges, parsed.
+    pub fn public_ranges(&self) -> Result<Vec<crate::relay::Cidr>, UserError> {
+        self.public_ranges
+            .iter()
+            .map(|r| r.parse().map_err(|e: String| UserError::bad_input(format!("public range: {e}"))))
+            .collect()
     }
 
     pub fn bootstrap_interval(&self) -> Duration {

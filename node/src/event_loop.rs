@@ -6,12 +6,15 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::{
-    Multiaddr, PeerId, Swarm, autonat, core::ConnectedPoint, identify, kad, mdns, multiaddr::Protocol, ping,
+    Multiaddr, PeerId, Swarm, autonat, core::ConnectedPoint, dcutr, identify, kad, mdns, multiaddr::Protocol, ping,
+    relay,
     swarm::{ConnectionId, DialError, SwarmEvent, dial_opts::DialOpts},
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::autorelay::{AutoRelay, RELAYS_KEY, circuit_listen_addr};
 use crate::behaviour::{AGENT, Behaviour, BehaviourEvent};
+use crate::relay::{Cidr, RelayStats, is_public_addr};
 use crate::config::{Config, DhtMode, bootstrap_peer};
 use crate::control::api;
 use crate::peer_record::PeerBook;
@@ -24,6 +27,9 @@ const STORE_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// First and largest wait between dials of an unreachable bootstrap peer.
 const BOOTSTRAP_BACKOFF_MIN: Duration = Duration::from_secs(2);
 const BOOTSTRAP_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Our own provider record (how peers find our relayed addresses by PeerId) is published this
+/// long after our external addresses last changed, so a burst of changes costs one publication.
+const OWN_RECORD_SETTLE: Duration = Duration::from_millis(200);
 
 pub enum Command {
     Status(oneshot::Sender<api::Status>),
@@ -75,13 +81,24 @@ enum ConnectStage {
 
 struct ConnectAttempt {
     stage: ConnectStage,
+    /// DHT lookups still running (closest peers, providers of the peer's own key).
+    lookups: u8,
     waiters: Vec<oneshot::Sender<Result<(), String>>>,
 }
 
 struct PendingFind {
     peer: PeerId,
     started: Instant,
+    /// Lookups still running; the reply goes out when none is left.
+    lookups: u8,
+    found: bool,
+    addrs: Vec<Multiaddr>,
     reply: oneshot::Sender<api::FindReply>,
+}
+
+/// A peer's relayed-to-direct story, for `warren peers` and the hole-punch figures.
+struct PunchInfo {
+    first_relayed: Instant,
 }
 
 pub struct EventLoop {
@@ -96,8 +113,19 @@ pub struct EventLoop {
     finds: HashMap<kad::QueryId, PendingFind>,
     connects: HashMap<PeerId, ConnectAttempt>,
     connect_lookups: HashMap<kad::QueryId, PeerId>,
+    find_aliases: HashMap<kad::QueryId, kad::QueryId>,
     listen_addrs: Vec<Multiaddr>,
     started: Instant,
+    public_ranges: Vec<Cidr>,
+    autorelay: AutoRelay,
+    relay_stats: RelayStats,
+    relay_advertised: bool,
+    relay_lookups: std::collections::HashSet<kad::QueryId>,
+    own_record_due: Option<Instant>,
+    relay_announced: bool,
+    punch: HashMap<PeerId, PunchInfo>,
+    punched: HashMap<ConnectionId, Duration>,
+    hole_punch: api::HolePunchStats,
 }
 
 impl EventLoop {
@@ -121,7 +149,6 @@ impl EventLoop {
         let event_loop = Self {
             swarm,
             commands,
-            config,
             book,
             writer: Some(writer),
             bootstrap,
@@ -130,8 +157,20 @@ impl EventLoop {
             finds: HashMap::new(),
             connects: HashMap::new(),
             connect_lookups: HashMap::new(),
+            find_aliases: HashMap::new(),
             listen_addrs: Vec::new(),
             started: now,
+            public_ranges: config.public_ranges().unwrap_or_default(),
+            autorelay: AutoRelay::new(if config.relay { 0 } else { config.auto_relays }, &config.relay_via),
+            relay_stats: RelayStats::default(),
+            relay_advertised: config.relay_force,
+            relay_lookups: Default::default(),
+            own_record_due: None,
+            relay_announced: false,
+            punch: HashMap::new(),
+            punched: HashMap::new(),
+            hole_punch: api::HolePunchStats::default(),
+            config,
         };
         (event_loop, handle)
     }
@@ -149,6 +188,8 @@ impl EventLoop {
                     self.flush_store();
                     self.dial_due_bootstrap_peers();
                     self.connects.retain(|_, a| a.waiters.iter().any(|w| !w.is_closed()));
+                    self.manage_relays();
+                    self.publish_own_record_when_due();
                 }
                 _ = &mut shutdown => break,
             }
@@ -220,8 +261,13 @@ impl EventLoop {
                 let _ = reply.send(self.peers());
             }
             Command::Find(peer, reply) => {
-                let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
-                self.finds.insert(id, PendingFind { peer, started: Instant::now(), reply });
+                let kad = &mut self.swarm.behaviour_mut().kad;
+                let closest = kad.get_closest_peers(peer);
+                let providers = kad.get_providers(peer_key(&peer));
+                let find = PendingFind { peer, started: Instant::now(), lookups: 2, found: false, addrs: Vec::new(), reply };
+                // Both queries lead to the same pending find; the second id points at the first.
+                self.finds.insert(closest, find);
+                self.find_aliases.insert(providers, closest);
             }
             Command::Connect(peer, reply) => self.connect(peer, reply),
             Command::StoreChurn(count, reply) => {
@@ -255,14 +301,45 @@ impl EventLoop {
             return;
         }
         let known = self.book.get(&peer).map(|r| r.addresses()).unwrap_or_default();
-        let stage = if known.is_empty() {
-            self.connect_lookups.insert(self.swarm.behaviour_mut().kad.get_closest_peers(peer), peer);
-            ConnectStage::LookingUp
+        let (stage, lookups) = if known.is_empty() {
+            self.start_connect_lookups(peer);
+            (ConnectStage::LookingUp, 2)
         } else {
             let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(known).extend_addresses_through_behaviour().build());
-            ConnectStage::DialingKnown
+            (ConnectStage::DialingKnown, 0)
         };
-        self.connects.insert(peer, ConnectAttempt { stage, waiters: vec![reply] });
+        self.connects.insert(peer, ConnectAttempt { stage, lookups, waiters: vec![reply] });
+    }
+
+    /// Looks a peer up two ways at once: the peers closest to its id (finds DHT servers), and
+    /// providers of its own key (finds nodes behind NATs, which publish their relayed
+    /// addresses that way since they are not in anyone's routing table).
+    fn start_connect_lookups(&mut self, peer: PeerId) {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        let closest = kad.get_closest_peers(peer);
+        let providers = kad.get_providers(peer_key(&peer));
+        self.connect_lookups.insert(closest, peer);
+        self.connect_lookups.insert(providers, peer);
+    }
+
+    /// One of a connect attempt's lookups ended with these addresses for the peer.
+    fn on_connect_lookup(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, done: bool) {
+        if self.swarm.is_connected(&peer) {
+            self.finish_connect(&peer, Ok(()));
+            return;
+        }
+        let Some(attempt) = self.connects.get_mut(&peer) else { return };
+        if done {
+            attempt.lookups = attempt.lookups.saturating_sub(1);
+        }
+        if !addrs.is_empty() && !matches!(attempt.stage, ConnectStage::DialingFound) {
+            attempt.stage = ConnectStage::DialingFound;
+            let now = unix_now();
+            self.book.update(peer, |r| addrs.iter().for_each(|a| r.observe_addr(a.clone(), now)));
+            let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(addrs).extend_addresses_through_behaviour().build());
+        } else if attempt.lookups == 0 && matches!(attempt.stage, ConnectStage::LookingUp) {
+            self.finish_connect(&peer, Err("the peer is not in the DHT and no address of it is known".into()));
+        }
     }
 
     fn finish_connect(&mut self, peer: &PeerId, result: Result<(), String>) {
@@ -284,8 +361,8 @@ impl EventLoop {
         match attempt.stage {
             ConnectStage::DialingKnown => {
                 attempt.stage = ConnectStage::LookingUp;
-                let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
-                self.connect_lookups.insert(id, peer);
+                attempt.lookups = 2;
+                self.start_connect_lookups(peer);
             }
             ConnectStage::DialingFound => self.finish_connect(&peer, Err(format!("cannot reach the peer: {error}"))),
             ConnectStage::LookingUp => {}
@@ -294,19 +371,34 @@ impl EventLoop {
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::NewListenAddr { address, .. } => {
+            SwarmEvent::NewListenAddr { listener_id, address } => {
                 let full = address.clone().with(Protocol::P2p(*self.swarm.local_peer_id()));
                 tracing::info!(addr = %full, "listening");
                 println!("listening on {full}");
+                if self.autorelay.is_relay_listener(listener_id) {
+                    self.autorelay.on_listening(listener_id);
+                    self.own_record_due = Some(Instant::now() + OWN_RECORD_SETTLE);
+                } else if self.config.relay_force && !is_relayed(&address) && is_dialable(&address) {
+                    // A forced relay serves without AutoNAT's confirmation; reservations must
+                    // carry the relay's addresses, so its listen addresses stand in.
+                    self.swarm.add_external_address(address.clone());
+                }
                 self.listen_addrs.push(address);
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
             }
+            SwarmEvent::ListenerClosed { listener_id, addresses, reason } => {
+                self.listen_addrs.retain(|a| !addresses.contains(a));
+                self.autorelay.on_listener_closed(listener_id, reason.map_err(|e| error_chain(&e)));
+            }
             SwarmEvent::ListenerError { error, .. } => tracing::warn!(%error, "listener error"),
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
                 let (address, outbound) = match &endpoint {
                     ConnectedPoint::Dialer { address, .. } => (address.clone(), true),
+                    // An inbound relayed connection's remote address says nothing useful; the
+                    // circuit address it arrived on names the relay and the hop's transport.
+                    ConnectedPoint::Listener { local_addr, .. } if endpoint.is_relayed() => (local_addr.clone(), false),
                     ConnectedPoint::Listener { send_back_addr, .. } => (send_back_addr.clone(), false),
                 };
                 if num_established.get() == 1 {
@@ -320,18 +412,29 @@ impl EventLoop {
                         r.observe_addr(address.clone(), now);
                     }
                 });
+                self.autorelay.on_connected(peer_id);
                 if let Some(state) = self.bootstrap.get_mut(&peer_id) {
                     state.dialing = false;
                     state.backoff = BOOTSTRAP_BACKOFF_MIN;
                     tracing::info!(peer = %peer_id, "connected to bootstrap peer; bootstrapping the DHT");
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
+                if is_relayed(&address) {
+                    self.punch.entry(peer_id).or_insert(PunchInfo { first_relayed: Instant::now() });
+                }
                 self.conns.insert(connection_id, ConnInfo { peer: peer_id, address, outbound, since: Instant::now(), rtt: None });
                 self.finish_connect(&peer_id, Ok(()));
             }
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
-                self.conns.remove(&connection_id);
+                if let Some(conn) = self.conns.remove(&connection_id)
+                    && is_relayed(&conn.address)
+                {
+                    tracing::info!(peer = %peer_id, addr = %conn.address, cause = ?cause.as_ref().map(|c| c.to_string()), "relayed connection closed");
+                }
+                self.punched.remove(&connection_id);
                 if num_established == 0 {
+                    self.punch.remove(&peer_id);
+                    self.autorelay.on_disconnected(peer_id);
                     let now = unix_now();
                     self.book.update(peer_id, |r| r.last_seen = now);
                     self.agents.remove(&peer_id);
@@ -339,8 +442,14 @@ impl EventLoop {
                 }
             }
             SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => self.on_dial_failure(peer, &error),
-            SwarmEvent::ExternalAddrConfirmed { address } => tracing::info!(addr = %address, "external address confirmed"),
-            SwarmEvent::ExternalAddrExpired { address } => tracing::info!(addr = %address, "external address expired"),
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!(addr = %address, "external address confirmed");
+                self.own_record_due = Some(Instant::now() + OWN_RECORD_SETTLE);
+            }
+            SwarmEvent::ExternalAddrExpired { address } => {
+                tracing::info!(addr = %address, "external address expired");
+                self.own_record_due = Some(Instant::now() + OWN_RECORD_SETTLE);
+            }
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
             _ => {}
         }
@@ -352,6 +461,14 @@ impl EventLoop {
             BehaviourEvent::Ping(ping::Event { connection, result: Ok(rtt), .. }) => {
                 if let Some(conn) = self.conns.get_mut(&connection) {
                     conn.rtt = Some(rtt);
+                }
+            }
+            BehaviourEvent::Ping(ping::Event { peer, connection, result: Err(error) }) => {
+                // A relay that stopped answering is given up at once, so its reservation is
+                // replaced within seconds rather than after the connection's idle timeout.
+                if self.autorelay.held().any(|h| h.relay == peer) {
+                    tracing::warn!(relay = %peer, %error, "relay stopped answering pings; dropping the connection");
+                    self.swarm.close_connection(connection);
                 }
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
@@ -372,6 +489,13 @@ impl EventLoop {
             BehaviourEvent::Autonat(autonat::Event::StatusChanged { old, new }) => {
                 tracing::info!(from = ?old, to = ?new, "reachability changed");
             }
+            BehaviourEvent::Relay(event) => self.on_relay_event(event),
+            BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted { relay_peer_id, renewal, .. }) => {
+                if renewal {
+                    self.autorelay.on_renewal(relay_peer_id);
+                }
+            }
+            BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result }) => self.on_hole_punch(remote_peer_id, result),
             _ => {}
         }
     }
@@ -386,11 +510,122 @@ impl EventLoop {
                 self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
             }
         }
+        let offers_hop = protocols.iter().any(|p| *p == relay::HOP_PROTOCOL_NAME.as_ref());
+        let relay_addrs: Vec<Multiaddr> = if offers_hop {
+            let mut addrs: Vec<Multiaddr> = self
+                .conns
+                .values()
+                .filter(|c| c.peer == peer && c.outbound && is_public_addr(&c.address, &self.public_ranges))
+                .map(|c| without_p2p(&c.address))
+                .collect();
+            addrs.extend(usable.iter().filter(|a| is_public_addr(a, &self.public_ranges)).map(without_p2p));
+            addrs.dedup();
+            addrs
+        } else {
+            Vec::new()
+        };
+        self.autorelay.on_identify(peer, relay_addrs);
         self.book.update(peer, |r| {
             usable.iter().for_each(|a| r.observe_addr(a.clone(), now));
             r.set_protocols(protocols);
         });
         self.agents.insert(peer, info.agent_version);
+    }
+
+    fn on_relay_event(&mut self, event: relay::Event) {
+        match &event {
+            relay::Event::StatusChanged { status } => {
+                self.relay_advertised = *status == relay::Status::Enable;
+                tracing::info!(advertised = self.relay_advertised, "relay service status changed");
+                if self.relay_advertised {
+                    self.announce_relay();
+                }
+            }
+            relay::Event::ReservationReqDenied { src_peer_id, status } => {
+                tracing::info!(peer = %src_peer_id, ?status, "relay reservation denied");
+            }
+            relay::Event::CircuitReqDenied { src_peer_id, dst_peer_id, status } => {
+                tracing::info!(src = %src_peer_id, dst = %dst_peer_id, ?status, "relay circuit denied");
+            }
+            relay::Event::CircuitClosed { src_peer_id, dst_peer_id, error: Some(error) } => {
+                tracing::info!(src = %src_peer_id, dst = %dst_peer_id, %error, "relay circuit cut");
+            }
+            _ => {}
+        }
+        self.relay_stats.on_event(&event);
+    }
+
+    /// Tells the DHT this node relays, so nodes without candidates can find it.
+    fn announce_relay(&mut self) {
+        if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(kad::RecordKey::new(&RELAYS_KEY)) {
+            tracing::warn!(error = %e, "cannot announce the relay service in the DHT");
+        }
+    }
+
+    /// Adds or drops relay reservations as reachability and candidates change.
+    fn manage_relays(&mut self) {
+        let public = matches!(self.swarm.behaviour().autonat.nat_status(), autonat::NatStatus::Public(_));
+        let swarm = &self.swarm;
+        let actions = self.autorelay.tick(!public, |peer| swarm.is_connected(peer));
+        for (relay, addr) in actions.dial {
+            let _ = self.swarm.dial(DialOpts::peer_id(relay).addresses(vec![addr]).build());
+        }
+        for (relay, relay_addr, pinned) in actions.reserve {
+            match self.swarm.listen_on(circuit_listen_addr(relay, &relay_addr)) {
+                Ok(id) => {
+                    tracing::info!(relay = %relay, addr = %relay_addr, pinned, "reserving a slot on a relay");
+                    self.autorelay.reserving(id, relay, relay_addr, pinned);
+                }
+                Err(e) => self.autorelay.reserve_failed(relay, e.to_string()),
+            }
+        }
+        for id in actions.release {
+            tracing::info!("publicly reachable: releasing an automatic relay reservation");
+            self.swarm.remove_listener(id);
+        }
+        if actions.lookup && self.routing_table_size() > 0 {
+            let id = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&RELAYS_KEY));
+            self.relay_lookups.insert(id);
+        }
+        if self.relay_advertised && self.started.elapsed() > Duration::from_secs(2) && !self.relay_announced {
+            self.relay_announced = true;
+            self.announce_relay();
+        }
+    }
+
+    /// Publishes this node as provider of its own key, carrying its current external addresses
+    /// (relayed ones included): how a node behind a NAT is found by PeerId.
+    fn publish_own_record_when_due(&mut self) {
+        let Some(due) = self.own_record_due else { return };
+        if Instant::now() < due || self.routing_table_size() == 0 {
+            return;
+        }
+        self.own_record_due = None;
+        let key = peer_key(self.swarm.local_peer_id());
+        if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(key) {
+            tracing::warn!(error = %e, "cannot publish our addresses in the DHT");
+        }
+    }
+
+    fn on_hole_punch(&mut self, peer: PeerId, result: Result<ConnectionId, dcutr::Error>) {
+        self.hole_punch.attempts += 1;
+        match result {
+            Ok(connection) => {
+                let after = self.punch.get(&peer).map(|p| p.first_relayed.elapsed()).unwrap_or_default();
+                let transport = self.conns.get(&connection).map(|c| transport_of(&c.address)).unwrap_or("other");
+                match transport {
+                    "quic" => self.hole_punch.successes_quic += 1,
+                    _ => self.hole_punch.successes_tcp += 1,
+                }
+                self.punched.insert(connection, after);
+                tracing::info!(peer = %peer, transport, after_ms = after.as_millis() as u64, "hole punched: direct connection");
+            }
+            Err(e) => {
+                self.hole_punch.failures += 1;
+                self.hole_punch.last_error = Some(format!("{peer}: {e}"));
+                tracing::info!(peer = %peer, error = %e, "hole punching failed; staying on the relay");
+            }
+        }
     }
 
     fn on_kad_event(&mut self, event: kad::Event) {
@@ -400,37 +635,54 @@ impl EventLoop {
                     Ok(ok) => ok.peers,
                     Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
                 };
-                if let Some(find) = self.finds.remove(&id) {
-                    let mut addrs = addresses_of(&find.peer, &peers);
+                if let Some(target) = self.finds.get(&id).map(|f| f.peer) {
+                    let mut addrs = addresses_of(&target, &peers);
+                    let found = peers.iter().any(|p| p.peer_id == target);
                     // The lookup reports addresses that other peers returned; a target that was
                     // already in our routing table comes back without them.
-                    if peers.iter().any(|p| p.peer_id == find.peer) {
-                        for addr in self.routing_table_addresses(&find.peer) {
-                            if !addrs.contains(&addr) {
-                                addrs.push(addr);
-                            }
-                        }
+                    if found {
+                        addrs.extend(self.routing_table_addresses(&target));
                     }
-                    if !addrs.is_empty() {
-                        let now = unix_now();
-                        self.book.update(find.peer, |r| addrs.iter().for_each(|a| r.observe_addr(a.clone(), now)));
-                    }
-                    let _ = find.reply.send(api::FindReply {
-                        peer_id: find.peer.to_string(),
-                        found: peers.iter().any(|p| p.peer_id == find.peer),
-                        addrs: addrs.iter().map(|a| a.to_string()).collect(),
-                        elapsed_ms: find.started.elapsed().as_secs_f64() * 1000.0,
-                    });
+                    self.on_find_progress(id, found, addrs, true);
                 } else if let Some(peer) = self.connect_lookups.remove(&id) {
                     let addrs = addresses_of(&peer, &peers);
-                    if self.swarm.is_connected(&peer) {
-                        self.finish_connect(&peer, Ok(()));
-                    } else if addrs.is_empty() {
-                        self.finish_connect(&peer, Err("the peer is not in the DHT and no address of it is known".into()));
-                    } else if let Some(attempt) = self.connects.get_mut(&peer) {
-                        attempt.stage = ConnectStage::DialingFound;
-                        let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(addrs).build());
+                    self.on_connect_lookup(peer, addrs, true);
+                }
+            }
+            kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetProviders(result), step, .. } => {
+                let providers = match result {
+                    Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => providers,
+                    _ => Default::default(),
+                };
+                let done = step.last;
+                if self.relay_lookups.contains(&id) {
+                    for relay in providers {
+                        if relay != *self.swarm.local_peer_id() && !self.swarm.is_connected(&relay) {
+                            tracing::info!(relay = %relay, "found a relay in the DHT; connecting");
+                            let _ = self.swarm.dial(DialOpts::peer_id(relay).build());
+                        }
                     }
+                    if done {
+                        self.relay_lookups.remove(&id);
+                    }
+                    return;
+                }
+                let find = self.find_aliases.get(&id).copied();
+                let target = find.and_then(|f| self.finds.get(&f)).map(|f| f.peer).or_else(|| self.connect_lookups.get(&id).copied());
+                let Some(target) = target else { return };
+                // The providers' addresses live in the running query; ask Kademlia for them the
+                // way a dial would.
+                let addrs = if providers.contains(&target) { self.kad_addresses(target) } else { Vec::new() };
+                if let Some(find) = find {
+                    if done {
+                        self.find_aliases.remove(&id);
+                    }
+                    self.on_find_progress(find, !addrs.is_empty(), addrs, done);
+                } else {
+                    if done {
+                        self.connect_lookups.remove(&id);
+                    }
+                    self.on_connect_lookup(target, addrs, done);
                 }
             }
             kad::Event::OutboundQueryProgressed { result: kad::QueryResult::Bootstrap(Ok(_)), step, .. } if step.last => {
@@ -439,6 +691,48 @@ impl EventLoop {
             kad::Event::ModeChanged { new_mode } => tracing::info!(mode = %new_mode, "DHT mode changed"),
             _ => {}
         }
+    }
+
+    /// Addresses Kademlia knows for a peer: routing table and running queries.
+    fn kad_addresses(&mut self, peer: PeerId) -> Vec<Multiaddr> {
+        use libp2p::swarm::NetworkBehaviour as _;
+        self.swarm
+            .behaviour_mut()
+            .kad
+            .handle_pending_outbound_connection(
+                ConnectionId::new_unchecked(0),
+                Some(peer),
+                &[],
+                libp2p::core::Endpoint::Dialer,
+            )
+            .unwrap_or_default()
+    }
+
+    fn on_find_progress(&mut self, id: kad::QueryId, found: bool, addrs: Vec<Multiaddr>, done: bool) {
+        let Some(find) = self.finds.get_mut(&id) else { return };
+        find.found |= found;
+        for addr in addrs {
+            if !find.addrs.contains(&addr) {
+                find.addrs.push(addr);
+            }
+        }
+        if done {
+            find.lookups = find.lookups.saturating_sub(1);
+        }
+        if find.lookups > 0 {
+            return;
+        }
+        let find = self.finds.remove(&id).expect("present above");
+        if !find.addrs.is_empty() {
+            let now = unix_now();
+            self.book.update(find.peer, |r| find.addrs.iter().for_each(|a| r.observe_addr(a.clone(), now)));
+        }
+        let _ = find.reply.send(api::FindReply {
+            peer_id: find.peer.to_string(),
+            found: find.found,
+            addrs: find.addrs.iter().map(|a| a.to_string()).collect(),
+            elapsed_ms: find.started.elapsed().as_secs_f64() * 1000.0,
+        });
     }
 
     fn routing_table_addresses(&mut self, peer: &PeerId) -> Vec<Multiaddr> {
@@ -484,30 +778,63 @@ impl EventLoop {
             stored_peers: self.book.len(),
             peer_store_writes: self.writer.as_ref().map(|w| w.writes.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(0),
             uptime_secs: self.started.elapsed().as_secs(),
+            relayed_through: self
+                .autorelay
+                .held()
+                .map(|h| api::HeldReservation {
+                    relay: h.relay.to_string(),
+                    relay_addr: h.relay_addr.to_string(),
+                    pinned: h.pinned,
+                    accepted: h.accepted_at.is_some(),
+                    renewals: h.renewals,
+                    age_secs: h.accepted_at.map(|t| t.elapsed().as_secs()),
+                })
+                .collect(),
+            relay_candidates: self.autorelay.candidates(),
+            relay_last_error: self.autorelay.last_error.clone(),
+            relay: self.config.relay.then(|| {
+                let r = &self.relay_stats;
+                api::RelayStatus {
+                    advertised: self.relay_advertised,
+                    reservation_peers: r.reservations.len(),
+                    reservations: r.reservations.values().map(|n| u64::from(*n)).sum(),
+                    circuits: r.circuits.values().map(|n| u64::from(*n)).sum(),
+                    reservations_accepted: r.reservations_accepted,
+                    reservations_denied: r.reservations_denied,
+                    circuits_accepted: r.circuits_accepted,
+                    circuits_denied: r.circuits_denied,
+                    circuits_cut: r.circuits_cut,
+                    last_denial: r.last_denial.clone(),
+                    last_cut: r.last_cut.clone(),
+                    limits: self.config.relay_limits.clone(),
+                }
+            }),
+            hole_punch: self.hole_punch.clone(),
         }
     }
 
     fn peers(&self) -> Vec<api::PeerEntry> {
-        let mut by_peer: HashMap<PeerId, Vec<&ConnInfo>> = HashMap::new();
-        for conn in self.conns.values() {
-            by_peer.entry(conn.peer).or_default().push(conn);
+        let mut by_peer: HashMap<PeerId, Vec<(&ConnectionId, &ConnInfo)>> = HashMap::new();
+        for (id, conn) in &self.conns {
+            by_peer.entry(conn.peer).or_default().push((id, conn));
         }
         let mut entries: Vec<api::PeerEntry> = by_peer
             .into_iter()
             .map(|(peer, mut conns)| {
-                conns.sort_by_key(|c| c.since);
+                conns.sort_by_key(|(_, c)| c.since);
                 api::PeerEntry {
                     peer_id: peer.to_string(),
                     agent: self.agents.get(&peer).cloned(),
                     connections: conns
                         .into_iter()
-                        .map(|c| api::Connection {
+                        .map(|(id, c)| api::Connection {
                             address: c.address.to_string(),
                             transport: transport_of(&c.address).to_string(),
                             path: if is_relayed(&c.address) { "relayed" } else { "direct" }.to_string(),
                             direction: if c.outbound { "outbound" } else { "inbound" }.to_string(),
                             rtt_ms: c.rtt.map(|d| d.as_secs_f64() * 1000.0),
                             age_secs: c.since.elapsed().as_secs(),
+                            punched_after_ms: self.punched.get(id).map(|d| d.as_secs_f64() * 1000.0),
                         })
                         .collect(),
                 }
@@ -516,6 +843,11 @@ impl EventLoop {
         entries.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
         entries
     }
+}
+
+/// The DHT key under which a node publishes itself as provider (its relayed addresses).
+fn peer_key(peer: &PeerId) -> kad::RecordKey {
+    kad::RecordKey::new(&peer.to_bytes())
 }
 
 /// The addresses a lookup returned for `peer`.
@@ -530,6 +862,26 @@ fn is_dialable(addr: &Multiaddr) -> bool {
         Protocol::Ip6(ip) => ip.is_unspecified(),
         _ => false,
     })
+}
+
+/// An error with its causes, `outer: inner: innermost` (libp2p errors often say little on top).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// An address without its trailing `/p2p/PEER`.
+fn without_p2p(addr: &Multiaddr) -> Multiaddr {
+    addr.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect()
 }
 
 pub fn is_relayed(addr: &Multiaddr) -> bool {

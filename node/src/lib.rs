@@ -11,6 +11,7 @@
 //! - [`control`]: the local HTTP+JSON API on a Unix socket, server and client.
 //! - [`output`]: text rendering for people.
 
+pub mod autorelay;
 pub mod behaviour;
 pub mod cli;
 pub mod config;
@@ -21,4 +22,5 @@ pub mod forward;
 pub mod node;
 pub mod output;
 pub mod peer_record;
+pub mod relay;
 pub mod store;

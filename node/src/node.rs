@@ -49,10 +49,17 @@ pub async fn up(data_dir: &Path, config: Config) -> Result<(), UserError> {
             }
         }
     }
-    if listening == 0 {
+    if listening == 0 && !config.listen.is_empty() {
         return Err(UserError::bad_input(
             "none of the default listen addresses could be bound (is port 4001 in use?): pass --listen, e.g. --listen /ip4/0.0.0.0/udp/0/quic-v1",
         ));
+    }
+    if config.listen.is_empty() {
+        if config.relay_via.is_empty() && config.auto_relays == 0 {
+            tracing::warn!("no listen address and no relay: this node can dial out, but nobody can reach it");
+        } else {
+            tracing::info!("no direct listen address: reachable only through relays");
+        }
     }
     let (listener, socket_path) = server::bind(data_dir).await?;
     println!("warren node {peer_id}");

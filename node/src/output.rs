@@ -18,6 +18,39 @@ pub fn status(s: &api::Status) -> String {
     let _ = writeln!(out, "uptime        {}s", s.uptime_secs);
     list(&mut out, "listening", &s.listen_addrs);
     list(&mut out, "external", &s.external_addrs);
+    let held: Vec<String> = s
+        .relayed_through
+        .iter()
+        .map(|h| {
+            let state = if h.accepted { format!("reserved, {} renewals", h.renewals) } else { "requesting".into() };
+            format!("{} ({state}{})", h.relay_addr, if h.pinned { ", pinned" } else { "" })
+        })
+        .collect();
+    list(&mut out, "relays", &held);
+    if let Some(e) = &s.relay_last_error {
+        let _ = writeln!(out, "{:<13} last relay problem: {e}", "");
+    }
+    let p = &s.hole_punch;
+    let _ = writeln!(
+        out,
+        "hole punch    {} attempts: {} direct over QUIC, {} over TCP, {} failed",
+        p.attempts, p.successes_quic, p.successes_tcp, p.failures
+    );
+    if let Some(r) = &s.relay {
+        let _ = writeln!(
+            out,
+            "relay service {}; {} reservations from {} peers, {} circuits open",
+            if r.advertised { "advertised" } else { "not advertised (no confirmed public address; --relay-force serves anyway)" },
+            r.reservations,
+            r.reservation_peers,
+            r.circuits
+        );
+        let _ = writeln!(
+            out,
+            "              accepted {} reservations / {} circuits; denied {} / {}; {} circuits cut",
+            r.reservations_accepted, r.reservations_denied, r.circuits_accepted, r.circuits_denied, r.circuits_cut
+        );
+    }
     out.trim_end().to_string()
 }
 
@@ -34,12 +67,13 @@ pub fn peers(peers: &[api::PeerEntry]) -> String {
     if peers.is_empty() {
         return "no connected peers".to_string();
     }
-    let mut out = format!("{:<52}  {:<7}  {:<4}  {:>9}  ADDRESS\n", "PEER", "PATH", "VIA", "RTT");
+    let mut out = format!("{:<52}  {:<7}  {:<4}  {:>9}  {:>8}  ADDRESS\n", "PEER", "PATH", "VIA", "RTT", "PUNCHED");
     for peer in peers {
         for (i, c) in peer.connections.iter().enumerate() {
             let rtt = c.rtt_ms.map(|r| format!("{r:.2} ms")).unwrap_or_else(|| "-".into());
             let name = if i == 0 { peer.peer_id.as_str() } else { "" };
-            let _ = writeln!(out, "{name:<52}  {:<7}  {:<4}  {rtt:>9}  {}", c.path, c.transport, c.address);
+            let punched = c.punched_after_ms.map(|ms| format!("{ms:.0} ms")).unwrap_or_else(|| "-".into());
+            let _ = writeln!(out, "{name:<52}  {:<7}  {:<4}  {rtt:>9}  {punched:>8}  {}", c.path, c.transport, c.address);
         }
     }
     out.trim_end().to_string()

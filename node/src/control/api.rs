@@ -42,6 +42,56 @@ pub struct Status {
     pub stored_peers: usize,
     pub peer_store_writes: u64,
     pub uptime_secs: u64,
+    /// Reservations this node holds on relays (how others reach it while it is not public).
+    pub relayed_through: Vec<HeldReservation>,
+    /// Relay-capable peers known as candidates for automatic relay use.
+    pub relay_candidates: usize,
+    /// Why the last reservation failed or was lost, if one did.
+    pub relay_last_error: Option<String>,
+    /// Present when this node serves as a relay.
+    pub relay: Option<RelayStatus>,
+    pub hole_punch: HolePunchStats,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldReservation {
+    pub relay: String,
+    pub relay_addr: String,
+    /// Pinned with --relay-via, or picked automatically.
+    pub pinned: bool,
+    pub accepted: bool,
+    pub renewals: u32,
+    pub age_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelayStatus {
+    /// Whether the hop protocol is advertised (public address confirmed, or --relay-force).
+    pub advertised: bool,
+    /// Peers holding reservations now, and reservations held.
+    pub reservation_peers: usize,
+    pub reservations: u64,
+    /// Circuits open now.
+    pub circuits: u64,
+    pub reservations_accepted: u64,
+    pub reservations_denied: u64,
+    pub circuits_accepted: u64,
+    pub circuits_denied: u64,
+    /// Circuits that ended with an error or by hitting a limit.
+    pub circuits_cut: u64,
+    pub last_denial: Option<String>,
+    pub last_cut: Option<String>,
+    pub limits: crate::relay::RelayLimits,
+}
+
+/// Hole punching (DCUtR) outcomes since start, by transport of the resulting connection.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HolePunchStats {
+    pub attempts: u64,
+    pub successes_quic: u64,
+    pub successes_tcp: u64,
+    pub failures: u64,
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,6 +113,9 @@ pub struct Connection {
     /// Last measured round-trip time, once ping has measured one.
     pub rtt_ms: Option<f64>,
     pub age_secs: u64,
+    /// For a direct connection made by hole punching: milliseconds from the first relayed
+    /// contact with the peer to this connection.
+    pub punched_after_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -60,7 +60,9 @@ async fn run_tcp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, listener: T
                 Ok(stream) => {
                     let _active = Active::new(&forward.stats);
                     if let Err(e) = splice::tcp(tcp, stream, &forward.stats.sent, &forward.stats.received).await {
-                        tracing::debug!(error = %e, "forwarded connection ended with an error");
+                        let path = forward.stats.path.lock().unwrap().clone().unwrap_or_default();
+                        tracing::info!(peer = %forward.peer, %path, error = %e, "forwarded connection cut");
+                        forward.stats.fail(format!("connection cut ({path} path): {e}"));
                     }
                 }
                 Err(e) => {

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod echo;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_warren-under-test");
 
 /// Waits until `condition` holds, checking every 100 ms; panics naming `what` after `timeout`.
@@ -72,7 +74,7 @@ impl Node {
     /// until its control API answers.
     pub fn start_in(dir: &Path, args: &[&str]) -> Node {
         let mut full: Vec<&str> = vec!["up", "--no-mdns"];
-        if !args.contains(&"--listen") {
+        if !args.contains(&"--listen") && !args.contains(&"--no-listen") {
             full.extend(LOOPBACK);
         }
         full.extend(args);
@@ -100,12 +102,14 @@ impl Node {
         });
         let mut node = Node { child: Some(child), dir: dir.to_path_buf(), peer_id: String::new(), stdout, _tmp: None };
         let mut status = None;
+        // A node without direct listen addresses is ready once its control API answers.
+        let direct = !args.contains(&"--no-listen");
         wait_until(Duration::from_secs(20), "the node's control API", || {
             if let Some(exit) = node.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("warren up exited early with {exit}");
             }
             status = warren_json(dir, &["status"]);
-            status.as_ref().is_some_and(|s| s["listen_addrs"].as_array().is_some_and(|a| !a.is_empty()))
+            status.as_ref().is_some_and(|s| !direct || s["listen_addrs"].as_array().is_some_and(|a| !a.is_empty()))
         });
         node.peer_id = status.unwrap()["peer_id"].as_str().unwrap().to_string();
         node

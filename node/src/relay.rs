@@ -1,0 +1,417 @@
+//! Serving circuit relay v2 to others, within limits the operator sets.
+//!
+//! libp2p's relay counts a limit of 0 as zero (deny everything) and ships limits meant for
+//! signaling only (128 KiB and 2 minutes per circuit). warren's defaults carry real traffic for a
+//! few peers; every limit can be raised, lowered, or set to `"unlimited"` explicitly.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libp2p::{Multiaddr, PeerId, multiaddr::Protocol, relay};
+use serde::{Deserialize, Serialize};
+
+/// A limit: a number, or `"unlimited"` said explicitly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Unlimited,
+    At(u64),
+}
+
+impl Limit {
+    fn count(self) -> usize {
+        match self {
+            Limit::Unlimited => usize::MAX,
+            Limit::At(n) => usize::try_from(n).unwrap_or(usize::MAX),
+        }
+    }
+
+    fn bytes(self) -> u64 {
+        match self {
+            Limit::Unlimited => u64::MAX,
+            Limit::At(n) => n,
+        }
+    }
+
+    /// Seconds, capped at what the relay protocol can say (u32 seconds).
+    fn secs(self) -> Duration {
+        Duration::from_secs(match self {
+            Limit::Unlimited => u64::from(u32::MAX),
+            Limit::At(n) => n.min(u64::from(u32::MAX)),
+        })
+    }
+}
+
+impl Serialize for Limit {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Limit::Unlimited => s.serialize_str("unlimited"),
+            Limit::At(n) => s.serialize_u64(*n),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Limit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Word(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(Limit::At(n)),
+            Raw::Word(w) if w == "unlimited" => Ok(Limit::Unlimited),
+            Raw::Word(w) => Err(serde::de::Error::custom(format!("expected a number or \"unlimited\", got {w:?}"))),
+        }
+    }
+}
+
+/// What a volunteer relay lets others use (`[relay_limits]` in the config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayLimits {
+    /// Reservations held at once, all peers together. Default: 128.
+    pub max_reservations: Limit,
+    /// Reservations one peer holds at once (one per connection). Default: 2.
+    pub max_reservations_per_peer: Limit,
+    /// Peers from one IP address holding reservations at once. Default: 8.
+    pub max_reservations_per_ip: Limit,
+    /// How long a reservation lasts before the peer must renew it, seconds. Default: 3600.
+    pub reservation_duration_secs: u64,
+    /// Circuits relayed at once. Default: 64.
+    pub max_circuits: Limit,
+    /// Circuits one peer takes part in at once, as source or destination. Default: 8.
+    pub max_circuits_per_peer: Limit,
+    /// A circuit is cut after this many seconds. Default: 3600.
+    pub max_circuit_duration_secs: Limit,
+    /// A circuit is cut after carrying this many bytes. Default: 1 GiB.
+    pub max_circuit_bytes: Limit,
+    /// New circuits one source peer may open per minute. Default: 60.
+    pub circuits_per_peer_per_minute: Limit,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        Self {
+            max_reservations: Limit::At(128),
+            max_reservations_per_peer: Limit::At(2),
+            max_reservations_per_ip: Limit::At(8),
+            reservation_duration_secs: 3600,
+            max_circuits: Limit::At(64),
+            max_circuits_per_peer: Limit::At(8),
+            max_circuit_duration_secs: Limit::At(3600),
+            max_circuit_bytes: Limit::At(1 << 30),
+            circuits_per_peer_per_minute: Limit::At(60),
+        }
+    }
+}
+
+impl RelayLimits {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.reservation_duration_secs == 0 || self.reservation_duration_secs > u64::from(u32::MAX) {
+            return Err("relay_limits.reservation_duration_secs must be between 1 and 4294967295".into());
+        }
+        if self.max_circuit_duration_secs == Limit::At(0) {
+            return Err("relay_limits.max_circuit_duration_secs must be at least 1 (or \"unlimited\")".into());
+        }
+        Ok(())
+    }
+
+    /// The libp2p relay configuration these limits stand for.
+    pub fn to_libp2p(&self) -> relay::Config {
+        let lifetime = Duration::from_secs(self.reservation_duration_secs);
+        let per_peer = self.max_reservations_per_peer.count();
+        let mut reservation_limiters: Vec<Box<dyn relay::RateLimiter>> =
+            vec![Box::new(PerIpReservations::new(self.max_reservations_per_ip.count(), lifetime))];
+        if per_peer == 0 {
+            reservation_limiters.push(Box::new(deny_all));
+        }
+        let mut config = relay::Config {
+            max_reservations: self.max_reservations.count(),
+            // libp2p denies a new reservation when the peer already holds *more than* this many,
+            // so it allows one extra: pass one less to enforce the configured number.
+            max_reservations_per_peer: per_peer.saturating_sub(1),
+            reservation_duration: lifetime,
+            reservation_rate_limiters: reservation_limiters,
+            max_circuits: self.max_circuits.count(),
+            // Same off-by-one in libp2p's circuit check (`>` rather than `>=`).
+            max_circuits_per_peer: self.max_circuits_per_peer.count().saturating_sub(1),
+            max_circuit_duration: self.max_circuit_duration_secs.secs(),
+            max_circuit_bytes: self.max_circuit_bytes.bytes(),
+            circuit_src_rate_limiters: Vec::new(),
+        };
+        if self.max_circuits_per_peer == Limit::At(0) {
+            config.circuit_src_rate_limiters.push(Box::new(deny_all));
+        }
+        if let Limit::At(n) = self.circuits_per_peer_per_minute {
+            match NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX)) {
+                Some(n) => config = config.circuit_src_per_peer(n, Duration::from_secs(60)),
+                None => config.circuit_src_rate_limiters.push(Box::new(deny_all)),
+            }
+        }
+        config
+    }
+}
+
+fn deny_all(_: PeerId, _: &Multiaddr, _: Instant) -> bool {
+    false
+}
+
+/// Caps how many distinct peers from one IP address hold reservations. libp2p's relay offers
+/// only rate limits per IP; this tracks reservation holders per IP until their reservation would
+/// have expired. Bounded: at most [`PER_IP_TRACKED`] addresses are remembered.
+struct PerIpReservations {
+    max: usize,
+    lifetime: Duration,
+    holders: HashMap<IpAddr, HashMap<PeerId, Instant>>,
+}
+
+const PER_IP_TRACKED: usize = 16_384;
+
+impl PerIpReservations {
+    fn new(max: usize, lifetime: Duration) -> Self {
+        Self { max, lifetime, holders: HashMap::new() }
+    }
+}
+
+impl relay::RateLimiter for PerIpReservations {
+    fn try_next(&mut self, peer: PeerId, addr: &Multiaddr, now: Instant) -> bool {
+        let Some(ip) = ip_of(addr) else { return true };
+        // A renewal arrives a little before expiry; keep a margin so it is not counted twice.
+        let lifetime = self.lifetime + Duration::from_secs(60);
+        if self.holders.len() >= PER_IP_TRACKED {
+            self.holders.retain(|_, peers| {
+                peers.retain(|_, at| now.duration_since(*at) < lifetime);
+                !peers.is_empty()
+            });
+            if self.holders.len() >= PER_IP_TRACKED && !self.holders.contains_key(&ip) {
+                return false;
+            }
+        }
+        let peers = self.holders.entry(ip).or_default();
+        peers.retain(|_, at| now.duration_since(*at) < lifetime);
+        if !peers.contains_key(&peer) && peers.len() >= self.max {
+            return false;
+        }
+        peers.insert(peer, now);
+        true
+    }
+}
+
+fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    })
+}
+
+/// What a relay has served, for `warren status` and metrics.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Peers holding a reservation now.
+    pub reservations: HashMap<PeerId, u32>,
+    /// Circuits open now, by (source, destination).
+    pub circuits: HashMap<(PeerId, PeerId), u32>,
+    pub reservations_accepted: u64,
+    pub reservations_denied: u64,
+    pub circuits_accepted: u64,
+    pub circuits_denied: u64,
+    /// Circuits that ended because of an error or a limit, with the last reason.
+    pub circuits_cut: u64,
+    pub last_denial: Option<String>,
+    pub last_cut: Option<String>,
+}
+
+pub type SharedRelayStats = Arc<Mutex<RelayStats>>;
+
+impl RelayStats {
+    pub fn on_event(&mut self, event: &relay::Event) {
+        use relay::Event as E;
+        match event {
+            E::ReservationReqAccepted { src_peer_id, renewed, .. } => {
+                if !renewed {
+                    *self.reservations.entry(*src_peer_id).or_default() += 1;
+                    self.reservations_accepted += 1;
+                }
+            }
+            E::ReservationReqDenied { src_peer_id, status } => {
+                self.reservations_denied += 1;
+                self.last_denial = Some(format!("reservation from {src_peer_id}: {status:?}"));
+            }
+            E::ReservationClosed { src_peer_id } | E::ReservationTimedOut { src_peer_id } => {
+                if let Some(n) = self.reservations.get_mut(src_peer_id) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.reservations.remove(src_peer_id);
+                    }
+                }
+            }
+            E::CircuitReqDenied { src_peer_id, dst_peer_id, status } => {
+                self.circuits_denied += 1;
+                self.last_denial = Some(format!("circuit {src_peer_id} -> {dst_peer_id}: {status:?}"));
+            }
+            E::CircuitReqAccepted { src_peer_id, dst_peer_id } => {
+                *self.circuits.entry((*src_peer_id, *dst_peer_id)).or_default() += 1;
+                self.circuits_accepted += 1;
+            }
+            E::CircuitClosed { src_peer_id, dst_peer_id, error } => {
+                let key = (*src_peer_id, *dst_peer_id);
+                if let Some(n) = self.circuits.get_mut(&key) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.circuits.remove(&key);
+                    }
+                }
+                if let Some(error) = error {
+                    self.circuits_cut += 1;
+                    self.last_cut = Some(format!("circuit {src_peer_id} -> {dst_peer_id}: {error}"));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Address ranges counted as publicly routable beside the globally routable ones
+/// (`public_ranges` in the config, `--public-ranges`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not an address range; expected CIDR like 203.0.113.0/24 or 2001:db8::/32");
+        let (net, prefix) = s.trim().split_once('/').ok_or_else(bad)?;
+        let net: IpAddr = net.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(Cidr { net, prefix })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.net, self.prefix)
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.net, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_eq(&net.octets(), &ip.octets(), self.prefix),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => prefix_eq(&net.octets(), &ip.octets(), self.prefix),
+            _ => false,
+        }
+    }
+}
+
+fn prefix_eq(a: &[u8], b: &[u8], prefix: u8) -> bool {
+    let full = usize::from(prefix / 8);
+    let rest = prefix % 8;
+    if a[..full] != b[..full] {
+        return false;
+    }
+    rest == 0 || (a[full] ^ b[full]) & (0xffu8 << (8 - rest)) == 0
+}
+
+/// Whether an IP is publicly routable: global (not private, loopback, link-local, documentation,
+/// shared, ...) or inside one of the configured public ranges.
+pub fn is_public_ip(ip: IpAddr, public_ranges: &[Cidr]) -> bool {
+    if public_ranges.iter().any(|r| r.contains(ip)) {
+        return true;
+    }
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || v4.is_multicast()
+                || (o[0] == 100 && (o[1] & 0xc0) == 64) // 100.64.0.0/10, carrier-grade NAT
+                || (o[0] == 198 && (o[1] & 0xfe) == 18) // 198.18.0.0/15, benchmarking
+                || o[0] >= 240)
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00 // unique local
+                || (s[0] & 0xffc0) == 0xfe80 // link local
+                || (s[0] == 0x2001 && s[1] == 0x0db8)) // documentation
+        }
+    }
+}
+
+/// Whether a (direct) multiaddr points at a public IP.
+pub fn is_public_addr(addr: &Multiaddr, public_ranges: &[Cidr]) -> bool {
+    !crate::event_loop::is_relayed(addr) && ip_of(addr).is_some_and(|ip| is_public_ip(ip, public_ranges))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_ranges_match_by_prefix() {
+        let r: Cidr = "203.0.113.0/24".parse().unwrap();
+        assert!(r.contains("203.0.113.77".parse().unwrap()));
+        assert!(!r.contains("203.0.114.1".parse().unwrap()));
+        let r: Cidr = "10.0.0.0/9".parse().unwrap();
+        assert!(r.contains("10.127.0.1".parse().unwrap()));
+        assert!(!r.contains("10.128.0.1".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("banana".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn documentation_ranges_are_public_only_when_configured() {
+        let ip = "198.51.100.4".parse().unwrap();
+        assert!(!is_public_ip(ip, &[]));
+        assert!(is_public_ip(ip, &["198.51.100.0/24".parse().unwrap()]));
+        assert!(is_public_ip("8.8.8.8".parse().unwrap(), &[]));
+        assert!(!is_public_ip("192.168.1.1".parse().unwrap(), &[]));
+        assert!(!is_public_ip("100.64.1.1".parse().unwrap(), &[]));
+    }
+
+    #[test]
+    fn per_ip_reservations_are_capped_and_peers_may_renew() {
+        let mut limiter = PerIpReservations::new(2, Duration::from_secs(3600));
+        let addr: Multiaddr = "/ip4/192.0.2.1/tcp/1".parse().unwrap();
+        let now = Instant::now();
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        use relay::RateLimiter;
+        assert!(limiter.try_next(a, &addr, now));
+        assert!(limiter.try_next(b, &addr, now));
+        assert!(!limiter.try_next(c, &addr, now), "a third peer from the same IP is denied");
+        assert!(limiter.try_next(a, &addr, now), "a holder may renew");
+        let other: Multiaddr = "/ip4/192.0.2.2/tcp/1".parse().unwrap();
+        assert!(limiter.try_next(c, &other, now), "another IP has its own cap");
+    }
+
+    #[test]
+    fn limits_parse_numbers_and_unlimited() {
+        #[derive(Deserialize)]
+        struct T {
+            a: Limit,
+            b: Limit,
+        }
+        let t: T = toml::from_str("a = 5\nb = \"unlimited\"").unwrap();
+        assert_eq!(t.a, Limit::At(5));
+        assert_eq!(t.b, Limit::Unlimited);
+        assert!(toml::from_str::<T>("a = \"lots\"\nb = 1").is_err());
+    }
+}

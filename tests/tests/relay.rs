@@ -1,0 +1,249 @@
+//! Relays between real `warren` processes on loopback: reaching a peer that has no direct
+//! address through a volunteer relay, automatic relay choice, and the relay's limits.
+
+mod common;
+
+use std::time::Duration;
+
+use common::echo::{echo_service, echo_transfer, expose, forward, forward_info};
+use common::{Node, wait_until};
+use serde_json::Value;
+
+/// A volunteer relay that serves without a confirmed public address (loopback), also a DHT
+/// server so others can find each other through it.
+fn relay(extra: &[&str]) -> Node {
+    let mut args = vec!["--relay-force", "--dht-mode", "server"];
+    args.extend(extra);
+    Node::start(&args)
+}
+
+/// A node with no direct listen address, reachable only through `via`.
+fn behind(via: &Node) -> Node {
+    let addr = via.quic_addr();
+    Node::start(&["--no-listen", "--relay-via", &addr, "--bootstrap", &addr, "--auto-relays", "0", "--dht-mode", "client"])
+}
+
+fn reserved_on(node: &Node, relay: &Node) -> bool {
+    node.status()["relayed_through"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|h| h["relay"] == relay.peer_id.as_str() && h["accepted"] == true)
+}
+
+fn connections_to(node: &Node, peer: &str) -> Vec<Value> {
+    let peers = node.json(&["peers"]).unwrap();
+    peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["peer_id"] == peer)
+        .flat_map(|p| p["connections"].as_array().unwrap().clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_with_no_direct_address_is_reached_by_peer_id_through_a_relay() {
+    let r = relay(&[]);
+    let b = behind(&r);
+    let a = behind(&r);
+    wait_until(Duration::from_secs(20), "B's reservation on R", || reserved_on(&b, &r));
+
+    // A knows nothing of B but its PeerId: the DHT (through R) gives B's relayed address, once
+    // B has published it.
+    wait_until(Duration::from_secs(10), "A finds B's relayed address in the DHT", || a.finds(&b.peer_id));
+    let ping = a.json(&["ping", &b.peer_id, "--count", "2"]).expect("A pings B by PeerId alone");
+    assert_eq!(ping["rtts_ms"].as_array().unwrap().len(), 2);
+
+    expose(&b, "echo", &echo_service().await.to_string(), &[&a.peer_id]);
+    let bind = forward(&a, &format!("{}/echo", b.peer_id));
+    let (sent, echoed) = echo_transfer(bind, 10 * 1024 * 1024, 3).await;
+    assert_eq!(sent, echoed, "10 MB through the relay, SHA-256 equal");
+
+    let conns = connections_to(&a, &b.peer_id);
+    assert!(!conns.is_empty(), "A is connected to B");
+    assert!(conns.iter().all(|c| c["path"] == "relayed"), "{conns:?}");
+    assert_eq!(forward_info(&a, bind)["path"], "relayed");
+    let status = r.status();
+    assert!(status["relay"]["circuits_accepted"].as_u64().unwrap() >= 1, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_circuit_cut_by_the_relay_byte_limit_is_reported_and_a_new_one_carries_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, "[relay_limits]\nmax_circuit_bytes = 1048576\n").unwrap();
+    let r = relay(&["--config", config.to_str().unwrap()]);
+    let b = behind(&r);
+    let a = behind(&r);
+    wait_until(Duration::from_secs(20), "B's reservation on R", || reserved_on(&b, &r));
+    wait_until(Duration::from_secs(10), "A finds B's relayed address in the DHT", || a.finds(&b.peer_id));
+    expose(&b, "echo", &echo_service().await.to_string(), &[&a.peer_id]);
+    let bind = forward(&a, &format!("{}/echo", b.peer_id));
+
+    // 4 MiB each way cannot fit in a 1 MiB circuit: the connection is cut, as a reset.
+    let cut = tokio::spawn(echo_transfer(bind, 4 * 1024 * 1024, 1));
+    assert!(cut.await.is_err(), "the transfer over the limit fails rather than completing");
+    wait_until(Duration::from_secs(10), "the cut in `warren forwards`", || {
+        forward_info(&a, bind)["last_error"].as_str().is_some_and(|e| e.contains("cut (relayed path)"))
+    });
+    wait_until(Duration::from_secs(10), "the relay's record of the cut", || {
+        r.status()["relay"]["circuits_cut"].as_u64().unwrap() >= 1
+    });
+
+    // A new connection gets a new circuit.
+    let (sent, echoed) = echo_transfer(bind, 100 * 1024, 2).await;
+    assert_eq!(sent, echoed);
+    assert!(r.status()["relay"]["circuits_accepted"].as_u64().unwrap() >= 2);
+}
+
+#[test]
+fn automatic_relay_use_holds_two_reservations_and_replaces_a_lost_relay() {
+    let mut relays: Vec<Node> = (0..3).map(|_| relay(&["--public-ranges", "127.0.0.0/8"])).collect();
+    let mut args = vec!["--no-listen", "--dht-mode", "client", "--public-ranges", "127.0.0.0/8"];
+    let addrs: Vec<String> = relays.iter().map(|r| r.quic_addr()).collect();
+    for addr in &addrs {
+        args.extend(["--bootstrap", addr]);
+    }
+    let b = Node::start(&args);
+    let held = |b: &Node| -> Vec<String> {
+        b.status()["relayed_through"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h["accepted"] == true)
+            .map(|h| h["relay"].as_str().unwrap().to_string())
+            .collect()
+    };
+    wait_until(Duration::from_secs(20), "two reservations", || held(&b).len() == 2);
+    // Stays at two: the default target.
+    let before = held(&b);
+    assert_eq!(before.len(), 2);
+
+    let lost = relays.iter().position(|r| before.contains(&r.peer_id)).unwrap();
+    let spare = relays.iter().find(|r| !before.contains(&r.peer_id)).unwrap().peer_id.clone();
+    relays[lost].kill9();
+    let killed_at = std::time::Instant::now();
+    // A killed relay sends nothing: it is noticed by QUIC's idle timeout (10 s) at the latest.
+    wait_until(Duration::from_secs(25), "a reservation on the third relay", || {
+        let now = held(&b);
+        now.len() == 2 && now.contains(&spare)
+    });
+    eprintln!("replaced a lost relay in {:?}", killed_at.elapsed());
+}
+
+#[test]
+fn relay_limits_deny_with_the_relay_status_code_and_serve_allowed_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        "[relay_limits]\nmax_reservations_per_ip = 2\nmax_circuits_per_peer = 1\n",
+    )
+    .unwrap();
+    let r = relay(&["--config", config.to_str().unwrap()]);
+    let b = behind(&r);
+    let c = behind(&r);
+    wait_until(Duration::from_secs(20), "B and C reserved", || reserved_on(&b, &r) && reserved_on(&c, &r));
+    // A third peer from the same IP is over the per-IP cap: denied with RESOURCE_LIMIT_EXCEEDED.
+    let d = behind(&r);
+    wait_until(Duration::from_secs(20), "D's reservation denied", || {
+        d.status()["relay_last_error"].as_str().is_some_and(|e| e.contains("resource limit exceeded"))
+    });
+    let status = r.status();
+    assert!(status["relay"]["reservations_denied"].as_u64().unwrap() >= 1, "{status}");
+    assert!(status["relay"]["last_denial"].as_str().unwrap().contains("ResourceLimitExceeded"), "{status}");
+
+    // A (no direct address either, so no hole punching replaces the circuit) opens one circuit
+    // to B; a second circuit from A (to C) is over the per-peer circuit cap.
+    let a = Node::start(&["--no-listen", "--bootstrap", &r.quic_addr(), "--auto-relays", "0", "--dht-mode", "client"]);
+    wait_until(Duration::from_secs(10), "A finds B and C", || a.finds(&b.peer_id) && a.finds(&c.peer_id));
+    assert!(a.json(&["ping", &b.peer_id, "--count", "1"]).is_some(), "A reaches B through R");
+    let refused = a.cli(&["ping", &c.peer_id, "--count", "1"]);
+    assert!(!refused.status.success(), "a second circuit from A is over the cap");
+    let status = r.status();
+    assert!(status["relay"]["circuits_denied"].as_u64().unwrap() >= 1, "{status}");
+    assert!(status["relay"]["last_denial"].as_str().unwrap().contains("ResourceLimitExceeded"), "{status}");
+    // B, allowed, still gets served: its reservation holds and it can be reached.
+    assert!(reserved_on(&b, &r));
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// One throwaway identity asking the relay for a reservation: whether it got one, and the swarm
+/// (kept alive by the caller so a granted reservation keeps counting).
+async fn try_reservation(relay: libp2p::Multiaddr) -> (bool, impl Send) {
+    use futures::StreamExt;
+    use libp2p::swarm::SwarmEvent;
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_quic()
+        .with_relay_client(libp2p::noise::Config::new, libp2p::yamux::Config::default)
+        .unwrap()
+        .with_behaviour(|_, relay| relay)
+        .unwrap()
+        .build();
+    swarm.listen_on(relay.with(libp2p::multiaddr::Protocol::P2pCircuit)).unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::NewListenAddr { .. } => return true,
+                SwarmEvent::ListenerClosed { .. } => return false,
+                _ => {}
+            }
+        }
+    });
+    (outcome.await.unwrap_or(false), swarm)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_of_reservations_leaves_the_relay_bounded_and_allowed_peers_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    // Every flooder comes from 127.0.0.1: lift the per-IP cap so the total cap is what holds.
+    // Connections are capped too (each costs memory whatever it asks for).
+    std::fs::write(
+        &config,
+        "max_incoming_connections = 160\n[relay_limits]\nmax_reservations = 64\nmax_reservations_per_ip = \"unlimited\"\n",
+    )
+    .unwrap();
+    let r = relay(&["--config", config.to_str().unwrap()]);
+    let b = behind(&r);
+    wait_until(Duration::from_secs(20), "B's reservation on R", || reserved_on(&b, &r));
+    // A is connected to R before the flood (a flood may fill the connection cap).
+    let a = Node::start(&["--no-listen", "--bootstrap", &r.quic_addr(), "--auto-relays", "0", "--dht-mode", "client"]);
+    wait_until(Duration::from_secs(10), "A finds B", || a.finds(&b.peer_id));
+    let before = rss_kib(r.pid());
+
+    let relay_addr: libp2p::Multiaddr = r.quic_addr().parse().unwrap();
+    let mut granted = 0;
+    let mut flooders = Vec::new();
+    for wave in 0..4 {
+        let attempts: Vec<_> = (0..100).map(|_| tokio::spawn(try_reservation(relay_addr.clone()))).collect();
+        for attempt in attempts {
+            let (ok, swarm) = attempt.await.unwrap();
+            granted += usize::from(ok);
+            flooders.push(swarm);
+        }
+        eprintln!("after wave {wave}: {granted} granted, relay RSS {} KiB", rss_kib(r.pid()));
+    }
+    let status = r.status();
+    let relay = &status["relay"];
+    eprintln!("relay after 400 reservation attempts: {relay}");
+    assert!(granted <= 63, "at most the total cap (64, B holds one) is granted: {granted}");
+    // Flooders beyond the connection cap are refused before they can even ask.
+    assert!(relay["reservations"].as_u64().unwrap() <= 64, "{relay}");
+    let after = rss_kib(r.pid());
+    // 160 connections at a few hundred KiB each, whatever the flood does.
+    assert!(after < before + 96 * 1024, "relay memory bounded: {before} KiB -> {after} KiB");
+
+    // B, allowed and reserved before the flood, is still reachable through R, flood ongoing.
+    assert!(reserved_on(&b, &r));
+    assert!(a.json(&["ping", &b.peer_id, "--count", "1"]).is_some(), "A reaches B through R during the flood");
+    drop(flooders);
+}
