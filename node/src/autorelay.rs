@@ -140,7 +140,8 @@ impl AutoRelay {
 
     /// Decides which reservations to add or drop. `wanted` is false while the node is publicly
     /// reachable (pinned relays are kept regardless).
-    pub fn tick(&mut self, wanted: bool, connected: impl Fn(&PeerId) -> bool) -> Actions {
+    /// `can_look_up`: whether the DHT can be asked now (it has peers).
+    pub fn tick(&mut self, wanted: bool, can_look_up: bool, connected: impl Fn(&PeerId) -> bool) -> Actions {
         let now = Instant::now();
         self.retry_after.retain(|_, until| *until > now);
         let mut actions = Actions { reserve: Vec::new(), release: Vec::new(), lookup: false, dial: Vec::new() };
@@ -186,7 +187,7 @@ impl AutoRelay {
             }
             missing -= 1;
         }
-        if missing > 0 && self.last_lookup.is_none_or(|at| now.duration_since(at) >= LOOKUP_EVERY) {
+        if missing > 0 && can_look_up && self.last_lookup.is_none_or(|at| now.duration_since(at) >= LOOKUP_EVERY) {
             self.last_lookup = Some(now);
             actions.lookup = true;
         }
@@ -230,7 +231,7 @@ mod tests {
         for (i, r) in relays.iter().enumerate() {
             auto.on_identify(*r, vec![addr(4000 + i as u16)]);
         }
-        let actions = auto.tick(true, |_| true);
+        let actions = auto.tick(true, true, |_| true);
         assert_eq!(actions.reserve.len(), 2);
         let mut ids = Vec::new();
         for (i, (peer, addr, pinned)) in actions.reserve.into_iter().enumerate() {
@@ -239,16 +240,16 @@ mod tests {
             auto.on_listening(id);
             ids.push((id, i));
         }
-        assert!(auto.tick(true, |_| true).reserve.is_empty(), "two held: nothing more to do");
+        assert!(auto.tick(true, true, |_| true).reserve.is_empty(), "two held: nothing more to do");
         // Lose one: the third relay is chosen, not the lost one.
         let (lost_id, _) = ids[0];
         let lost = auto.held.get(&lost_id).unwrap().relay;
         auto.on_listener_closed(lost_id, Err("connection closed".into()));
-        let actions = auto.tick(true, |_| true);
+        let actions = auto.tick(true, true, |_| true);
         assert_eq!(actions.reserve.len(), 1);
         assert_ne!(actions.reserve[0].0, lost);
         // Publicly reachable: automatic reservations are released.
-        let actions = auto.tick(false, |_| true);
+        let actions = auto.tick(false, true, |_| true);
         assert_eq!(actions.release.len(), 1);
     }
 
@@ -257,11 +258,11 @@ mod tests {
         let relay = PeerId::random();
         let via = addr(4001).with(Protocol::P2p(relay));
         let mut auto = AutoRelay::new(0, std::slice::from_ref(&via));
-        let actions = auto.tick(false, |_| false);
+        let actions = auto.tick(false, true, |_| false);
         assert_eq!(actions.dial, vec![(relay, via.clone())], "dialed first");
         assert!(actions.reserve.is_empty());
         auto.retry_after.clear();
-        let actions = auto.tick(false, |_| true);
+        let actions = auto.tick(false, true, |_| true);
         assert_eq!(actions.reserve, vec![(relay, addr(4001), true)], "reserved once connected");
     }
 }

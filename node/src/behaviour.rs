@@ -105,7 +105,11 @@ pub fn build_swarm(keypair: Keypair, config: &Config) -> Result<Built, BuildErro
             kad.set_mode(match dht_mode {
                 DhtMode::Server => Some(kad::Mode::Server),
                 DhtMode::Client => Some(kad::Mode::Client),
-                DhtMode::Auto => None,
+                // Not libp2p's own auto mode: it turns server on for any confirmed external
+                // address, a relayed one included, which puts NATed nodes into everyone's routing
+                // table with addresses nobody can dial. The event loop switches to server when
+                // AutoNAT finds a public direct address.
+                DhtMode::Auto => Some(kad::Mode::Client),
             });
             let mdns = if mdns_on {
                 Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)

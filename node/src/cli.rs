@@ -176,6 +176,10 @@ pub struct NodeArgs {
     /// Address ranges to treat as publicly routable besides global ones, e.g. 203.0.113.0/24,10.0.0.0/8
     #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
     pub public_ranges: Vec<String>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9464 (unauthenticated)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl NodeArgs {
@@ -192,6 +196,7 @@ impl NodeArgs {
             relay_via: self.relay_via.clone(),
             auto_relays: self.auto_relays,
             public_ranges: self.public_ranges.clone(),
+            metrics: self.metrics,
         }
     }
 

@@ -84,6 +84,9 @@ pub struct Config {
     /// reachable peers that offer the relay hop protocol; 0 turns automatic relay use off.
     /// Default: 2, so losing one relay never leaves the node unreachable.
     pub auto_relays: usize,
+    /// Serve Prometheus metrics on this address (`/metrics`), e.g. "127.0.0.1:9464". Default:
+    /// off. Unauthenticated: keep it on loopback or a private network.
+    pub metrics: Option<std::net::SocketAddr>,
     /// Address ranges (CIDR) counted as publicly routable besides globally routable addresses:
     /// enterprise address plans, labs on documentation ranges. Default: none.
     pub public_ranges: Vec<String>,
@@ -111,6 +114,7 @@ impl Default for Config {
             relay_via: Vec::new(),
             auto_relays: 2,
             public_ranges: Vec::new(),
+            metrics: None,
         }
     }
 }
@@ -141,6 +145,7 @@ pub struct Overrides {
     pub relay_via: Vec<Multiaddr>,
     pub auto_relays: Option<usize>,
     pub public_ranges: Vec<String>,
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -185,6 +190,9 @@ impl Config {
             config.auto_relays = n;
         }
         config.public_ranges.extend(overrides.public_ranges);
+        if overrides.metrics.is_some() {
+            config.metrics = overrides.metrics;
+        }
         config.validate()?;
         Ok(config)
     }

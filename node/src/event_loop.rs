@@ -488,6 +488,13 @@ impl EventLoop {
             BehaviourEvent::Kad(event) => self.on_kad_event(event),
             BehaviourEvent::Autonat(autonat::Event::StatusChanged { old, new }) => {
                 tracing::info!(from = ?old, to = ?new, "reachability changed");
+                if self.config.dht_mode == DhtMode::Auto {
+                    let mode = match new {
+                        autonat::NatStatus::Public(_) => kad::Mode::Server,
+                        _ => kad::Mode::Client,
+                    };
+                    self.swarm.behaviour_mut().kad.set_mode(Some(mode));
+                }
             }
             BehaviourEvent::Relay(event) => self.on_relay_event(event),
             BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted { relay_peer_id, renewal, .. }) => {
@@ -506,7 +513,11 @@ impl EventLoop {
         let speaks_dht = protocols.iter().any(|p| *p == self.config.kad_protocol);
         let usable: Vec<Multiaddr> = info.listen_addrs.into_iter().filter(is_dialable).collect();
         if speaks_dht {
-            for addr in &usable {
+            // A DHT server with public addresses is given to Kademlia with those only: its LAN
+            // addresses would only make every lookup by others wait on dials that cannot work.
+            let public: Vec<&Multiaddr> = usable.iter().filter(|a| is_public_addr(a, &self.public_ranges)).collect();
+            let for_dht: Vec<&Multiaddr> = if public.is_empty() { usable.iter().collect() } else { public };
+            for addr in for_dht {
                 self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
             }
         }
@@ -565,8 +576,9 @@ impl EventLoop {
     /// Adds or drops relay reservations as reachability and candidates change.
     fn manage_relays(&mut self) {
         let public = matches!(self.swarm.behaviour().autonat.nat_status(), autonat::NatStatus::Public(_));
+        let can_look_up = self.routing_table_size() > 0;
         let swarm = &self.swarm;
-        let actions = self.autorelay.tick(!public, |peer| swarm.is_connected(peer));
+        let actions = self.autorelay.tick(!public, can_look_up, |peer| swarm.is_connected(peer));
         for (relay, addr) in actions.dial {
             let _ = self.swarm.dial(DialOpts::peer_id(relay).addresses(vec![addr]).build());
         }
@@ -583,7 +595,7 @@ impl EventLoop {
             tracing::info!("publicly reachable: releasing an automatic relay reservation");
             self.swarm.remove_listener(id);
         }
-        if actions.lookup && self.routing_table_size() > 0 {
+        if actions.lookup {
             let id = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&RELAYS_KEY));
             self.relay_lookups.insert(id);
         }

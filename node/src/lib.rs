@@ -8,6 +8,9 @@
 //! - [`event_loop`]: the one task that owns the swarm, driven through a [`event_loop::NodeHandle`].
 //! - [`store`] and [`peer_record`]: identity and peer store in sled.
 //! - [`forward`]: port forwarding over `/warren/forward/1.0.0` streams (expose and forward).
+//! - [`relay`]: serving circuit relay v2 within operator limits; what counts as a public address.
+//! - [`autorelay`]: choosing relays and holding reservations while not publicly reachable.
+//! - [`metrics`]: Prometheus text on `--metrics ADDR`.
 //! - [`control`]: the local HTTP+JSON API on a Unix socket, server and client.
 //! - [`output`]: text rendering for people.
 
@@ -19,6 +22,7 @@ pub mod control;
 pub mod error;
 pub mod event_loop;
 pub mod forward;
+pub mod metrics;
 pub mod node;
 pub mod output;
 pub mod peer_record;

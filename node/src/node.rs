@@ -61,6 +61,12 @@ pub async fn up(data_dir: &Path, config: Config) -> Result<(), UserError> {
             tracing::info!("no direct listen address: reachable only through relays");
         }
     }
+    let metrics = match config.metrics {
+        Some(addr) => Some(crate::metrics::bind(addr).await.map_err(|e| {
+            UserError::bad_input(format!("cannot serve metrics on {addr}: {e}; pass another --metrics address"))
+        })?),
+        None => None,
+    };
     let (listener, socket_path) = server::bind(data_dir).await?;
     println!("warren node {peer_id}");
     println!("data dir {}", data_dir.display());
@@ -73,10 +79,14 @@ pub async fn up(data_dir: &Path, config: Config) -> Result<(), UserError> {
     let forwarding = Forwarding::new(handle.clone(), built.opener, udp_idle, store.tree("forwarding")?);
     forwarding.restore(&exposes, &forwards).await.map_err(UserError::bad_input)?;
     let serving = tokio::spawn(crate::forward::serve::run(forwarding.clone(), built.inbound));
+    let metrics = metrics.map(|l| tokio::spawn(crate::metrics::serve(l, handle.clone(), forwarding.clone())));
     let control = tokio::spawn(server::serve(listener, handle, forwarding));
     event_loop.run(shutdown_signal()).await;
     control.abort();
     serving.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     let _ = std::fs::remove_file(&socket_path);
     drop(store);
     Ok(())

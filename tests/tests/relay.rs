@@ -42,9 +42,36 @@ fn connections_to(node: &Node, peer: &str) -> Vec<Value> {
         .collect()
 }
 
+/// A free loopback port (bound and released: another process could take it in between, which
+/// on a test machine does not happen in practice).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// GET /metrics from a node's `--metrics` address.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint answers");
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}
+
+/// The value of one sample line (`name{labels} value`) in Prometheus text.
+fn sample(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {line_start} in:\n{text}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_peer_with_no_direct_address_is_reached_by_peer_id_through_a_relay() {
-    let r = relay(&[]);
+    let metrics_port = free_port();
+    let r = relay(&["--metrics", &format!("127.0.0.1:{metrics_port}")]);
     let b = behind(&r);
     let a = behind(&r);
     wait_until(Duration::from_secs(20), "B's reservation on R", || reserved_on(&b, &r));
@@ -66,6 +93,9 @@ async fn a_peer_with_no_direct_address_is_reached_by_peer_id_through_a_relay() {
     assert_eq!(forward_info(&a, bind)["path"], "relayed");
     let status = r.status();
     assert!(status["relay"]["circuits_accepted"].as_u64().unwrap() >= 1, "{status}");
+    let metrics = scrape(metrics_port);
+    assert!(sample(&metrics, "warren_relay_circuit_requests_total{outcome=\"accepted\"}") >= 1.0);
+    assert!(sample(&metrics, "warren_relay_reservations ") >= 2.0, "A and B hold reservations");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

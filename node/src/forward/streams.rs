@@ -84,11 +84,14 @@ impl NetworkBehaviour for Behaviour {
         &mut self,
         connection: ConnectionId,
         peer: PeerId,
-        _local: &Multiaddr,
+        local: &Multiaddr,
         remote: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.add_connection(peer, connection, remote);
-        Ok(self.handler(peer, remote))
+        // An inbound relayed connection shows the circuit in its local address (the relay
+        // listener it arrived on); its remote address is just the peer's id.
+        let addr = if is_relayed(local) { local } else { remote };
+        self.add_connection(peer, connection, addr);
+        Ok(self.handler(peer, addr))
     }
 
     fn handle_established_outbound_connection(

@@ -1,0 +1,419 @@
+//! natlab: a NAT laboratory in Linux network namespaces, with the kernel's own NAT, real
+//! `warren` binaries, and a connectivity matrix as its result.
+//!
+//! # Layout
+//! - `sys`   — TUN devices, entering namespaces, signals (the only unsafe code).
+//! - `wire`  — the lab's internet: a userspace switch between TUN devices with one-way latency.
+//! - `topo`  — namespaces, veths, NAT routers (nftables masquerade), site kinds.
+//! - `nodes` — warren processes, the echo service, the checked transfer.
+//! - this file — one cell of the matrix, the whole matrix, and its reports (Markdown, JSON, SVG).
+//!
+//! # One cell
+//! A bootstrap node and a volunteer relay sit on the wire. For a pair of sites (A, B), fresh
+//! nodes start in both, knowing only the bootstrap node; B exposes an echo service to A; A
+//! finds B by PeerId (DHT), forwards a local port to it, and the lab records: did A reach B, did
+//! the connection become direct (and over which transport, how long after the first relayed
+//! contact), and did 10 MB through the forward come back intact, over which path.
+
+pub mod nodes;
+pub mod sys;
+pub mod topo;
+pub mod wire;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use nodes::{Echo, Node, transfer, wait_for};
+use topo::{Host, Lab, PUBLIC_RANGE, Site, SiteKind};
+
+/// Port the core nodes listen on.
+const CORE_PORT: u16 = 4001;
+/// How long A may take to find B in the DHT.
+const FIND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long after first contact a direct connection may take to appear.
+const DIRECT_WAIT: Duration = Duration::from_secs(10);
+/// The checked transfer through the forward.
+const TRANSFER_BYTES: usize = 10 * 1024 * 1024;
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Which transports the nodes of a cell use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transports {
+    /// QUIC and TCP (the default: QUIC is preferred).
+    Both,
+    /// TCP only (UDP disabled on the nodes).
+    Tcp,
+}
+
+/// One cell to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pair {
+    pub a: SiteKind,
+    pub b: SiteKind,
+    pub transports: Transports,
+}
+
+impl std::str::FromStr for Pair {
+    type Err = String;
+    /// `A:B` or `A:B:tcp`, kinds by name (`eim:symmetric`, `same-lan:same-lan`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        use clap::ValueEnum;
+        let parts: Vec<&str> = s.split(':').collect();
+        let kind = |p: &str| SiteKind::from_str(p, true).map_err(|_| format!("unknown site kind {p:?} in {s:?}"));
+        match parts.as_slice() {
+            [a, b] => Ok(Pair { a: kind(a)?, b: kind(b)?, transports: Transports::Both }),
+            [a, b, "tcp"] => Ok(Pair { a: kind(a)?, b: kind(b)?, transports: Transports::Tcp }),
+            _ => Err(format!("{s:?}: expected A:B or A:B:tcp, e.g. eim:symmetric")),
+        }
+    }
+}
+
+/// The full matrix: every unordered pair of site kinds, plus two hosts behind one NAT, plus
+/// EIM × EIM and UDP-blocked × EIM with TCP only.
+pub fn full_matrix() -> Vec<Pair> {
+    let kinds = SiteKind::all();
+    let mut pairs = Vec::new();
+    for (i, a) in kinds.iter().enumerate() {
+        for b in &kinds[i..] {
+            pairs.push(Pair { a: *a, b: *b, transports: Transports::Both });
+        }
+    }
+    pairs.push(Pair { a: SiteKind::SameLan, b: SiteKind::SameLan, transports: Transports::Both });
+    pairs.push(Pair { a: SiteKind::Eim, b: SiteKind::Eim, transports: Transports::Tcp });
+    pairs.push(Pair { a: SiteKind::UdpBlocked, b: SiteKind::Eim, transports: Transports::Tcp });
+    pairs
+}
+
+/// What one cell measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cell {
+    pub a: SiteKind,
+    pub b: SiteKind,
+    pub transports: Transports,
+    /// A reached B by PeerId (a byte went through the forward and back).
+    pub reached: bool,
+    /// A direct connection between A and B appeared within the wait.
+    pub direct: bool,
+    pub direct_transport: Option<String>,
+    /// From the first relayed contact to the direct connection (warren's own figure for a
+    /// punched connection), else from the forward's first connection.
+    pub direct_after_ms: Option<f64>,
+    /// `hole punch` when warren reported a punched connection.
+    pub direct_by: Option<String>,
+    /// 10 MB through the forward came back intact.
+    pub transfer_ok: bool,
+    /// The path the forward reported for that transfer.
+    pub transfer_path: Option<String>,
+    pub transfer_mib_s: Option<f64>,
+    pub seconds: f64,
+    pub error: Option<String>,
+}
+
+pub struct Options {
+    pub warren: PathBuf,
+    pub latency: Duration,
+    pub pairs: Vec<Pair>,
+    /// Where node data dirs and logs go.
+    pub work_dir: PathBuf,
+    pub keep_logs: bool,
+}
+
+/// The lab's fixed part: the wire, the bootstrap node and the relay.
+struct Core {
+    bootstrap: Node,
+    boot_host: Host,
+    relay: Node,
+    relay_host: Host,
+}
+
+impl Core {
+    fn addrs(host: &Host, node: &Node, transports: Transports) -> Vec<String> {
+        let tcp = format!("/ip4/{}/tcp/{CORE_PORT}/p2p/{}", host.addr, node.peer_id);
+        let quic = format!("/ip4/{}/udp/{CORE_PORT}/quic-v1/p2p/{}", host.addr, node.peer_id);
+        match transports {
+            Transports::Both => vec![quic, tcp],
+            Transports::Tcp => vec![tcp],
+        }
+    }
+}
+
+fn listen_args(host: &Host, port: u16, transports: Transports) -> Vec<String> {
+    let mut args = vec!["--listen".into(), format!("/ip4/{}/tcp/{port}", host.addr)];
+    if transports == Transports::Both {
+        args.extend(["--listen".into(), format!("/ip4/{}/udp/{port}/quic-v1", host.addr)]);
+    }
+    args
+}
+
+fn start_core(lab: &mut Lab, opts: &Options) -> Result<Core, String> {
+    let boot_host = lab.public_host("boot")?;
+    let relay_host = lab.public_host("relay")?;
+    let mut args = listen_args(&boot_host, CORE_PORT, Transports::Both);
+    args.extend(["--dht-mode", "server", "--no-mdns", "--public-ranges", PUBLIC_RANGE].map(String::from));
+    let bootstrap = Node::start(&opts.warren, &boot_host.ns, &opts.work_dir.join("bootstrap"), &args)?;
+    let mut args = listen_args(&relay_host, CORE_PORT, Transports::Both);
+    args.extend(["--relay-force", "--dht-mode", "server", "--no-mdns", "--public-ranges", PUBLIC_RANGE].map(String::from));
+    for addr in Core::addrs(&boot_host, &bootstrap, Transports::Both) {
+        args.extend(["--bootstrap".into(), addr]);
+    }
+    let relay = Node::start(&opts.warren, &relay_host.ns, &opts.work_dir.join("relay"), &args)?;
+    Ok(Core { bootstrap, boot_host, relay, relay_host })
+}
+
+/// Two sites of every kind a run needs (so A and B never share a NAT, except `same-lan`).
+fn build_sites(lab: &mut Lab, pairs: &[Pair]) -> Result<Vec<(SiteKind, Vec<Site>)>, String> {
+    let mut sites: Vec<(SiteKind, Vec<Site>)> = Vec::new();
+    for pair in pairs {
+        for kind in [pair.a, pair.b] {
+            if sites.iter().any(|(k, _)| *k == kind) {
+                continue;
+            }
+            let count = if kind == SiteKind::SameLan { 1 } else { 2 };
+            let built = (0..count).map(|_| lab.site(kind)).collect::<Result<Vec<_>, _>>()?;
+            sites.push((kind, built));
+        }
+    }
+    Ok(sites)
+}
+
+/// Runs the pairs; the lab is built first and removed at the end, also on errors.
+pub fn run(opts: &Options, mut progress: impl FnMut(&Cell)) -> Result<Vec<Cell>, String> {
+    topo::cleanup_stale(false);
+    std::fs::create_dir_all(&opts.work_dir).map_err(|e| format!("{}: {e}", opts.work_dir.display()))?;
+    let mut lab = Lab::new(opts.latency)?;
+    let sites = build_sites(&mut lab, &opts.pairs)?;
+    let core = start_core(&mut lab, opts)?;
+    let mut cells = Vec::new();
+    for (i, pair) in opts.pairs.iter().enumerate() {
+        let of = |kind| &sites.iter().find(|(k, _)| *k == kind).expect("built above").1;
+        let (a_host, b_host) = if pair.a == SiteKind::SameLan && pair.b == SiteKind::SameLan {
+            let site = &of(SiteKind::SameLan)[0];
+            (site.hosts[0].clone(), site.hosts[1].clone())
+        } else {
+            (of(pair.a)[0].hosts[0].clone(), of(pair.b)[1 % of(pair.b).len()].hosts[0].clone())
+        };
+        // Fresh ports per cell: no conntrack entry of an earlier cell can help or hurt.
+        let port = 5000 + 2 * i as u16;
+        let dir = opts.work_dir.join(format!("cell{i:02}-{}-{}", pair.a.name(), pair.b.name()));
+        let started = Instant::now();
+        let mut cell = Cell {
+            a: pair.a,
+            b: pair.b,
+            transports: pair.transports,
+            reached: false,
+            direct: false,
+            direct_transport: None,
+            direct_after_ms: None,
+            direct_by: None,
+            transfer_ok: false,
+            transfer_path: None,
+            transfer_mib_s: None,
+            seconds: 0.0,
+            error: None,
+        };
+        if let Err(e) = run_cell(&core, &a_host, &b_host, port, pair.transports, &dir, opts, &mut cell) {
+            cell.error = Some(e);
+        }
+        cell.seconds = started.elapsed().as_secs_f64();
+        if !opts.keep_logs && cell.error.is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        progress(&cell);
+        cells.push(cell);
+    }
+    drop(core);
+    lab.teardown();
+    Ok(cells)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_cell(
+    core: &Core,
+    a_host: &Host,
+    b_host: &Host,
+    port: u16,
+    transports: Transports,
+    dir: &Path,
+    opts: &Options,
+    cell: &mut Cell,
+) -> Result<(), String> {
+    let node_args = |host: &Host, port: u16| {
+        let mut args = listen_args(host, port, transports);
+        args.extend(["--public-ranges", PUBLIC_RANGE].map(String::from));
+        for addr in Core::addrs(&core.boot_host, &core.bootstrap, transports) {
+            args.extend(["--bootstrap".into(), addr]);
+        }
+        args
+    };
+    let b = Node::start(&opts.warren, &b_host.ns, &dir.join("b"), &node_args(b_host, port + 1))?;
+    let a = Node::start(&opts.warren, &a_host.ns, &dir.join("a"), &node_args(a_host, port))?;
+    let _ = &core.relay_host;
+    let _ = &core.relay;
+
+    // A knows B's PeerId only: the DHT must give an address (B's own, or relayed).
+    wait_for(FIND_TIMEOUT, || {
+        a.json(&["find", &b.peer_id]).filter(|f| f["found"] == true && f["addrs"].as_array().is_some_and(|x| !x.is_empty()))
+    })
+    .ok_or("A never found B in the DHT")?;
+
+    let echo = Echo::start(&b_host.ns)?;
+    b.cli(&["expose", "echo", &format!("127.0.0.1:{}", echo.port), "--allow", &a.peer_id])?;
+    let forward = a.cli(&["forward", "127.0.0.1:0", &format!("{}/echo", b.peer_id)])?;
+    let bind: SocketAddr = forward["bind"].as_str().and_then(|s| s.parse().ok()).ok_or("forward gave no bind address")?;
+
+    let first = Instant::now();
+    transfer(&a_host.ns, bind, 1024, TRANSFER_TIMEOUT).map_err(|e| {
+        let last = forward_info(&a, bind).and_then(|f| f["last_error"].as_str().map(String::from));
+        format!("A could not reach B: {e}; forward says {last:?}")
+    })?;
+    cell.reached = true;
+
+    let direct = wait_for(DIRECT_WAIT, || direct_connection(&a, &b.peer_id));
+    if let Some(conn) = direct {
+        cell.direct = true;
+        cell.direct_transport = conn["transport"].as_str().map(String::from);
+        let punched = conn["punched_after_ms"].as_f64().or_else(|| {
+            direct_connection(&b, &a.peer_id).and_then(|c| c["punched_after_ms"].as_f64())
+        });
+        cell.direct_by = punched.map(|_| "hole punch".to_string());
+        cell.direct_after_ms = punched.or(Some(first.elapsed().as_secs_f64() * 1000.0));
+    }
+
+    match transfer(&a_host.ns, bind, TRANSFER_BYTES, TRANSFER_TIMEOUT) {
+        Ok(took) => {
+            cell.transfer_ok = true;
+            cell.transfer_mib_s = Some(TRANSFER_BYTES as f64 / 1048576.0 / took.as_secs_f64());
+        }
+        Err(e) => cell.error = Some(format!("10 MB transfer: {e}")),
+    }
+    cell.transfer_path = forward_info(&a, bind).and_then(|f| f["path"].as_str().map(String::from));
+    // A direct connection may still appear after the wait (a later punch attempt): record it as
+    // direct, with the time it was seen as an upper bound.
+    if !cell.direct
+        && let Some(conn) = direct_connection(&a, &b.peer_id)
+    {
+        cell.direct = true;
+        cell.direct_transport = conn["transport"].as_str().map(String::from);
+        let punched = conn["punched_after_ms"].as_f64();
+        cell.direct_by = punched.map(|_| "hole punch".to_string());
+        cell.direct_after_ms = punched.or(Some(first.elapsed().as_secs_f64() * 1000.0));
+    }
+    Ok(())
+}
+
+fn forward_info(a: &Node, bind: SocketAddr) -> Option<Value> {
+    a.json(&["forwards"])?.as_array()?.iter().find(|f| f["bind"] == bind.to_string()).cloned()
+}
+
+fn direct_connection(node: &Node, peer: &str) -> Option<Value> {
+    let peers = node.json(&["peers"])?;
+    peers
+        .as_array()?
+        .iter()
+        .filter(|p| p["peer_id"] == peer)
+        .flat_map(|p| p["connections"].as_array().cloned().unwrap_or_default())
+        .find(|c| c["path"] == "direct")
+}
+
+/// The cell as a short phrase: `direct (quic, 0.4 s)`, `relayed`, `FAILED: …`.
+pub fn describe(cell: &Cell) -> String {
+    if !cell.reached {
+        return format!("FAILED: {}", cell.error.as_deref().unwrap_or("unreachable"));
+    }
+    let path = if cell.direct {
+        let how = if cell.direct_by.is_some() { "punched" } else { "direct dial" };
+        format!(
+            "direct, {} {how} in {:.2} s",
+            cell.direct_transport.as_deref().unwrap_or("?"),
+            cell.direct_after_ms.unwrap_or(0.0) / 1000.0
+        )
+    } else {
+        "relayed".to_string()
+    };
+    let transfer = if cell.transfer_ok {
+        format!("10 MB ok via {} ({:.1} MiB/s)", cell.transfer_path.as_deref().unwrap_or("?"), cell.transfer_mib_s.unwrap_or(0.0))
+    } else {
+        format!("10 MB FAILED: {}", cell.error.as_deref().unwrap_or("?"))
+    };
+    format!("{path}; {transfer}")
+}
+
+fn label(pair_a: SiteKind, pair_b: SiteKind, t: Transports) -> String {
+    let tcp = if t == Transports::Tcp { " (TCP only)" } else { "" };
+    format!("{} → {}{tcp}", pair_a.name(), pair_b.name())
+}
+
+/// A Markdown table, one row per cell.
+pub fn markdown(cells: &[Cell], latency: Duration) -> String {
+    let mut out = format!(
+        "| A → B | reached | direct | transport | time to direct | 10 MB through the forward |\n|---|---|---|---|---|---|\n"
+    );
+    for c in cells {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            label(c.a, c.b, c.transports),
+            if c.reached { "yes" } else { "**no**" },
+            if c.direct { if c.direct_by.is_some() { "yes (punched)" } else { "yes" } } else { "no (relayed)" },
+            c.direct_transport.as_deref().unwrap_or("-"),
+            c.direct_after_ms.map(|ms| format!("{:.2} s", ms / 1000.0)).unwrap_or_else(|| "-".into()),
+            if c.transfer_ok {
+                format!("intact via {}, {:.1} MiB/s", c.transfer_path.as_deref().unwrap_or("?"), c.transfer_mib_s.unwrap_or(0.0))
+            } else {
+                format!("**failed**: {}", c.error.as_deref().unwrap_or("?"))
+            },
+        ));
+    }
+    let times: Vec<f64> = cells.iter().filter(|c| c.direct_by.is_some()).filter_map(|c| c.direct_after_ms).collect();
+    if !times.is_empty() {
+        let mut sorted = times.clone();
+        sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        out.push_str(&format!(
+            "\nPunched connections: {}, median time from first relayed contact to direct {:.2} s. One-way latency on the wire: {} ms.\n",
+            sorted.len(),
+            sorted[sorted.len() / 2] / 1000.0,
+            latency.as_millis()
+        ));
+    }
+    out
+}
+
+/// A heat-map of the cells: green direct, amber relayed (forward working), red failed.
+pub fn svg(cells: &[Cell]) -> String {
+    let row_h = 34;
+    let width = 760;
+    let height = 60 + row_h * cells.len();
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"13\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"24\" font-size=\"16\" font-weight=\"bold\">warren connectivity matrix (natlab)</text>\n\
+         <text x=\"10\" y=\"44\" fill=\"#555\">green: direct · amber: relayed, forward works · red: failed</text>\n"
+    );
+    for (i, c) in cells.iter().enumerate() {
+        let y = 56 + row_h * i;
+        let color = if !c.reached || !c.transfer_ok {
+            "#e57373"
+        } else if c.direct {
+            "#81c784"
+        } else {
+            "#ffd54f"
+        };
+        out.push_str(&format!(
+            "<rect x=\"10\" y=\"{y}\" width=\"{}\" height=\"{}\" fill=\"{color}\" rx=\"4\"/>\n",
+            width - 20,
+            row_h - 4
+        ));
+        let text = format!("{}: {}", label(c.a, c.b, c.transports), describe(c));
+        out.push_str(&format!("<text x=\"18\" y=\"{}\">{}</text>\n", y + 20, xml_escape(&text)));
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}

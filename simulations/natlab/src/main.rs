@@ -1,0 +1,100 @@
+//! `natlab`: builds the NAT lab, runs the connectivity matrix, writes the reports. Run as root.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use warren_natlab::{Options, Pair, describe, full_matrix, markdown, svg, topo};
+
+/// A NAT laboratory in network namespaces: real kernel NAT (nftables masquerade), real warren
+/// binaries, one-way latency on a userspace wire. Prints and writes the connectivity matrix.
+#[derive(Parser)]
+#[command(name = "natlab", version)]
+struct Args {
+    /// The warren binary to run in the lab
+    #[arg(long, default_value = "target/release/warren")]
+    warren: PathBuf,
+    /// One-way latency on the wire, milliseconds
+    #[arg(long, default_value_t = 20)]
+    latency_ms: u64,
+    /// Cells to run, e.g. eim:eim,symmetric:eim,eim:eim:tcp [default: the full matrix]
+    #[arg(long, value_delimiter = ',')]
+    pairs: Vec<Pair>,
+    /// Where matrix.md, matrix.json and matrix.svg go
+    #[arg(long, default_value = "simulations/natlab/results")]
+    out: PathBuf,
+    /// Keep every node's data dir and log (by default only failed cells keep theirs)
+    #[arg(long)]
+    keep_logs: bool,
+    /// Remove every lab namespace left behind (by any run) and exit
+    #[arg(long)]
+    cleanup: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.cleanup {
+        let removed = topo::cleanup_stale(true);
+        println!("removed {} namespaces", removed.len());
+        return ExitCode::SUCCESS;
+    }
+    if !args.warren.exists() {
+        eprintln!("error: no warren binary at {}; build it with `cargo build --release` or pass --warren", args.warren.display());
+        return ExitCode::from(2);
+    }
+    // Ctrl-C or a kill ends the run with the lab removed (nodes die with this process).
+    let id = format!("{}{}", topo::PREFIX, std::process::id());
+    warren_natlab::sys::route_signals_to(move |sig| {
+        eprintln!("signal {sig}: removing the lab");
+        for ns in topo::cleanup_stale(false).into_iter().chain(remove_own(&id)) {
+            eprintln!("removed {ns}");
+        }
+        std::process::exit(130);
+    });
+    let work_dir = std::env::temp_dir().join(format!("natlab-{}", std::process::id()));
+    let opts = Options {
+        warren: std::fs::canonicalize(&args.warren).unwrap_or(args.warren.clone()),
+        latency: Duration::from_millis(args.latency_ms),
+        pairs: if args.pairs.is_empty() { full_matrix() } else { args.pairs.clone() },
+        work_dir: work_dir.clone(),
+        keep_logs: args.keep_logs,
+    };
+    println!("natlab: {} cells, {} ms one-way latency, nodes' logs under {}", opts.pairs.len(), args.latency_ms, work_dir.display());
+    let started = std::time::Instant::now();
+    let cells = match warren_natlab::run(&opts, |cell| {
+        println!("  {:>5.1} s  {} → {}{}: {}", cell.seconds, cell.a.name(), cell.b.name(),
+            if cell.transports == warren_natlab::Transports::Tcp { " (tcp)" } else { "" }, describe(cell));
+    }) {
+        Ok(cells) => cells,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let table = markdown(&cells, opts.latency);
+    println!("\n{table}\nwhole run: {:.0} s", started.elapsed().as_secs_f64());
+    if let Err(e) = std::fs::create_dir_all(&args.out)
+        .and_then(|()| std::fs::write(args.out.join("matrix.md"), &table))
+        .and_then(|()| std::fs::write(args.out.join("matrix.json"), serde_json::to_string_pretty(&cells).unwrap()))
+        .and_then(|()| std::fs::write(args.out.join("matrix.svg"), svg(&cells)))
+    {
+        eprintln!("error: cannot write the reports to {}: {e}", args.out.display());
+        return ExitCode::FAILURE;
+    }
+    println!("reports in {}", args.out.display());
+    if cells.iter().all(|c| c.reached && c.transfer_ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+fn remove_own(id: &str) -> Vec<String> {
+    let out = std::process::Command::new("ip").args(["netns", "list"]).output();
+    let Ok(out) = out else { return Vec::new() };
+    let mut removed = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let ns = line.split_whitespace().next().unwrap_or("");
+        if ns.starts_with(&format!("{id}-")) && topo::run(&["ip", "netns", "del", ns]).is_ok() {
+            removed.push(ns.to_string());
+        }
+    }
+    removed
+}

@@ -1,0 +1,279 @@
+//! Building the lab: network namespaces for hosts and routers, veth pairs and bridges on the LAN
+//! side, TUN devices on the wire, and the kernel's own NAT (nftables masquerade + conntrack).
+//!
+//! Addresses are documentation and private ranges only: the wire is 203.0.113.0/24 (which warren
+//! is told to treat as public with `--public-ranges`), carrier NATs use 100.64.0.0/10, LANs
+//! 10.0.0.0/8. Nothing is routed outside the lab's namespaces.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+use crate::sys;
+use crate::wire::Wire;
+
+/// The wire's address range, announced to warren as public.
+pub const PUBLIC_RANGE: &str = "203.0.113.0/24";
+/// Every namespace of the lab starts with this; `natlab --cleanup` removes leftovers.
+pub const PREFIX: &str = "wrnlab";
+
+/// The kinds of network a node can sit in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SiteKind {
+    /// A host on the wire itself: publicly reachable.
+    Public,
+    /// A home router: Linux masquerade (port-preserving, endpoint-independent mapping,
+    /// address-and-port-dependent filtering); unsolicited inbound dropped.
+    Eim,
+    /// `masquerade fully-random`: a new random port for every destination (endpoint-dependent
+    /// mapping), the NAT hole punching cannot predict.
+    Symmetric,
+    /// A carrier NAT (EIM) in front of a home router (EIM): two translations.
+    DoubleNat,
+    /// An EIM router that also drops all UDP: only TCP gets out.
+    UdpBlocked,
+    /// Two hosts behind one EIM router. Linux does not hairpin, so the LAN path must be found.
+    SameLan,
+}
+
+impl SiteKind {
+    pub fn all() -> &'static [SiteKind] {
+        &[SiteKind::Public, SiteKind::Eim, SiteKind::Symmetric, SiteKind::DoubleNat, SiteKind::UdpBlocked]
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SiteKind::Public => "public",
+            SiteKind::Eim => "eim",
+            SiteKind::Symmetric => "symmetric",
+            SiteKind::DoubleNat => "double-nat",
+            SiteKind::UdpBlocked => "udp-blocked",
+            SiteKind::SameLan => "same-lan",
+        }
+    }
+}
+
+/// Runs a command, failing with its stderr.
+pub fn run(args: &[&str]) -> Result<(), String> {
+    let out = Command::new(args[0]).args(&args[1..]).output().map_err(|e| format!("{}: {e}", args[0]))?;
+    if !out.status.success() {
+        return Err(format!("`{}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(())
+}
+
+fn ns_run(ns: &str, args: &[&str]) -> Result<(), String> {
+    let mut full = vec!["ip", "netns", "exec", ns];
+    full.extend(args);
+    run(&full)
+}
+
+/// Feeds an nftables ruleset to `nft -f -` inside a namespace.
+fn nft(ns: &str, rules: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("nft: {e}"))?;
+    child.stdin.take().unwrap().write_all(rules.as_bytes()).map_err(|e| e.to_string())?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!("nft in {ns} failed: {}\n{rules}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(())
+}
+
+/// A place a node runs: its namespace and the address others see it at on the LAN.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub ns: String,
+    pub addr: Ipv4Addr,
+}
+
+/// One site: one host (two for `SameLan`) and the routers in front of them.
+#[derive(Debug, Clone)]
+pub struct Site {
+    pub kind: SiteKind,
+    pub hosts: Vec<Host>,
+    /// The address the site has on the wire (the host's own for `Public`).
+    pub wan: Ipv4Addr,
+}
+
+/// All namespaces of one lab; removed when dropped.
+pub struct Lab {
+    pub id: String,
+    namespaces: Vec<String>,
+    wire: Wire,
+    next_wan: u8,
+    next_site: u8,
+    tuns: u32,
+    veths: u32,
+}
+
+impl Lab {
+    pub fn new(latency: std::time::Duration) -> Result<Lab, String> {
+        let id = format!("{PREFIX}{}", std::process::id());
+        run(&["modprobe", "-q", "tun"]).ok();
+        Ok(Lab { id, namespaces: Vec::new(), wire: Wire::new(latency), next_wan: 1, next_site: 1, tuns: 0, veths: 0 })
+    }
+
+    pub fn namespaces(&self) -> Vec<String> {
+        self.namespaces.clone()
+    }
+
+    fn netns(&mut self, role: &str) -> Result<String, String> {
+        let ns = format!("{}-{role}", self.id);
+        run(&["ip", "netns", "add", &ns])?;
+        self.namespaces.push(ns.clone());
+        ns_run(&ns, &["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Puts a TUN device on the wire into `ns` with the next public address; default route via it.
+    fn wan(&mut self, ns: &str) -> Result<Ipv4Addr, String> {
+        let addr = Ipv4Addr::new(203, 0, 113, self.next_wan);
+        self.next_wan += 1;
+        self.tuns += 1;
+        let name = format!("wt{}x{}", std::process::id() % 100_000, self.tuns);
+        let tun = sys::open_tun(&name).map_err(|e| format!("cannot create TUN {name}: {e} (is /dev/net/tun there?)"))?;
+        run(&["ip", "link", "set", &name, "netns", ns])?;
+        ns_run(ns, &["ip", "link", "set", &name, "name", "wan0"])?;
+        ns_run(ns, &["ip", "addr", "add", &format!("{addr}/24"), "dev", "wan0"])?;
+        ns_run(ns, &["ip", "link", "set", "wan0", "up"])?;
+        ns_run(ns, &["ip", "route", "add", "default", "dev", "wan0"])?;
+        self.wire.attach(addr, tun);
+        Ok(addr)
+    }
+
+    /// A veth pair between two namespaces, each end renamed and (when given) addressed.
+    fn link(&mut self, a: &str, a_if: &str, a_addr: Option<&str>, b: &str, b_if: &str, b_addr: Option<&str>) -> Result<(), String> {
+        self.veths += 1;
+        let tmp_a = format!("va{}x{}", std::process::id() % 100_000, self.veths);
+        let tmp_b = format!("vb{}x{}", std::process::id() % 100_000, self.veths);
+        run(&["ip", "link", "add", &tmp_a, "type", "veth", "peer", "name", &tmp_b])?;
+        for (tmp, ns, name, addr) in [(&tmp_a, a, a_if, a_addr), (&tmp_b, b, b_if, b_addr)] {
+            run(&["ip", "link", "set", tmp, "netns", ns])?;
+            ns_run(ns, &["ip", "link", "set", tmp, "name", name])?;
+            if let Some(addr) = addr {
+                ns_run(ns, &["ip", "addr", "add", addr, "dev", name])?;
+            }
+            ns_run(ns, &["ip", "link", "set", name, "up"])?;
+        }
+        Ok(())
+    }
+
+    /// A host directly on the wire (bootstrap node, relay, public site).
+    pub fn public_host(&mut self, role: &str) -> Result<Host, String> {
+        let ns = self.netns(role)?;
+        let addr = self.wan(&ns)?;
+        Ok(Host { ns, addr })
+    }
+
+    /// A NAT router: forwarding on, masquerade out of `out_if`, unsolicited inbound dropped.
+    fn router(&self, ns: &str, out_if: &str, fully_random: bool, block_udp: bool) -> Result<(), String> {
+        ns_run(ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        let random = if fully_random { " fully-random" } else { "" };
+        let udp = if block_udp { "        meta l4proto udp drop\n" } else { "" };
+        nft(
+            ns,
+            &format!(
+                "table ip natlab {{
+    chain nat_out {{ type nat hook postrouting priority srcnat; oifname \"{out_if}\" masquerade{random}; }}
+    chain fwd_filter {{
+        type filter hook forward priority filter; policy drop;
+{udp}        ct state established,related accept
+        iifname != \"{out_if}\" accept
+    }}
+    chain router_in {{
+        type filter hook input priority filter; policy accept;
+        ct state established,related accept
+        iifname \"{out_if}\" drop
+    }}
+}}
+"
+            ),
+        )
+    }
+
+    /// Builds one site of `kind`.
+    pub fn site(&mut self, kind: SiteKind) -> Result<Site, String> {
+        let n = self.next_site;
+        self.next_site += 1;
+        let tag = format!("s{n}");
+        if kind == SiteKind::Public {
+            let host = self.public_host(&format!("{tag}-host"))?;
+            return Ok(Site { kind, wan: host.addr, hosts: vec![host] });
+        }
+        let router = self.netns(&format!("{tag}-router"))?;
+        let wan = self.wan(&router)?;
+        let home = if kind == SiteKind::DoubleNat {
+            // Carrier NAT on the wire; the home router sits behind it on 100.64.n.0/24.
+            self.router(&router, "wan0", false, false)?;
+            let home = self.netns(&format!("{tag}-home"))?;
+            self.link(&router, "cgn0", Some(&format!("100.64.{n}.1/24")), &home, "up0", Some(&format!("100.64.{n}.2/24")))?;
+            ns_run(&home, &["ip", "route", "add", "default", "via", &format!("100.64.{n}.1")])?;
+            self.router(&home, "up0", false, false)?;
+            home
+        } else {
+            self.router(&router, "wan0", kind == SiteKind::Symmetric, kind == SiteKind::UdpBlocked)?;
+            router.clone()
+        };
+        let count = if kind == SiteKind::SameLan { 2 } else { 1 };
+        let mut hosts = Vec::new();
+        if count == 1 {
+            let host = self.netns(&format!("{tag}-host"))?;
+            self.link(&home, "lan0", Some(&format!("10.{n}.0.1/24")), &host, "eth0", Some(&format!("10.{n}.0.2/24")))?;
+            ns_run(&host, &["ip", "route", "add", "default", "via", &format!("10.{n}.0.1")])?;
+            hosts.push(Host { ns: host, addr: Ipv4Addr::new(10, n, 0, 2) });
+        } else {
+            // A LAN bridge in the router with two hosts on it.
+            ns_run(&home, &["ip", "link", "add", "lan0", "type", "bridge"])?;
+            ns_run(&home, &["ip", "addr", "add", &format!("10.{n}.0.1/24"), "dev", "lan0"])?;
+            ns_run(&home, &["ip", "link", "set", "lan0", "up"])?;
+            for i in 0..count {
+                let host = self.netns(&format!("{tag}-host{i}"))?;
+                let addr = Ipv4Addr::new(10, n, 0, 2 + i as u8);
+                self.link(&home, &format!("port{i}"), None, &host, "eth0", Some(&format!("{addr}/24")))?;
+                ns_run(&home, &["ip", "link", "set", &format!("port{i}"), "master", "lan0"])?;
+                ns_run(&host, &["ip", "route", "add", "default", "via", &format!("10.{n}.0.1")])?;
+                hosts.push(Host { ns: host, addr });
+            }
+        }
+        Ok(Site { kind, hosts, wan })
+    }
+
+    /// Removes every namespace of this lab.
+    pub fn teardown(&mut self) {
+        for ns in self.namespaces.drain(..).rev() {
+            let _ = run(&["ip", "netns", "del", &ns]);
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Removes namespaces left by labs whose process is gone (a crash, a SIGKILL); `all` removes
+/// every lab namespace.
+pub fn cleanup_stale(all: bool) -> Vec<String> {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return Vec::new() };
+    let mut removed = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let ns = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = ns.strip_prefix(PREFIX) else { continue };
+        let pid: u32 = rest.split('-').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let alive = pid != 0 && std::path::Path::new(&format!("/proc/{pid}")).exists();
+        if all || !alive {
+            let _ = run(&["ip", "netns", "del", ns]);
+            removed.push(ns.to_string());
+        }
+    }
+    removed
+}

@@ -1,0 +1,46 @@
+//! The NAT lab's representative subset (the full matrix is `natlab`, see simulations/natlab):
+//! two EIM NATs punch through (QUIC and TCP racing; then TCP alone), and a symmetric NAT, which
+//! defeats hole punching, still gets the forward through the relay. Real kernel NAT in network
+//! namespaces; needs root. WARREN_SKIP_NETNS=1 skips it elsewhere.
+
+mod common;
+
+use std::time::Duration;
+
+use warren_natlab::topo::SiteKind;
+use warren_natlab::{Options, Pair, Transports, describe, markdown};
+
+#[test]
+fn nat_lab_subset_punches_through_eim_and_relays_through_symmetric() {
+    if std::env::var("WARREN_SKIP_NETNS").is_ok_and(|v| v == "1") {
+        eprintln!("skipped: WARREN_SKIP_NETNS=1");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let opts = Options {
+        warren: common::BIN.into(),
+        latency: Duration::from_millis(20),
+        pairs: vec![
+            Pair { a: SiteKind::Eim, b: SiteKind::Eim, transports: Transports::Both },
+            Pair { a: SiteKind::Eim, b: SiteKind::Eim, transports: Transports::Tcp },
+            Pair { a: SiteKind::Symmetric, b: SiteKind::Eim, transports: Transports::Both },
+        ],
+        work_dir: work.path().to_path_buf(),
+        keep_logs: false,
+    };
+    let cells = warren_natlab::run(&opts, |cell| eprintln!("{:?} -> {:?}: {}", cell.a, cell.b, describe(cell)))
+        .expect("the lab builds and runs (root, iproute2, nftables, /dev/net/tun)");
+    eprintln!("{}", markdown(&cells, opts.latency));
+    for cell in &cells {
+        assert!(cell.reached && cell.transfer_ok, "every cell forwards 10 MB intact: {}", describe(cell));
+    }
+    let (quic, tcp, symmetric) = (&cells[0], &cells[1], &cells[2]);
+    assert!(quic.direct && quic.direct_by.is_some(), "EIM x EIM is punched: {}", describe(quic));
+    assert!(tcp.direct && tcp.direct_transport.as_deref() == Some("tcp"), "EIM x EIM over TCP alone: {}", describe(tcp));
+    // Symmetric x EIM: direct is not expected (and not required); the forward must work either way.
+    eprintln!("symmetric x EIM: {}", describe(symmetric));
+    // Nothing of the lab is left behind.
+    let left = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let prefix = format!("{}{}-", warren_natlab::topo::PREFIX, std::process::id());
+    assert!(!String::from_utf8_lossy(&left.stdout).contains(&prefix), "lab namespaces removed");
+}
