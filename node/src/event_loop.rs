@@ -101,6 +101,18 @@ struct PunchInfo {
     first_relayed: Instant,
 }
 
+/// Waits before re-punching after a direct connection died while a relayed one survives;
+/// then the peer is left on the relay (it keeps working) until a new relayed connection.
+const REPUNCH_BACKOFF: [Duration; 3] = [Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(60)];
+
+/// A pending re-punch: a new relayed connection through `circuit` makes the peer's DCUtR
+/// (the listening side of a relayed connection starts it) try again.
+struct Repunch {
+    circuit: Multiaddr,
+    due: Instant,
+    attempt: usize,
+}
+
 pub struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
@@ -126,6 +138,7 @@ pub struct EventLoop {
     punch: HashMap<PeerId, PunchInfo>,
     punched: HashMap<ConnectionId, Duration>,
     hole_punch: api::HolePunchStats,
+    repunch: HashMap<PeerId, Repunch>,
 }
 
 impl EventLoop {
@@ -170,6 +183,7 @@ impl EventLoop {
             punch: HashMap::new(),
             punched: HashMap::new(),
             hole_punch: api::HolePunchStats::default(),
+            repunch: HashMap::new(),
             config,
         };
         (event_loop, handle)
@@ -190,6 +204,7 @@ impl EventLoop {
                     self.connects.retain(|_, a| a.waiters.iter().any(|w| !w.is_closed()));
                     self.manage_relays();
                     self.publish_own_record_when_due();
+                    self.repunch_when_due();
                 }
                 _ = &mut shutdown => break,
             }
@@ -426,10 +441,12 @@ impl EventLoop {
                 self.finish_connect(&peer_id, Ok(()));
             }
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
-                if let Some(conn) = self.conns.remove(&connection_id)
-                    && is_relayed(&conn.address)
-                {
-                    tracing::info!(peer = %peer_id, addr = %conn.address, cause = ?cause.as_ref().map(|c| c.to_string()), "relayed connection closed");
+                if let Some(conn) = self.conns.remove(&connection_id) {
+                    if is_relayed(&conn.address) {
+                        tracing::info!(peer = %peer_id, addr = %conn.address, cause = ?cause.as_ref().map(|c| c.to_string()), "relayed connection closed");
+                    } else if num_established > 0 {
+                        self.direct_lost(peer_id);
+                    }
                 }
                 self.punched.remove(&connection_id);
                 if num_established == 0 {
@@ -464,10 +481,15 @@ impl EventLoop {
                 }
             }
             BehaviourEvent::Ping(ping::Event { peer, connection, result: Err(error) }) => {
-                // A relay that stopped answering is given up at once, so its reservation is
-                // replaced within seconds rather than after the connection's idle timeout.
-                if self.autorelay.held().any(|h| h.relay == peer) {
-                    tracing::warn!(relay = %peer, %error, "relay stopped answering pings; dropping the connection");
+                // Ping reports only after two failures in a row (10 s and more of silence). A
+                // connection that has gone silent is dropped when something can take its place:
+                // a relay we hold a reservation on is replaced, and a peer with another
+                // connection (a direct path that died beside a relayed one) moves its new
+                // streams there. TCP would otherwise keep a dead connection for many minutes.
+                let held_relay = self.autorelay.held().any(|h| h.relay == peer);
+                let has_other = self.conns.iter().any(|(id, c)| c.peer == peer && *id != connection);
+                if held_relay || has_other {
+                    tracing::warn!(peer = %peer, %error, "connection stopped answering pings; dropping it");
                     self.swarm.close_connection(connection);
                 }
             }
@@ -619,6 +641,54 @@ impl EventLoop {
         }
     }
 
+    /// A direct connection to `peer` closed. If only relayed connections remain, new streams
+    /// already use them; if we dialed one of them, dial the circuit again later so the peer's
+    /// DCUtR tries another punch.
+    fn direct_lost(&mut self, peer: PeerId) {
+        let mine = self.conns.values().filter(|c| c.peer == peer);
+        let mut circuit = None;
+        for conn in mine {
+            if !is_relayed(&conn.address) {
+                return; // another direct connection is still up
+            }
+            if conn.outbound {
+                circuit = Some(conn.address.clone());
+            }
+        }
+        tracing::info!(peer = %peer, "direct connection lost; new streams use the relay");
+        // A later punch is timed from now, not from the first contact long ago.
+        self.punch.insert(peer, PunchInfo { first_relayed: Instant::now() });
+        if let Some(circuit) = circuit {
+            let attempt = self.repunch.get(&peer).map_or(0, |r| r.attempt);
+            if let Some(wait) = REPUNCH_BACKOFF.get(attempt) {
+                self.repunch.insert(peer, Repunch { circuit, due: Instant::now() + *wait, attempt });
+            }
+        }
+    }
+
+    fn repunch_when_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<PeerId> = self.repunch.iter().filter(|(_, r)| r.due <= now).map(|(p, _)| *p).collect();
+        for peer in due {
+            let Some(mut r) = self.repunch.remove(&peer) else { continue };
+            let direct = self.conns.values().any(|c| c.peer == peer && !is_relayed(&c.address));
+            if direct || !self.swarm.is_connected(&peer) {
+                continue;
+            }
+            tracing::info!(peer = %peer, attempt = r.attempt + 1, "re-dialing through the relay to punch again");
+            let opts = DialOpts::peer_id(peer)
+                .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+                .addresses(vec![r.circuit.clone()])
+                .build();
+            let _ = self.swarm.dial(opts);
+            r.attempt += 1;
+            if let Some(wait) = REPUNCH_BACKOFF.get(r.attempt) {
+                r.due = now + *wait;
+                self.repunch.insert(peer, r);
+            }
+        }
+    }
+
     fn on_hole_punch(&mut self, peer: PeerId, result: Result<ConnectionId, dcutr::Error>) {
         self.hole_punch.attempts += 1;
         match result {
@@ -630,6 +700,7 @@ impl EventLoop {
                     _ => self.hole_punch.successes_tcp += 1,
                 }
                 self.punched.insert(connection, after);
+                self.repunch.remove(&peer);
                 tracing::info!(peer = %peer, transport, after_ms = after.as_millis() as u64, "hole punched: direct connection");
             }
             Err(e) => {

@@ -1,6 +1,7 @@
 //! The NAT lab's representative subset (the full matrix is `natlab`, see simulations/natlab):
-//! two EIM NATs punch through (QUIC and TCP racing; then TCP alone), and a symmetric NAT, which
-//! defeats hole punching, still gets the forward through the relay. Real kernel NAT in network
+//! two EIM NATs punch through (QUIC and TCP racing; then TCP alone), fall back to the relay when
+//! the direct path is cut and punch again when it returns, and a symmetric NAT, which defeats
+//! hole punching, still gets the forward through the relay. Real kernel NAT in network
 //! namespaces; needs root. WARREN_SKIP_NETNS=1 skips it elsewhere.
 
 mod common;
@@ -21,9 +22,9 @@ fn nat_lab_subset_punches_through_eim_and_relays_through_symmetric() {
         warren: common::BIN.into(),
         latency: Duration::from_millis(20),
         pairs: vec![
-            Pair { a: SiteKind::Eim, b: SiteKind::Eim, transports: Transports::Both },
-            Pair { a: SiteKind::Eim, b: SiteKind::Eim, transports: Transports::Tcp },
-            Pair { a: SiteKind::Symmetric, b: SiteKind::Eim, transports: Transports::Both },
+            Pair { repunch: true, ..Pair::new(SiteKind::Eim, SiteKind::Eim) },
+            Pair { transports: Transports::Tcp, ..Pair::new(SiteKind::Eim, SiteKind::Eim) },
+            Pair::new(SiteKind::Symmetric, SiteKind::Eim),
         ],
         work_dir: work.path().to_path_buf(),
         keep_logs: false,
@@ -36,6 +37,10 @@ fn nat_lab_subset_punches_through_eim_and_relays_through_symmetric() {
     }
     let (quic, tcp, symmetric) = (&cells[0], &cells[1], &cells[2]);
     assert!(quic.direct && quic.direct_by.is_some(), "EIM x EIM is punched: {}", describe(quic));
+    let cut = quic.repunch.as_ref().expect("the path was cut and restored");
+    assert!(cut.direct_lost_after_s.is_some() && cut.fallback_ok, "with the direct path cut the relay carries on: {}", describe(quic));
+    assert_eq!(cut.fallback_path.as_deref(), Some("relayed"), "{}", describe(quic));
+    assert!(cut.direct_again_after_s.is_some(), "punched again after the path came back: {}", describe(quic));
     assert!(tcp.direct && tcp.direct_transport.as_deref() == Some("tcp"), "EIM x EIM over TCP alone: {}", describe(tcp));
     // Symmetric x EIM: direct is not expected (and not required); the forward must work either way.
     eprintln!("symmetric x EIM: {}", describe(symmetric));

@@ -56,19 +56,29 @@ pub struct Pair {
     pub a: SiteKind,
     pub b: SiteKind,
     pub transports: Transports,
+    /// After the transfer, cut the direct path at A's router: traffic must fall back to the
+    /// relay; then restore it: the nodes must punch again.
+    pub repunch: bool,
+}
+
+impl Pair {
+    pub fn new(a: SiteKind, b: SiteKind) -> Pair {
+        Pair { a, b, transports: Transports::Both, repunch: false }
+    }
 }
 
 impl std::str::FromStr for Pair {
     type Err = String;
-    /// `A:B` or `A:B:tcp`, kinds by name (`eim:symmetric`, `same-lan:same-lan`).
+    /// `A:B`, `A:B:tcp` or `A:B:repunch`, kinds by name (`eim:symmetric`, `same-lan:same-lan`).
     fn from_str(s: &str) -> Result<Self, String> {
         use clap::ValueEnum;
         let parts: Vec<&str> = s.split(':').collect();
         let kind = |p: &str| SiteKind::from_str(p, true).map_err(|_| format!("unknown site kind {p:?} in {s:?}"));
         match parts.as_slice() {
-            [a, b] => Ok(Pair { a: kind(a)?, b: kind(b)?, transports: Transports::Both }),
-            [a, b, "tcp"] => Ok(Pair { a: kind(a)?, b: kind(b)?, transports: Transports::Tcp }),
-            _ => Err(format!("{s:?}: expected A:B or A:B:tcp, e.g. eim:symmetric")),
+            [a, b] => Ok(Pair::new(kind(a)?, kind(b)?)),
+            [a, b, "tcp"] => Ok(Pair { transports: Transports::Tcp, ..Pair::new(kind(a)?, kind(b)?) }),
+            [a, b, "repunch"] => Ok(Pair { repunch: true, ..Pair::new(kind(a)?, kind(b)?) }),
+            _ => Err(format!("{s:?}: expected A:B, A:B:tcp or A:B:repunch, e.g. eim:symmetric")),
         }
     }
 }
@@ -80,12 +90,13 @@ pub fn full_matrix() -> Vec<Pair> {
     let mut pairs = Vec::new();
     for (i, a) in kinds.iter().enumerate() {
         for b in &kinds[i..] {
-            pairs.push(Pair { a: *a, b: *b, transports: Transports::Both });
+            pairs.push(Pair::new(*a, *b));
         }
     }
-    pairs.push(Pair { a: SiteKind::SameLan, b: SiteKind::SameLan, transports: Transports::Both });
-    pairs.push(Pair { a: SiteKind::Eim, b: SiteKind::Eim, transports: Transports::Tcp });
-    pairs.push(Pair { a: SiteKind::UdpBlocked, b: SiteKind::Eim, transports: Transports::Tcp });
+    pairs.push(Pair::new(SiteKind::SameLan, SiteKind::SameLan));
+    pairs.push(Pair { transports: Transports::Tcp, ..Pair::new(SiteKind::Eim, SiteKind::Eim) });
+    pairs.push(Pair { transports: Transports::Tcp, ..Pair::new(SiteKind::UdpBlocked, SiteKind::Eim) });
+    pairs.push(Pair { repunch: true, ..Pair::new(SiteKind::Eim, SiteKind::Eim) });
     pairs
 }
 
@@ -112,6 +123,19 @@ pub struct Cell {
     pub transfer_mib_s: Option<f64>,
     pub seconds: f64,
     pub error: Option<String>,
+    /// For a re-punch cell: what happened when the direct path was cut, then restored.
+    pub repunch: Option<Repunch>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Repunch {
+    /// Seconds from the cut until A no longer had a direct connection.
+    pub direct_lost_after_s: Option<f64>,
+    /// A 1 MB transfer through the forward while only the relay was left came back intact.
+    pub fallback_ok: bool,
+    pub fallback_path: Option<String>,
+    /// Seconds from restoring the path until a direct connection was back.
+    pub direct_again_after_s: Option<f64>,
 }
 
 pub struct Options {
@@ -191,12 +215,13 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Cell)) -> Result<Vec<Cell>,
     let mut cells = Vec::new();
     for (i, pair) in opts.pairs.iter().enumerate() {
         let of = |kind| &sites.iter().find(|(k, _)| *k == kind).expect("built above").1;
-        let (a_host, b_host) = if pair.a == SiteKind::SameLan && pair.b == SiteKind::SameLan {
-            let site = &of(SiteKind::SameLan)[0];
-            (site.hosts[0].clone(), site.hosts[1].clone())
+        let (a_site, b_site) = if pair.a == SiteKind::SameLan && pair.b == SiteKind::SameLan {
+            (&of(SiteKind::SameLan)[0], &of(SiteKind::SameLan)[0])
         } else {
-            (of(pair.a)[0].hosts[0].clone(), of(pair.b)[1 % of(pair.b).len()].hosts[0].clone())
+            (&of(pair.a)[0], &of(pair.b)[1 % of(pair.b).len()])
         };
+        let a_host = a_site.hosts[0].clone();
+        let b_host = b_site.hosts.last().expect("a site has a host").clone();
         // Fresh ports per cell: no conntrack entry of an earlier cell can help or hurt.
         let port = 5000 + 2 * i as u16;
         let dir = opts.work_dir.join(format!("cell{i:02}-{}-{}", pair.a.name(), pair.b.name()));
@@ -215,8 +240,10 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Cell)) -> Result<Vec<Cell>,
             transfer_mib_s: None,
             seconds: 0.0,
             error: None,
+            repunch: None,
         };
-        if let Err(e) = run_cell(&core, &a_host, &b_host, port, pair.transports, &dir, opts, &mut cell) {
+        let cut = pair.repunch.then(|| a_site.edge.clone().map(|edge| (edge, b_site.wan))).flatten();
+        if let Err(e) = run_cell(&core, &a_host, &b_host, port, pair.transports, cut, &dir, opts, &mut cell) {
             cell.error = Some(e);
         }
         cell.seconds = started.elapsed().as_secs_f64();
@@ -238,6 +265,7 @@ fn run_cell(
     b_host: &Host,
     port: u16,
     transports: Transports,
+    cut: Option<(String, std::net::Ipv4Addr)>,
     dir: &Path,
     opts: &Options,
     cell: &mut Cell,
@@ -303,7 +331,34 @@ fn run_cell(
         cell.direct_by = punched.map(|_| "hole punch".to_string());
         cell.direct_after_ms = punched.or(Some(first.elapsed().as_secs_f64() * 1000.0));
     }
+    if let Some((edge, b_wan)) = cut
+        && cell.direct
+    {
+        cell.repunch = Some(repunch(&a, &b, &a_host.ns, bind, &edge, b_wan));
+    }
     Ok(())
+}
+
+/// Cuts the direct path at A's router, checks the forward falls back to the relay, restores the
+/// path and waits for a direct connection again.
+fn repunch(a: &Node, b: &Node, a_ns: &str, bind: SocketAddr, edge: &str, b_wan: std::net::Ipv4Addr) -> Repunch {
+    let mut result = Repunch::default();
+    if topo::cut(edge, b_wan, true).is_err() {
+        return result;
+    }
+    let cut_at = Instant::now();
+    // QUIC notices a silent path after its 10 s idle timeout, TCP after ping's failures.
+    if wait_for(Duration::from_secs(40), || direct_connection(a, &b.peer_id).is_none().then_some(())).is_some() {
+        result.direct_lost_after_s = Some(cut_at.elapsed().as_secs_f64());
+        result.fallback_ok = transfer(a_ns, bind, 1024 * 1024, TRANSFER_TIMEOUT).is_ok();
+        result.fallback_path = forward_info(a, bind).and_then(|f| f["path"].as_str().map(String::from));
+    }
+    let _ = topo::cut(edge, b_wan, false);
+    let restored = Instant::now();
+    if wait_for(Duration::from_secs(40), || direct_connection(a, &b.peer_id)).is_some() {
+        result.direct_again_after_s = Some(restored.elapsed().as_secs_f64());
+    }
+    result
 }
 
 fn forward_info(a: &Node, bind: SocketAddr) -> Option<Value> {
@@ -340,12 +395,23 @@ pub fn describe(cell: &Cell) -> String {
     } else {
         format!("10 MB FAILED: {}", cell.error.as_deref().unwrap_or("?"))
     };
-    format!("{path}; {transfer}")
+    let repunch = match &cell.repunch {
+        Some(r) => format!(
+            "; path cut: direct lost after {}, 1 MB via {} {}, direct again {} after restoring",
+            r.direct_lost_after_s.map(|s| format!("{s:.1} s")).unwrap_or_else(|| "never".into()),
+            r.fallback_path.as_deref().unwrap_or("?"),
+            if r.fallback_ok { "ok" } else { "FAILED" },
+            r.direct_again_after_s.map(|s| format!("{s:.1} s")).unwrap_or_else(|| "never".into()),
+        ),
+        None => String::new(),
+    };
+    format!("{path}; {transfer}{repunch}")
 }
 
-fn label(pair_a: SiteKind, pair_b: SiteKind, t: Transports) -> String {
-    let tcp = if t == Transports::Tcp { " (TCP only)" } else { "" };
-    format!("{} → {}{tcp}", pair_a.name(), pair_b.name())
+fn label(cell: &Cell) -> String {
+    let tcp = if cell.transports == Transports::Tcp { " (TCP only)" } else { "" };
+    let repunch = if cell.repunch.is_some() { " (path cut, then restored)" } else { "" };
+    format!("{} → {}{tcp}{repunch}", cell.a.name(), cell.b.name())
 }
 
 /// A Markdown table, one row per cell.
@@ -356,7 +422,7 @@ pub fn markdown(cells: &[Cell], latency: Duration) -> String {
     for c in cells {
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} |\n",
-            label(c.a, c.b, c.transports),
+            label(c),
             if c.reached { "yes" } else { "**no**" },
             if c.direct { if c.direct_by.is_some() { "yes (punched)" } else { "yes" } } else { "no (relayed)" },
             c.direct_transport.as_deref().unwrap_or("-"),
@@ -367,6 +433,12 @@ pub fn markdown(cells: &[Cell], latency: Duration) -> String {
                 format!("**failed**: {}", c.error.as_deref().unwrap_or("?"))
             },
         ));
+    }
+    for c in cells {
+        if let Some(r) = &c.repunch {
+            out.push_str(&format!("\n{}: {}\n", label(c), describe(c)));
+            let _ = r;
+        }
     }
     let times: Vec<f64> = cells.iter().filter(|c| c.direct_by.is_some()).filter_map(|c| c.direct_after_ms).collect();
     if !times.is_empty() {
@@ -407,7 +479,7 @@ pub fn svg(cells: &[Cell]) -> String {
             width - 20,
             row_h - 4
         ));
-        let text = format!("{}: {}", label(c.a, c.b, c.transports), describe(c));
+        let text = format!("{}: {}", label(c), describe(c));
         out.push_str(&format!("<text x=\"18\" y=\"{}\">{}</text>\n", y + 20, xml_escape(&text)));
     }
     out.push_str("</svg>\n");

@@ -101,6 +101,8 @@ pub struct Site {
     pub hosts: Vec<Host>,
     /// The address the site has on the wire (the host's own for `Public`).
     pub wan: Ipv4Addr,
+    /// The namespace of the router on the wire (none for `Public`).
+    pub edge: Option<String>,
 }
 
 /// All namespaces of one lab; removed when dropped.
@@ -206,7 +208,7 @@ impl Lab {
         let tag = format!("s{n}");
         if kind == SiteKind::Public {
             let host = self.public_host(&format!("{tag}-host"))?;
-            return Ok(Site { kind, wan: host.addr, hosts: vec![host] });
+            return Ok(Site { kind, wan: host.addr, hosts: vec![host], edge: None });
         }
         let router = self.netns(&format!("{tag}-router"))?;
         let wan = self.wan(&router)?;
@@ -243,7 +245,7 @@ impl Lab {
                 hosts.push(Host { ns: host, addr });
             }
         }
-        Ok(Site { kind, hosts, wan })
+        Ok(Site { kind, hosts, wan, edge: Some(router) })
     }
 
     /// Removes every namespace of this lab.
@@ -257,6 +259,16 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.teardown();
+    }
+}
+
+/// Cuts (or restores) the path between a site's router and one address on the wire, as a
+/// broken path would: packets both ways dropped at the router.
+pub fn cut(edge: &str, peer: Ipv4Addr, cut: bool) -> Result<(), String> {
+    if cut {
+        nft(edge, &format!("table ip natlab_cut {{\n chain c {{ type filter hook forward priority -10; ip daddr {peer} drop; ip saddr {peer} drop; }}\n}}\n"))
+    } else {
+        ns_run(edge, &["nft", "delete", "table", "ip", "natlab_cut"])
     }
 }
 
