@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use libp2p::Transport as _;
+use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::{
     StreamProtocol, Swarm, autonat, connection_limits, dcutr, identify, identity::Keypair, kad, mdns, noise,
     ping, relay, swarm::NetworkBehaviour, swarm::behaviour::toggle::Toggle, tcp, yamux,
@@ -53,8 +55,44 @@ pub enum BuildError {
 /// The swarm, plus the two ends of the forward streams behaviour that live outside it.
 pub struct Built {
     pub swarm: Swarm<Behaviour>,
+    /// Relayed bytes and the aggregate cap, when this node relays for others.
+    pub meter: Option<std::sync::Arc<crate::relay_meter::Meter>>,
     pub opener: crate::forward::streams::Opener,
     pub inbound: tokio::sync::mpsc::Receiver<(libp2p::PeerId, libp2p::Stream)>,
+}
+
+/// The QUIC settings warren uses.
+fn quic_config(key: &Keypair) -> libp2p::quic::Config {
+    let mut quic = libp2p::quic::Config::new(key);
+    // Keep connections (relay reservations above all) alive through NAT mappings, and notice a
+    // peer that vanished (a killed relay sends no close) within 10 s, so a lost relay is replaced
+    // quickly. The idle timeout must exceed the keep-alive interval.
+    quic.keep_alive_interval = Duration::from_secs(3);
+    quic.max_idle_timeout = 10_000;
+    // Every forwarded connection is a stream: allow many at once; streams beyond the limit wait
+    // for a slot rather than fail. quinn reserves state for every allowed stream in every
+    // connection (measured: ~600 KiB per connection at 4096, ~150 KiB at 256), which is what a
+    // relay's connection count multiplies, so not more than this.
+    quic.max_concurrent_stream_limit = 1024;
+    // Let path-MTU discovery grow packets past quinn's 1452-byte ceiling where the path allows
+    // (LANs with jumbo frames, loopback): fewer packets, less per-packet crypto. Discovery only
+    // raises the size after a probe of that size got through.
+    quic.mtu_upper_bound(QUIC_MTU_UPPER_BOUND)
+}
+
+/// Boxes a connection's muxer, metered when this node relays for others.
+fn meter_muxer<M, E>(
+    meter: Option<std::sync::Arc<crate::relay_meter::Meter>>,
+) -> impl Fn((libp2p::PeerId, M), E) -> (libp2p::PeerId, StreamMuxerBox) + Clone
+where
+    M: libp2p::core::muxing::StreamMuxer + Send + Unpin + 'static,
+    M::Substream: Send + Unpin + 'static,
+    M::Error: Send + Sync + 'static,
+{
+    move |(peer, muxer), _| match &meter {
+        Some(meter) => (peer, StreamMuxerBox::new(crate::relay_meter::Metered::new(muxer, meter.clone()))),
+        None => (peer, StreamMuxerBox::new(muxer)),
+    }
 }
 
 pub fn build_swarm(keypair: Keypair, config: &Config) -> Result<Built, BuildError> {
@@ -71,27 +109,24 @@ pub fn build_swarm(keypair: Keypair, config: &Config) -> Result<Built, BuildErro
     let autonat_only_global = config.public_ranges.is_empty();
     let max_incoming = config.max_incoming_connections;
     let setup = |e: &dyn std::fmt::Display| BuildError::Setup(e.to_string());
+    let meter = config.relay.then(|| std::sync::Arc::new(crate::relay_meter::Meter::new(config.relay_limits.bandwidth_cap())));
 
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
-        .map_err(|e| setup(&e))?
-        .with_quic_config(|mut quic| {
-            // Keep connections (relay reservations above all) alive through NAT mappings, and
-            // notice a peer that vanished (a killed relay sends no close) within 10 s, so a lost
-            // relay is replaced quickly. The idle timeout must exceed the keep-alive interval.
-            quic.keep_alive_interval = Duration::from_secs(3);
-            quic.max_idle_timeout = 10_000;
-            // Every forwarded connection is a stream: allow many at once; streams beyond the limit
-            // wait for a slot rather than fail. quinn reserves state for every allowed stream in
-            // every connection (measured: ~600 KiB per connection at 4096, ~150 KiB at 256), which
-            // is what a relay's connection count multiplies, so not more than this.
-            quic.max_concurrent_stream_limit = 1024;
-            // Let path-MTU discovery grow packets past quinn's 1452-byte ceiling where the path
-            // allows (LANs with jumbo frames, loopback): fewer packets, less per-packet crypto.
-            // Discovery only raises the size after a probe of that size got through.
-            quic.mtu_upper_bound(QUIC_MTU_UPPER_BOUND)
+        .with_other_transport(|key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+            // TCP and QUIC built here rather than by the builder's with_tcp/with_quic, so that a
+            // relay's connections can be metered (see relay_meter); otherwise the same stacks.
+            let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                .authenticate(noise::Config::new(key)?)
+                .multiplex(yamux::Config::default())
+                .map(meter_muxer(meter.clone()));
+            let quic = libp2p::quic::tokio::Transport::new(quic_config(key)).map(meter_muxer(meter.clone()));
+            Ok(quic
+                .or_transport(tcp)
+                .map(|either, _| either.into_inner()))
         })
+        .map_err(|e| setup(&e))?
         .with_dns()
         .map_err(|e| setup(&e))?
         .with_relay_client(noise::Config::new, yamux::Config::default)
@@ -157,5 +192,5 @@ pub fn build_swarm(keypair: Keypair, config: &Config) -> Result<Built, BuildErro
         .map_err(|e| setup(&e))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout()))
         .build();
-    Ok(Built { swarm, opener, inbound })
+    Ok(Built { swarm, meter, opener, inbound })
 }

@@ -139,6 +139,7 @@ pub struct EventLoop {
     punched: HashMap<ConnectionId, Duration>,
     hole_punch: api::HolePunchStats,
     repunch: HashMap<PeerId, Repunch>,
+    meter: Option<std::sync::Arc<crate::relay_meter::Meter>>,
 }
 
 impl EventLoop {
@@ -184,9 +185,16 @@ impl EventLoop {
             punched: HashMap::new(),
             hole_punch: api::HolePunchStats::default(),
             repunch: HashMap::new(),
+            meter: None,
             config,
         };
         (event_loop, handle)
+    }
+
+    /// Gives the loop the relay's byte meter (relay nodes only), for `warren status`.
+    pub fn with_meter(mut self, meter: Option<std::sync::Arc<crate::relay_meter::Meter>>) -> Self {
+        self.meter = meter;
+        self
     }
 
     /// Runs until `shutdown` resolves, then writes the peer store out.
@@ -887,6 +895,7 @@ impl EventLoop {
                     circuits_accepted: r.circuits_accepted,
                     circuits_denied: r.circuits_denied,
                     circuits_cut: r.circuits_cut,
+                    relayed_bytes: self.meter.as_ref().map_or(0, |m| m.relayed()),
                     last_denial: r.last_denial.clone(),
                     last_cut: r.last_cut.clone(),
                     limits: self.config.relay_limits.clone(),

@@ -27,4 +27,5 @@ pub mod node;
 pub mod output;
 pub mod peer_record;
 pub mod relay;
+pub mod relay_meter;
 pub mod store;

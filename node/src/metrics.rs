@@ -120,6 +120,7 @@ async fn render(node: &NodeHandle, forwarding: &Forwarding) -> Result<String, St
             &[("outcome=\"accepted\"", r.circuits_accepted as f64), ("outcome=\"denied\"", r.circuits_denied as f64)],
         );
         metric(&mut out, "warren_relay_circuits_cut_total", "counter", "Circuits ended by an error or a limit.", &[("", r.circuits_cut as f64)]);
+        metric(&mut out, "warren_relayed_bytes_total", "counter", "Bytes carried for others through circuits.", &[("", r.relayed_bytes as f64)]);
     }
 
     let (mut sent, mut received) = (0u64, 0u64);

@@ -76,6 +76,7 @@ pub async fn up(data_dir: &Path, config: Config) -> Result<(), UserError> {
     let udp_idle = std::time::Duration::from_secs(config.udp_idle_timeout_secs);
     let (exposes, forwards) = (config.expose.clone(), config.forward.clone());
     let (event_loop, handle) = EventLoop::new(swarm, config, book, writer);
+    let event_loop = event_loop.with_meter(built.meter);
     let forwarding = Forwarding::new(handle.clone(), built.opener, udp_idle, store.tree("forwarding")?);
     forwarding.restore(&exposes, &forwards).await.map_err(UserError::bad_input)?;
     let serving = tokio::spawn(crate::forward::serve::run(forwarding.clone(), built.inbound));

@@ -47,8 +47,9 @@ pub fn status(s: &api::Status) -> String {
         );
         let _ = writeln!(
             out,
-            "              accepted {} reservations / {} circuits; denied {} / {}; {} circuits cut",
-            r.reservations_accepted, r.reservations_denied, r.circuits_accepted, r.circuits_denied, r.circuits_cut
+            "              accepted {} reservations / {} circuits; denied {} / {}; {} circuits cut; {} relayed",
+            r.reservations_accepted, r.reservations_denied, r.circuits_accepted, r.circuits_denied, r.circuits_cut,
+            human_bytes(r.relayed_bytes)
         );
     }
     out.trim_end().to_string()
@@ -147,4 +148,15 @@ pub fn forwards(list: &[api::ForwardInfo]) -> String {
         }
     }
     out.trim_end().to_string()
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{value:.1} {}", UNITS[unit]) }
 }

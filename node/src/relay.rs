@@ -91,6 +91,9 @@ pub struct RelayLimits {
     pub max_circuit_bytes: Limit,
     /// New circuits one source peer may open per minute. Default: 60.
     pub circuits_per_peer_per_minute: Limit,
+    /// All relayed traffic together, bytes per second (both directions counted). Default:
+    /// 10 MiB/s, so a volunteer's uplink is never given away whole by surprise.
+    pub max_relayed_bytes_per_sec: Limit,
 }
 
 impl Default for RelayLimits {
@@ -105,6 +108,7 @@ impl Default for RelayLimits {
             max_circuit_duration_secs: Limit::At(3600),
             max_circuit_bytes: Limit::At(1 << 30),
             circuits_per_peer_per_minute: Limit::At(60),
+            max_relayed_bytes_per_sec: Limit::At(10 * 1024 * 1024),
         }
     }
 }
@@ -114,10 +118,21 @@ impl RelayLimits {
         if self.reservation_duration_secs == 0 || self.reservation_duration_secs > u64::from(u32::MAX) {
             return Err("relay_limits.reservation_duration_secs must be between 1 and 4294967295".into());
         }
+        if self.max_relayed_bytes_per_sec == Limit::At(0) {
+            return Err("relay_limits.max_relayed_bytes_per_sec must be at least 1 (or \"unlimited\"); to relay nothing, turn the relay off".into());
+        }
         if self.max_circuit_duration_secs == Limit::At(0) {
             return Err("relay_limits.max_circuit_duration_secs must be at least 1 (or \"unlimited\")".into());
         }
         Ok(())
+    }
+
+    /// The aggregate rate cap on relayed bytes, if any.
+    pub fn bandwidth_cap(&self) -> Option<u64> {
+        match self.max_relayed_bytes_per_sec {
+            Limit::Unlimited => None,
+            Limit::At(n) => Some(n),
+        }
     }
 
     /// The libp2p relay configuration these limits stand for.

@@ -93,7 +93,11 @@ async fn a_peer_with_no_direct_address_is_reached_by_peer_id_through_a_relay() {
     assert_eq!(forward_info(&a, bind)["path"], "relayed");
     let status = r.status();
     assert!(status["relay"]["circuits_accepted"].as_u64().unwrap() >= 1, "{status}");
+    // Every relayed byte is counted: 10 MB each way went through R.
+    let relayed = status["relay"]["relayed_bytes"].as_u64().unwrap();
+    assert!(relayed >= 20 * 1024 * 1024, "relayed bytes counted: {relayed}");
     let metrics = scrape(metrics_port);
+    assert!(sample(&metrics, "warren_relayed_bytes_total") >= 20.0 * 1024.0 * 1024.0);
     assert!(sample(&metrics, "warren_relay_circuit_requests_total{outcome=\"accepted\"}") >= 1.0);
     assert!(sample(&metrics, "warren_relay_reservations ") >= 2.0, "A and B hold reservations");
 }
@@ -125,6 +129,30 @@ async fn a_circuit_cut_by_the_relay_byte_limit_is_reported_and_a_new_one_carries
     let (sent, echoed) = echo_transfer(bind, 100 * 1024, 2).await;
     assert_eq!(sent, echoed);
     assert!(r.status()["relay"]["circuits_accepted"].as_u64().unwrap() >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_relay_caps_its_aggregate_bandwidth() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, "[relay_limits]\nmax_relayed_bytes_per_sec = 1048576\n").unwrap();
+    let r = relay(&["--config", config.to_str().unwrap()]);
+    let b = behind(&r);
+    let a = behind(&r);
+    wait_until(Duration::from_secs(20), "B's reservation on R", || reserved_on(&b, &r));
+    wait_until(Duration::from_secs(10), "A finds B", || a.finds(&b.peer_id));
+    expose(&b, "echo", &echo_service().await.to_string(), &[&a.peer_id]);
+    let bind = forward(&a, &format!("{}/echo", b.peer_id));
+    // 3 MiB each way is 6 MiB through the relay; at 1 MiB/s with a one-second burst that cannot
+    // take less than 5 s, however fast the machine.
+    let started = std::time::Instant::now();
+    let (sent, echoed) = echo_transfer(bind, 3 * 1024 * 1024, 5).await;
+    let took = started.elapsed();
+    assert_eq!(sent, echoed);
+    let relayed = r.status()["relay"]["relayed_bytes"].as_u64().unwrap();
+    eprintln!("6 MiB through a 1 MiB/s relay took {took:?} ({relayed} bytes counted)");
+    assert!(relayed >= 6 * 1024 * 1024, "{relayed}");
+    assert!(took >= Duration::from_secs(4), "the cap held the transfer to about 1 MiB/s: {took:?}");
 }
 
 #[test]

@@ -79,6 +79,8 @@ pub struct RelayStatus {
     pub circuits_denied: u64,
     /// Circuits that ended with an error or by hitting a limit.
     pub circuits_cut: u64,
+    /// Bytes carried for others through circuits since start, both directions.
+    pub relayed_bytes: u64,
     pub last_denial: Option<String>,
     pub last_cut: Option<String>,
     pub limits: crate::relay::RelayLimits,
