@@ -190,6 +190,8 @@ pub fn build_swarm(keypair: Keypair, config: &Config) -> Result<Built, BuildErro
             })
         })
         .map_err(|e| setup(&e))?
+        // Substreams keep multistream-select V1 (a round trip before the first message): V1Lazy
+        // would save it, but stalls protocols where the opener only reads (identify).
         .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout()))
         .build();
     Ok(Built { swarm, meter, opener, inbound })

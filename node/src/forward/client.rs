@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use warren_forward::{MAX_DATAGRAM, Request, Status, Transport};
 
-use super::{Active, Forward, Forwarding, Stats, splice};
+use super::{Active, Forward, Forwarding, Stats, splice, streams};
 use crate::event_loop::Command;
 
 /// Reaching the peer (dial, DHT lookup, dial) may take this long before a local connection is
@@ -82,14 +82,21 @@ async fn open(
     transport: Transport,
 ) -> Result<tokio_util::compat::Compat<Stream>, String> {
     let peer = forward.peer;
-    let connected = tokio::time::timeout(CONNECT_TIMEOUT, forwarding.node.request(|tx| Command::Connect(peer, tx))).await;
-    match connected {
-        Err(_) => return Err(format!("cannot reach {peer}: timed out after {CONNECT_TIMEOUT:?}")),
-        Ok(Err(e)) | Ok(Ok(Err(e))) => return Err(format!("cannot reach {peer}: {e}")),
-        Ok(Ok(Ok(()))) => {}
-    }
-    let (mut stream, relayed) =
-        forwarding.opener.open(peer).await.map_err(|e| format!("cannot open a stream to {peer}: {e}"))?;
+    // Connected already (the usual case): open at once. Otherwise reach the peer first (stored
+    // addresses, the DHT, relays) and try again.
+    let opened = match forwarding.opener.open(peer).await {
+        Err(e) if e == streams::NOT_CONNECTED => {
+            let connected = tokio::time::timeout(CONNECT_TIMEOUT, forwarding.node.request(|tx| Command::Connect(peer, tx))).await;
+            match connected {
+                Err(_) => return Err(format!("cannot reach {peer}: timed out after {CONNECT_TIMEOUT:?}")),
+                Ok(Err(e)) | Ok(Ok(Err(e))) => return Err(format!("cannot reach {peer}: {e}")),
+                Ok(Ok(Ok(()))) => {}
+            }
+            forwarding.opener.open(peer).await
+        }
+        other => other,
+    };
+    let (mut stream, relayed) = opened.map_err(|e| format!("cannot open a stream to {peer}: {e}"))?;
     *forward.stats.path.lock().unwrap() = Some(if relayed { "relayed" } else { "direct" }.to_string());
     let request = Request::new(forward.spec.service.clone(), transport);
     warren_forward::write_request(&mut stream, &request).await.map_err(|e| format!("request failed: {e}"))?;

@@ -37,8 +37,11 @@ pub struct Opener {
     tx: mpsc::Sender<(PeerId, Reply)>,
 }
 
+/// What [`Opener::open`] answers when there is no connection to the peer yet.
+pub const NOT_CONNECTED: &str = "not connected to the peer";
+
 impl Opener {
-    /// Opens a stream to a peer we are connected to.
+    /// Opens a stream to a peer we are connected to ([`NOT_CONNECTED`] otherwise).
     pub async fn open(&self, peer: PeerId) -> Result<(Stream, bool), String> {
         let (tx, rx) = oneshot::channel();
         self.tx.send((peer, tx)).await.map_err(|_| "the node is shutting down".to_string())?;
@@ -134,7 +137,7 @@ impl NetworkBehaviour for Behaviour {
                     event: reply,
                 }),
                 None => {
-                    let _ = reply.send(Err("not connected to the peer".into()));
+                    let _ = reply.send(Err(NOT_CONNECTED.into()));
                 }
             }
         }
