@@ -23,6 +23,45 @@ fn behind(via: &Node) -> Node {
     Node::start(&["--no-listen", "--relay-via", &addr, "--bootstrap", &addr, "--auto-relays", "0", "--dht-mode", "client"])
 }
 
+/// Three nodes on loopback: a relay R started with `relay_args` and the `[relay_limits]` TOML
+/// `limits`, and B and A reachable only through it; B has a reservation and A can find it.
+struct Trio {
+    r: Node,
+    b: Node,
+    a: Node,
+    _config: tempfile::TempDir,
+}
+
+/// A relay started with `config` (TOML) as its config file, plus `args`; keep the TempDir.
+fn configured_relay(config: &str, args: &[&str]) -> (tempfile::TempDir, Node) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("relay.toml");
+    std::fs::write(&file, config).unwrap();
+    let mut all = vec!["--config", file.to_str().unwrap()];
+    all.extend(args);
+    let relay = relay(&all);
+    (dir, relay)
+}
+
+fn trio(relay_args: &[&str], limits: &str) -> Trio {
+    let (config, r) = configured_relay(&format!("[relay_limits]\n{limits}"), relay_args);
+    let b = behind(&r);
+    let a = behind(&r);
+    wait_until(Duration::from_secs(20), "B's reservation on R", || reserved_on(&b, &r));
+    // A knows nothing of B but its PeerId: the DHT (through R) gives B's relayed address, once
+    // B has published it.
+    wait_until(Duration::from_secs(10), "A finds B's relayed address in the DHT", || a.finds(&b.peer_id));
+    Trio { r, b, a, _config: config }
+}
+
+impl Trio {
+    /// B exposes an echo service to A; A forwards a local port to it. Returns the local address.
+    async fn echo_forward(&self) -> std::net::SocketAddr {
+        expose(&self.b, "echo", &echo_service().await.to_string(), &[&self.a.peer_id]);
+        forward(&self.a, &format!("{}/echo", self.b.peer_id))
+    }
+}
+
 fn reserved_on(node: &Node, relay: &Node) -> bool {
     node.status()["relayed_through"]
         .as_array()
@@ -71,19 +110,12 @@ fn sample(text: &str, line_start: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_peer_with_no_direct_address_is_reached_by_peer_id_through_a_relay() {
     let metrics_port = free_port();
-    let r = relay(&["--metrics", &format!("127.0.0.1:{metrics_port}")]);
-    let b = behind(&r);
-    let a = behind(&r);
-    wait_until(Duration::from_secs(20), "B's reservation on R", || reserved_on(&b, &r));
-
-    // A knows nothing of B but its PeerId: the DHT (through R) gives B's relayed address, once
-    // B has published it.
-    wait_until(Duration::from_secs(10), "A finds B's relayed address in the DHT", || a.finds(&b.peer_id));
+    let trio = trio(&["--metrics", &format!("127.0.0.1:{metrics_port}")], "");
+    let (r, b, a) = (&trio.r, &trio.b, &trio.a);
     let ping = a.json(&["ping", &b.peer_id, "--count", "2"]).expect("A pings B by PeerId alone");
     assert_eq!(ping["rtts_ms"].as_array().unwrap().len(), 2);
 
-    expose(&b, "echo", &echo_service().await.to_string(), &[&a.peer_id]);
-    let bind = forward(&a, &format!("{}/echo", b.peer_id));
+    let bind = trio.echo_forward().await;
     let (sent, echoed) = echo_transfer(bind, 10 * 1024 * 1024, 3).await;
     assert_eq!(sent, echoed, "10 MB through the relay, SHA-256 equal");
 
@@ -104,16 +136,9 @@ async fn a_peer_with_no_direct_address_is_reached_by_peer_id_through_a_relay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_circuit_cut_by_the_relay_byte_limit_is_reported_and_a_new_one_carries_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("relay.toml");
-    std::fs::write(&config, "[relay_limits]\nmax_circuit_bytes = 1048576\n").unwrap();
-    let r = relay(&["--config", config.to_str().unwrap()]);
-    let b = behind(&r);
-    let a = behind(&r);
-    wait_until(Duration::from_secs(20), "B's reservation on R", || reserved_on(&b, &r));
-    wait_until(Duration::from_secs(10), "A finds B's relayed address in the DHT", || a.finds(&b.peer_id));
-    expose(&b, "echo", &echo_service().await.to_string(), &[&a.peer_id]);
-    let bind = forward(&a, &format!("{}/echo", b.peer_id));
+    let trio = trio(&[], "max_circuit_bytes = 1048576\n");
+    let (r, a) = (&trio.r, &trio.a);
+    let bind = trio.echo_forward().await;
 
     // 4 MiB each way cannot fit in a 1 MiB circuit: the connection is cut, as a reset.
     let cut = tokio::spawn(echo_transfer(bind, 4 * 1024 * 1024, 1));
@@ -133,16 +158,9 @@ async fn a_circuit_cut_by_the_relay_byte_limit_is_reported_and_a_new_one_carries
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_relay_caps_its_aggregate_bandwidth() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("relay.toml");
-    std::fs::write(&config, "[relay_limits]\nmax_relayed_bytes_per_sec = 1048576\n").unwrap();
-    let r = relay(&["--config", config.to_str().unwrap()]);
-    let b = behind(&r);
-    let a = behind(&r);
-    wait_until(Duration::from_secs(20), "B's reservation on R", || reserved_on(&b, &r));
-    wait_until(Duration::from_secs(10), "A finds B", || a.finds(&b.peer_id));
-    expose(&b, "echo", &echo_service().await.to_string(), &[&a.peer_id]);
-    let bind = forward(&a, &format!("{}/echo", b.peer_id));
+    let trio = trio(&[], "max_relayed_bytes_per_sec = 1048576\n");
+    let r = &trio.r;
+    let bind = trio.echo_forward().await;
     // 3 MiB each way is 6 MiB through the relay; at 1 MiB/s with a one-second burst that cannot
     // take less than 5 s, however fast the machine.
     let started = std::time::Instant::now();
@@ -192,14 +210,7 @@ fn automatic_relay_use_holds_two_reservations_and_replaces_a_lost_relay() {
 
 #[test]
 fn relay_limits_deny_with_the_relay_status_code_and_serve_allowed_peers() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("relay.toml");
-    std::fs::write(
-        &config,
-        "[relay_limits]\nmax_reservations_per_ip = 2\nmax_circuits_per_peer = 1\n",
-    )
-    .unwrap();
-    let r = relay(&["--config", config.to_str().unwrap()]);
+    let (_config, r) = configured_relay("[relay_limits]\nmax_reservations_per_ip = 2\nmax_circuits_per_peer = 1\n", &[]);
     let b = behind(&r);
     let c = behind(&r);
     wait_until(Duration::from_secs(20), "B and C reserved", || reserved_on(&b, &r) && reserved_on(&c, &r));
@@ -261,16 +272,12 @@ async fn try_reservation(relay: libp2p::Multiaddr) -> (bool, impl Send) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flood_of_reservations_leaves_the_relay_bounded_and_allowed_peers_served() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("relay.toml");
     // Every flooder comes from 127.0.0.1: lift the per-IP cap so the total cap is what holds.
     // Connections are capped too (each costs memory whatever it asks for).
-    std::fs::write(
-        &config,
+    let (_config, r) = configured_relay(
         "max_incoming_connections = 160\n[relay_limits]\nmax_reservations = 64\nmax_reservations_per_ip = \"unlimited\"\n",
-    )
-    .unwrap();
-    let r = relay(&["--config", config.to_str().unwrap()]);
+        &[],
+    );
     let b = behind(&r);
     wait_until(Duration::from_secs(20), "B's reservation on R", || reserved_on(&b, &r));
     // A is connected to R before the flood (a flood may fill the connection cap).
