@@ -210,10 +210,29 @@ fn automatic_relay_use_holds_two_reservations_and_replaces_a_lost_relay() {
 
 #[test]
 fn relay_limits_deny_with_the_relay_status_code_and_serve_allowed_peers() {
-    let (_config, r) = configured_relay("[relay_limits]\nmax_reservations_per_ip = 2\nmax_circuits_per_peer = 1\n", &[]);
+    let (_config, r) = configured_relay(
+        "[relay_limits]\nmax_reservations_per_ip = 3\nmax_reservations_per_peer = 1\nmax_circuits_per_peer = 1\n",
+        &[],
+    );
     let b = behind(&r);
     let c = behind(&r);
     wait_until(Duration::from_secs(20), "B and C reserved", || reserved_on(&b, &r) && reserved_on(&c, &r));
+    // One peer asking for a second reservation (over a second connection) is over the per-peer
+    // cap of 1: denied, while its first reservation holds.
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let relay_addr: libp2p::Multiaddr = r.quic_addr().parse().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (first, _first_swarm) = runtime.block_on(reserve_as(key.clone(), relay_addr.clone()));
+    let (second, _second_swarm) = runtime.block_on(reserve_as(key.clone(), relay_addr));
+    assert!(first && !second, "one reservation per peer: first {first}, second {second}");
+    let status = r.status();
+    let peer = key.public().to_peer_id().to_string();
+    assert!(
+        status["relay"]["last_denial"].as_str().unwrap().contains(&format!("{peer}: ResourceLimitExceeded")),
+        "{status}"
+    );
+    drop((_first_swarm, _second_swarm));
+
     // A third peer from the same IP is over the per-IP cap: denied with RESOURCE_LIMIT_EXCEEDED.
     let d = behind(&r);
     wait_until(Duration::from_secs(20), "D's reservation denied", || {
@@ -247,9 +266,14 @@ fn rss_kib(pid: u32) -> u64 {
 /// One throwaway identity asking the relay for a reservation: whether it got one, and the swarm
 /// (kept alive by the caller so a granted reservation keeps counting).
 async fn try_reservation(relay: libp2p::Multiaddr) -> (bool, impl Send) {
+    reserve_as(libp2p::identity::Keypair::generate_ed25519(), relay).await
+}
+
+/// A reservation request from `key`'s identity over a connection of its own.
+async fn reserve_as(key: libp2p::identity::Keypair, relay: libp2p::Multiaddr) -> (bool, impl Send) {
     use futures::StreamExt;
     use libp2p::swarm::SwarmEvent;
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_quic()
         .with_relay_client(libp2p::noise::Config::new, libp2p::yamux::Config::default)
