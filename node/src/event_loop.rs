@@ -488,6 +488,8 @@ impl EventLoop {
                     conn.rtt = Some(rtt);
                 }
             }
+            // A peer that does not speak ping is fine; only silence counts.
+            BehaviourEvent::Ping(ping::Event { result: Err(ping::Failure::Unsupported), .. }) => {}
             BehaviourEvent::Ping(ping::Event { peer, connection, result: Err(error) }) => {
                 // Ping reports only after two failures in a row (10 s and more of silence). A
                 // connection that has gone silent is dropped when something can take its place:
