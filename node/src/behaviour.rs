@@ -1,7 +1,7 @@
 //! The composed libp2p behaviour and the swarm built around it.
 //!
-//! Standard protocols under their standard ids (identify, ping, Kademlia, AutoNAT v1, circuit
-//! relay v2 client and server, DCUtR), so any libp2p implementation interoperates, plus `libp2p-stream` for
+//! Standard protocols under their standard ids (identify, ping, Kademlia, AutoNAT v1 and v2,
+//! circuit relay v2 client and server, DCUtR), so any libp2p implementation interoperates, plus `libp2p-stream` for
 //! warren's own stream protocols and for on-demand pings.
 
 use std::time::Duration;
@@ -34,6 +34,12 @@ pub struct Behaviour {
     pub kad: kad::Behaviour<kad::store::MemoryStore>,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     pub autonat: autonat::Behaviour,
+    /// AutoNAT v2 tests each candidate address on its own and confirms every one that a peer
+    /// could dial back (v1 confirms one address per probe: a public node then advertised only
+    /// its TCP address, and a relay offered circuits over TCP only).
+    pub autonat_v2: autonat::v2::client::Behaviour,
+    pub autonat_v2_server: autonat::v2::server::Behaviour,
+    pub candidates: crate::candidates::Behaviour,
     pub relay_client: relay::client::Behaviour,
     pub relay: Toggle<relay::Behaviour>,
     pub dcutr: dcutr::Behaviour,
@@ -108,6 +114,7 @@ pub fn build_swarm(keypair: Keypair, config: &Config) -> Result<Built, BuildErro
     // ranges count too, so AutoNAT must consider every address (warren filters by range).
     let autonat_only_global = config.public_ranges.is_empty();
     let max_incoming = config.max_incoming_connections;
+    let public_ranges = config.public_ranges().map_err(|e| BuildError::Setup(e.message))?;
     let setup = |e: &dyn std::fmt::Display| BuildError::Setup(e.to_string());
     let meter = config.relay.then(|| std::sync::Arc::new(crate::relay_meter::Meter::new(config.relay_limits.bandwidth_cap())));
 
@@ -174,6 +181,9 @@ pub fn build_swarm(keypair: Keypair, config: &Config) -> Result<Built, BuildErro
                     peer_id,
                     autonat::Config { only_global_ips: autonat_only_global, ..Default::default() },
                 ),
+                autonat_v2: autonat::v2::client::Behaviour::default(),
+                autonat_v2_server: autonat::v2::server::Behaviour::default(),
+                candidates: crate::candidates::Behaviour::new(public_ranges.clone()),
                 relay_client,
                 relay: relay_config
                     .map(|(limits, force)| {

@@ -16,6 +16,7 @@
 
 pub mod autorelay;
 pub mod behaviour;
+pub mod candidates;
 pub mod cli;
 pub mod config;
 pub mod control;

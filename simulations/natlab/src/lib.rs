@@ -32,6 +32,8 @@ use topo::{Host, Lab, PUBLIC_RANGE, Site, SiteKind};
 
 /// Port the core nodes listen on.
 const CORE_PORT: u16 = 4001;
+/// How long AutoNAT may take to confirm the relay public (libp2p's first probe waits 15 s).
+const RELAY_CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long A may take to find B in the DHT.
 const FIND_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long after first contact a direct connection may take to appear.
@@ -181,11 +183,17 @@ fn start_core(lab: &mut Lab, opts: &Options) -> Result<Core, String> {
     args.extend(["--dht-mode", "server", "--no-mdns", "--public-ranges", PUBLIC_RANGE].map(String::from));
     let bootstrap = Node::start(&opts.warren, &boot_host.ns, &opts.work_dir.join("bootstrap"), &args)?;
     let mut args = listen_args(&relay_host, CORE_PORT, Transports::Both);
-    args.extend(["--relay-force", "--dht-mode", "server", "--no-mdns", "--public-ranges", PUBLIC_RANGE].map(String::from));
+    // A plain `--relay`: the relay advertises itself only once AutoNAT (the bootstrap node dialing
+    // back) confirms its public address, as on the internet.
+    args.extend(["--relay", "--dht-mode", "server", "--no-mdns", "--public-ranges", PUBLIC_RANGE].map(String::from));
     for addr in Core::addrs(&boot_host, &bootstrap, Transports::Both) {
         args.extend(["--bootstrap".into(), addr]);
     }
     let relay = Node::start(&opts.warren, &relay_host.ns, &opts.work_dir.join("relay"), &args)?;
+    let started = Instant::now();
+    wait_for(RELAY_CONFIRM_TIMEOUT, || relay.json(&["status"]).filter(|s| s["relay"]["advertised"] == true))
+        .ok_or("the relay was never confirmed publicly reachable by AutoNAT, so it never offered relaying")?;
+    eprintln!("natlab: relay confirmed public and advertising after {:.1} s", started.elapsed().as_secs_f64());
     Ok(Core { bootstrap, boot_host, relay, relay_host })
 }
 
