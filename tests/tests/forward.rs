@@ -75,8 +75,11 @@ async fn a_reset_on_either_side_resets_the_other() {
     let target = service.local_addr().unwrap();
     let (ends_tx, mut ends) = tokio::sync::mpsc::channel::<std::io::Result<usize>>(4);
     tokio::spawn(async move {
-        // First connection: send 100 KiB, then reset.
+        // First connection: wait for the client's first byte (so the client's connect has
+        // completed before any reset can travel back), send 100 KiB, then reset.
         let (mut tcp, _) = service.accept().await.unwrap();
+        let mut hello = [0u8; 1];
+        tcp.read_exact(&mut hello).await.unwrap();
         tcp.write_all(&vec![7u8; 100 * 1024]).await.unwrap();
         socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO)).unwrap();
         drop(tcp);
@@ -99,6 +102,7 @@ async fn a_reset_on_either_side_resets_the_other() {
 
     // The service resets: the local application sees a reset after the data, not a clean EOF.
     let mut tcp = TcpStream::connect(bind).await.unwrap();
+    tcp.write_all(b"!").await.unwrap();
     let mut got = 0;
     let mut buf = vec![0u8; 64 * 1024];
     let end = tokio::time::timeout(Duration::from_secs(10), async {
@@ -244,7 +248,15 @@ fn forwards_and_exposes_in_the_config_and_from_the_cli_come_back_after_a_restart
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_thousand_udp_datagrams_of_mixed_sizes_come_back_intact() {
     let _turn = heavy();
-    let service = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // The test's own sockets get large receive buffers, as warren's have: with the default
+    // (208 KiB, about a dozen 9000-byte datagrams) a busy test process drops bursts itself and
+    // the test would measure its own scheduling, not the forward.
+    let big = |socket: UdpSocket| {
+        let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(4 * 1024 * 1024);
+        let _ = socket2::SockRef::from(&socket).set_send_buffer_size(4 * 1024 * 1024);
+        socket
+    };
+    let service = big(UdpSocket::bind("127.0.0.1:0").await.unwrap());
     let service_addr = service.local_addr().unwrap();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 65_535];
@@ -259,7 +271,7 @@ async fn ten_thousand_udp_datagrams_of_mixed_sizes_come_back_intact() {
     let info = client.json(&["forward", "127.0.0.1:0", &format!("{}/dns", server.peer_id), "--udp"]).unwrap();
     let bind: SocketAddr = info["bind"].as_str().unwrap().parse().unwrap();
 
-    let socket = std::sync::Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let socket = std::sync::Arc::new(big(UdpSocket::bind("127.0.0.1:0").await.unwrap()));
     socket.connect(bind).await.unwrap();
     let total = 10_000u32;
     // Mixed sizes, from the smallest that can carry the index to jumbo datagrams.
