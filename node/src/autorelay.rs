@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId, core::transport::ListenerId, multiaddr::Protocol};
 
+use crate::event_loop::without_p2p;
+
 /// The DHT key relays provide, so nodes can find relays they are not connected to.
 pub const RELAYS_KEY: &[u8] = b"/warren/relays/1";
 /// After a relay refused or dropped us, it is not tried again for this long.
@@ -210,10 +212,6 @@ impl AutoRelay {
 /// The listen address that asks the relay client for a reservation through the relay.
 pub fn circuit_listen_addr(relay: PeerId, relay_addr: &Multiaddr) -> Multiaddr {
     relay_addr.clone().with(Protocol::P2p(relay)).with(Protocol::P2pCircuit)
-}
-
-fn without_p2p(addr: &Multiaddr) -> Multiaddr {
-    addr.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect()
 }
 
 #[cfg(test)]

@@ -973,8 +973,8 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// An address without its trailing `/p2p/PEER`.
-fn without_p2p(addr: &Multiaddr) -> Multiaddr {
+/// An address without its `/p2p/PEER` parts.
+pub fn without_p2p(addr: &Multiaddr) -> Multiaddr {
     addr.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect()
 }
 
