@@ -580,9 +580,8 @@ impl EventLoop {
             relay::Event::StatusChanged { status } => {
                 self.relay_advertised = *status == relay::Status::Enable;
                 tracing::info!(advertised = self.relay_advertised, "relay service status changed");
-                if self.relay_advertised {
-                    self.announce_relay();
-                }
+                // Announced (again) by the next tick once enabled.
+                self.relay_announced = false;
             }
             relay::Event::ReservationReqDenied { src_peer_id, status } => {
                 tracing::info!(peer = %src_peer_id, ?status, "relay reservation denied");
@@ -598,8 +597,13 @@ impl EventLoop {
         self.relay_stats.on_event(&event);
     }
 
-    /// Tells the DHT this node relays, so nodes without candidates can find it.
-    fn announce_relay(&mut self) {
+    /// Tells the DHT this node relays, so nodes without candidates can find it. Once per
+    /// advertisement, when the DHT has peers to store the record (Kademlia republishes it).
+    fn announce_relay_when_due(&mut self) {
+        if !self.relay_advertised || self.relay_announced || self.routing_table_size() == 0 {
+            return;
+        }
+        self.relay_announced = true;
         if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(kad::RecordKey::new(&RELAYS_KEY)) {
             tracing::warn!(error = %e, "cannot announce the relay service in the DHT");
         }
@@ -631,10 +635,7 @@ impl EventLoop {
             let id = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&RELAYS_KEY));
             self.relay_lookups.insert(id);
         }
-        if self.relay_advertised && self.started.elapsed() > Duration::from_secs(2) && !self.relay_announced {
-            self.relay_announced = true;
-            self.announce_relay();
-        }
+        self.announce_relay_when_due();
     }
 
     /// Publishes this node as provider of its own key, carrying its current external addresses
