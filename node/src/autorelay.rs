@@ -42,7 +42,10 @@ pub struct AutoRelay {
     pinned: Vec<(PeerId, Multiaddr)>,
     candidates: HashMap<PeerId, Vec<Multiaddr>>,
     held: HashMap<ListenerId, Held>,
+    /// Relays that refused or dropped us, not tried again until then.
     retry_after: HashMap<PeerId, Instant>,
+    /// Relays being dialed (a reservation is asked for once connected), not dialed again until then.
+    dialing: HashMap<PeerId, Instant>,
     last_lookup: Option<Instant>,
     pub last_error: Option<String>,
 }
@@ -75,6 +78,7 @@ impl AutoRelay {
             candidates: HashMap::new(),
             held: HashMap::new(),
             retry_after: HashMap::new(),
+            dialing: HashMap::new(),
             last_lookup: None,
             last_error: None,
         }
@@ -123,12 +127,7 @@ impl AutoRelay {
 
     /// A connection to `peer` is up: a relay we were dialing can be asked at once.
     pub fn on_connected(&mut self, peer: PeerId) {
-        if let Some(until) = self.retry_after.get(&peer)
-            && *until <= Instant::now() + DIAL_WAIT
-            && self.last_error.as_ref().is_none_or(|e| !e.starts_with(&peer.to_string()))
-        {
-            self.retry_after.remove(&peer);
-        }
+        self.dialing.remove(&peer);
     }
 
     /// The relay disconnected: it stops being a candidate until it is seen again.
@@ -146,17 +145,19 @@ impl AutoRelay {
     pub fn tick(&mut self, wanted: bool, can_look_up: bool, connected: impl Fn(&PeerId) -> bool) -> Actions {
         let now = Instant::now();
         self.retry_after.retain(|_, until| *until > now);
+        self.dialing.retain(|_, until| *until > now);
+        let waiting = |me: &Self, peer: &PeerId| me.retry_after.contains_key(peer) || me.dialing.contains_key(peer);
         let mut actions = Actions { reserve: Vec::new(), release: Vec::new(), lookup: false, dial: Vec::new() };
         let holds = |held: &HashMap<ListenerId, Held>, peer: &PeerId| held.values().any(|h| h.relay == *peer);
         for (peer, addr) in &self.pinned {
-            if holds(&self.held, peer) || self.retry_after.contains_key(peer) {
+            if holds(&self.held, peer) || waiting(self, peer) {
                 continue;
             }
             if connected(peer) {
                 actions.reserve.push((*peer, without_p2p(addr), true));
             } else {
                 actions.dial.push((*peer, addr.clone()));
-                self.retry_after.insert(*peer, now + DIAL_WAIT);
+                self.dialing.insert(*peer, now + DIAL_WAIT);
             }
         }
         if !wanted {
@@ -172,7 +173,7 @@ impl AutoRelay {
         let mut choices: Vec<(PeerId, Multiaddr)> = self
             .candidates
             .iter()
-            .filter(|(peer, _)| !holds(&self.held, peer) && !self.retry_after.contains_key(peer))
+            .filter(|(peer, _)| !holds(&self.held, peer) && !waiting(self, peer))
             .filter(|(peer, _)| !self.pinned.iter().any(|(p, _)| p == *peer))
             .map(|(peer, addrs)| (*peer, addrs[0].clone()))
             .collect();
@@ -185,7 +186,7 @@ impl AutoRelay {
                 actions.reserve.push((peer, addr, false));
             } else {
                 actions.dial.push((peer, addr.with(Protocol::P2p(peer))));
-                self.retry_after.insert(peer, now + DIAL_WAIT);
+                self.dialing.insert(peer, now + DIAL_WAIT);
             }
             missing -= 1;
         }
@@ -259,7 +260,7 @@ mod tests {
         let actions = auto.tick(false, true, |_| false);
         assert_eq!(actions.dial, vec![(relay, via.clone())], "dialed first");
         assert!(actions.reserve.is_empty());
-        auto.retry_after.clear();
+        auto.on_connected(relay);
         let actions = auto.tick(false, true, |_| true);
         assert_eq!(actions.reserve, vec![(relay, addr(4001), true)], "reserved once connected");
     }
