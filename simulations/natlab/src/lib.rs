@@ -309,15 +309,8 @@ fn run_cell(
     })?;
     cell.reached = true;
 
-    let direct = wait_for(DIRECT_WAIT, || direct_connection(&a, &b.peer_id));
-    if let Some(conn) = direct {
-        cell.direct = true;
-        cell.direct_transport = conn["transport"].as_str().map(String::from);
-        let punched = conn["punched_after_ms"].as_f64().or_else(|| {
-            direct_connection(&b, &a.peer_id).and_then(|c| c["punched_after_ms"].as_f64())
-        });
-        cell.direct_by = punched.map(|_| "hole punch".to_string());
-        cell.direct_after_ms = punched.or(Some(first.elapsed().as_secs_f64() * 1000.0));
+    if let Some(conn) = wait_for(DIRECT_WAIT, || direct_connection(&a, &b.peer_id)) {
+        record_direct(cell, &conn, &a, &b, first);
     }
 
     match transfer(&a_host.ns, bind, TRANSFER_BYTES, TRANSFER_TIMEOUT) {
@@ -333,11 +326,7 @@ fn run_cell(
     if !cell.direct
         && let Some(conn) = direct_connection(&a, &b.peer_id)
     {
-        cell.direct = true;
-        cell.direct_transport = conn["transport"].as_str().map(String::from);
-        let punched = conn["punched_after_ms"].as_f64();
-        cell.direct_by = punched.map(|_| "hole punch".to_string());
-        cell.direct_after_ms = punched.or(Some(first.elapsed().as_secs_f64() * 1000.0));
+        record_direct(cell, &conn, &a, &b, first);
     }
     if let Some((edge, b_wan)) = cut
         && cell.direct
@@ -367,6 +356,18 @@ fn repunch(a: &Node, b: &Node, a_ns: &str, bind: SocketAddr, edge: &str, b_wan: 
         result.direct_again_after_s = Some(restored.elapsed().as_secs_f64());
     }
     result
+}
+
+/// Records A's direct connection `conn` to B: its transport, and warren's own punch time (from
+/// either side), else the time since the forward's first connection.
+fn record_direct(cell: &mut Cell, conn: &Value, a: &Node, b: &Node, first: Instant) {
+    cell.direct = true;
+    cell.direct_transport = conn["transport"].as_str().map(String::from);
+    let punched = conn["punched_after_ms"]
+        .as_f64()
+        .or_else(|| direct_connection(b, &a.peer_id).and_then(|c| c["punched_after_ms"].as_f64()));
+    cell.direct_by = punched.map(|_| "hole punch".to_string());
+    cell.direct_after_ms = punched.or(Some(first.elapsed().as_secs_f64() * 1000.0));
 }
 
 fn forward_info(a: &Node, bind: SocketAddr) -> Option<Value> {

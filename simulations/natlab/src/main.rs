@@ -44,10 +44,10 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     // Ctrl-C or a kill ends the run with the lab removed (nodes die with this process).
-    let id = format!("{}{}", topo::PREFIX, std::process::id());
+    let pid = std::process::id();
     warren_natlab::sys::route_signals_to(move |sig| {
         eprintln!("signal {sig}: removing the lab");
-        for ns in topo::cleanup_stale(false).into_iter().chain(remove_own(&id)) {
+        for ns in topo::cleanup_stale(false).into_iter().chain(topo::remove_lab_of(pid)) {
             eprintln!("removed {ns}");
         }
         std::process::exit(130);
@@ -86,15 +86,3 @@ fn main() -> ExitCode {
     if cells.iter().all(|c| c.reached && c.transfer_ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
-fn remove_own(id: &str) -> Vec<String> {
-    let out = std::process::Command::new("ip").args(["netns", "list"]).output();
-    let Ok(out) = out else { return Vec::new() };
-    let mut removed = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let ns = line.split_whitespace().next().unwrap_or("");
-        if ns.starts_with(&format!("{id}-")) && topo::run(&["ip", "netns", "del", ns]).is_ok() {
-            removed.push(ns.to_string());
-        }
-    }
-    removed
-}

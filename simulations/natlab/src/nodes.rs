@@ -51,15 +51,13 @@ impl Node {
         Ok(node)
     }
 
-    /// Runs a CLI command with `--json` (the control socket is a file: no namespace needed).
+    /// [`Node::cli`], for polling: any failure is just "not yet".
     pub fn json(&self, args: &[&str]) -> Option<Value> {
-        let out = Command::new(&self.warren).arg("--data-dir").arg(&self.dir).args(args).arg("--json").output().ok()?;
-        if !out.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&out.stdout).ok()
+        self.cli(args).ok()
     }
 
+    /// Runs a CLI command with `--json` (the control socket is a file: no namespace needed); the
+    /// error names the command and its stderr.
     pub fn cli(&self, args: &[&str]) -> Result<Value, String> {
         let out = Command::new(&self.warren)
             .arg("--data-dir")

@@ -275,15 +275,23 @@ pub fn cut(edge: &str, peer: Ipv4Addr, cut: bool) -> Result<(), String> {
 /// Removes namespaces left by labs whose process is gone (a crash, a SIGKILL); `all` removes
 /// every lab namespace.
 pub fn cleanup_stale(all: bool) -> Vec<String> {
+    remove_lab_namespaces(|pid| all || pid == 0 || !std::path::Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// Removes the namespaces of the lab run by process `pid` (an interrupted run cleaning up).
+pub fn remove_lab_of(pid: u32) -> Vec<String> {
+    remove_lab_namespaces(|owner| owner == pid)
+}
+
+/// Removes every lab namespace whose owning pid (0 if unreadable) `doomed` picks; returns them.
+fn remove_lab_namespaces(doomed: impl Fn(u32) -> bool) -> Vec<String> {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return Vec::new() };
     let mut removed = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let ns = line.split_whitespace().next().unwrap_or("");
         let Some(rest) = ns.strip_prefix(PREFIX) else { continue };
         let pid: u32 = rest.split('-').next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        let alive = pid != 0 && std::path::Path::new(&format!("/proc/{pid}")).exists();
-        if all || !alive {
-            let _ = run(&["ip", "netns", "del", ns]);
+        if doomed(pid) && run(&["ip", "netns", "del", ns]).is_ok() {
             removed.push(ns.to_string());
         }
     }
