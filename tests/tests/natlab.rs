@@ -2,7 +2,8 @@
 //! two EIM NATs punch through (QUIC and TCP racing; then TCP alone), fall back to the relay when
 //! the direct path is cut and punch again when it returns, and a symmetric NAT, which defeats
 //! hole punching, still gets the forward through the relay. Real kernel NAT in network
-//! namespaces; needs root. WARREN_SKIP_NETNS=1 skips it elsewhere.
+//! namespaces; needs root. WARREN_SKIP_NETNS=1 skips it elsewhere. The UPnP site (miniupnpd on
+//! an EIM router) is checked on its own.
 
 mod common;
 
@@ -48,4 +49,26 @@ fn nat_lab_subset_punches_through_eim_and_relays_through_symmetric() {
     let left = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
     let prefix = format!("{}{}-", warren_natlab::topo::PREFIX, std::process::id());
     assert!(!String::from_utf8_lossy(&left.stdout).contains(&prefix), "lab namespaces removed");
+}
+
+/// The UPnP site the port-mapping work will use: the real miniupnpd on an EIM router. Nothing
+/// gets in unmapped; NAT-PMP tells the router's public address and maps a port that then carries
+/// a connection from the wire; UPnP-IGD (miniupnpc's `upnpc`) reports the same address.
+#[test]
+fn upnp_site_maps_ports_on_request_and_drops_everything_else() {
+    if std::env::var("WARREN_SKIP_NETNS").is_ok_and(|v| v == "1") {
+        eprintln!("skipped: WARREN_SKIP_NETNS=1");
+        return;
+    }
+    let check = warren_natlab::upnp::check_site(Duration::from_millis(20))
+        .expect("the UPnP site builds and miniupnpd answers (root, nftables, miniupnpd-nftables)");
+    eprintln!("{check:#?}");
+    assert!(check.before_mapping.is_err(), "an unmapped port is not reachable from the wire: {check:?}");
+    assert_eq!(check.natpmp_external, check.wan, "NAT-PMP reports the router's WAN address");
+    assert_eq!(check.mapped_port, 7100, "miniupnpd grants the port asked for when it is free");
+    assert!(check.after_mapping.is_ok(), "1 MiB echoed through the mapped port: {check:?}");
+    match &check.igd_external {
+        Some(igd) => assert_eq!(igd.as_ref(), Ok(&check.wan), "UPnP-IGD reports the WAN address"),
+        None => panic!("upnpc (Debian: miniupnpc) is needed to check UPnP-IGD; .ci/run installs it"),
+    }
 }

@@ -18,6 +18,7 @@
 pub mod nodes;
 pub mod sys;
 pub mod topo;
+pub mod upnp;
 pub mod wire;
 
 use std::net::SocketAddr;

@@ -30,6 +30,10 @@ struct Args {
     /// Remove every lab namespace left behind (by any run) and exit
     #[arg(long)]
     cleanup: bool,
+    /// Check the UPnP site alone (miniupnpd answers NAT-PMP, a mapped port is reachable from the
+    /// wire, an unmapped one is not) and exit
+    #[arg(long)]
+    check_upnp: bool,
 }
 
 fn main() -> ExitCode {
@@ -38,6 +42,24 @@ fn main() -> ExitCode {
         let removed = topo::cleanup_stale(true);
         println!("removed {} namespaces", removed.len());
         return ExitCode::SUCCESS;
+    }
+    if args.check_upnp {
+        topo::cleanup_stale(false);
+        return match warren_natlab::upnp::check_site(Duration::from_millis(args.latency_ms)) {
+            Ok(check) => {
+                println!("{check:#?}");
+                let ok = check.natpmp_external == check.wan
+                    && check.before_mapping.is_err()
+                    && check.after_mapping.is_ok()
+                    && check.igd_external.as_ref().is_none_or(|igd| igd.as_ref() == Ok(&check.wan));
+                println!("{}", if ok { "upnp site: ok" } else { "upnp site: NOT as expected" });
+                if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     if !args.warren.exists() {
         eprintln!("error: no warren binary at {}; build it with `cargo build --release` or pass --warren", args.warren.display());

@@ -100,21 +100,27 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
     }
 }
 
-/// A TCP echo service on 127.0.0.1 inside a namespace, stopped when dropped.
+/// A TCP echo service inside a namespace, stopped when dropped.
 pub struct Echo {
     pub port: u16,
     stop: Arc<AtomicBool>,
 }
 
 impl Echo {
+    /// On 127.0.0.1, a free port: the service a forward points at.
     pub fn start(ns: &str) -> Result<Echo, String> {
+        Echo::start_on(ns, SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// On `bind` (port 0 for any free one).
+    pub fn start_on(ns: &str, bind: SocketAddr) -> Result<Echo, String> {
         let ns = ns.to_string();
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
         let stopped = stop.clone();
         std::thread::spawn(move || {
             let listener = sys::enter_netns(&ns)
-                .and_then(|()| TcpListener::bind("127.0.0.1:0"))
+                .and_then(|()| TcpListener::bind(bind))
                 .and_then(|l| l.set_nonblocking(true).map(|()| l));
             let listener = match listener {
                 Ok(l) => {

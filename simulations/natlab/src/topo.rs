@@ -7,10 +7,12 @@
 
 use std::net::Ipv4Addr;
 use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::{Deserialize, Serialize};
 
 use crate::sys;
+use crate::upnp::{Miniupnpd, StunServer};
 use crate::wire::Wire;
 
 /// The wire's address range, announced to warren as public.
@@ -36,11 +38,14 @@ pub enum SiteKind {
     UdpBlocked,
     /// Two hosts behind one EIM router. Linux does not hairpin, so the LAN path must be found.
     SameLan,
+    /// An EIM router running miniupnpd (UPnP-IGD and NAT-PMP, secure mode): a host may map
+    /// ports to itself. Until warren asks for mappings it behaves as `eim`.
+    Upnp,
 }
 
 impl SiteKind {
     pub fn all() -> &'static [SiteKind] {
-        &[SiteKind::Public, SiteKind::Eim, SiteKind::Symmetric, SiteKind::DoubleNat, SiteKind::UdpBlocked]
+        &[SiteKind::Public, SiteKind::Eim, SiteKind::Symmetric, SiteKind::DoubleNat, SiteKind::UdpBlocked, SiteKind::Upnp]
     }
 
     pub fn name(self) -> &'static str {
@@ -51,6 +56,7 @@ impl SiteKind {
             SiteKind::DoubleNat => "double-nat",
             SiteKind::UdpBlocked => "udp-blocked",
             SiteKind::SameLan => "same-lan",
+            SiteKind::Upnp => "upnp",
         }
     }
 }
@@ -87,6 +93,12 @@ fn nft(ns: &str, rules: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Temporary interface names are unique per process (labs can be built side by side).
+fn next_link_number() -> u32 {
+    static LINKS: AtomicU32 = AtomicU32::new(0);
+    LINKS.fetch_add(1, Ordering::Relaxed)
+}
+
 /// A place a node runs: its namespace and the address others see it at on the LAN.
 #[derive(Debug, Clone)]
 pub struct Host {
@@ -103,6 +115,8 @@ pub struct Site {
     pub wan: Ipv4Addr,
     /// The namespace of the router on the wire (none for `Public`).
     pub edge: Option<String>,
+    /// The hosts' default gateway (their home router's LAN address; none for `Public`).
+    pub gateway: Option<Ipv4Addr>,
 }
 
 /// All namespaces of one lab; removed when dropped.
@@ -112,15 +126,26 @@ pub struct Lab {
     wire: Wire,
     next_wan: u8,
     next_site: u8,
-    tuns: u32,
-    veths: u32,
+    /// The STUN server miniupnpd asks for its public address (started with the first UPnP site).
+    stun: Option<(Host, StunServer)>,
+    daemons: Vec<Miniupnpd>,
 }
 
 impl Lab {
     pub fn new(latency: std::time::Duration) -> Result<Lab, String> {
-        let id = format!("{PREFIX}{}", std::process::id());
+        // Labs of one process (tests running side by side) differ by a counter after the pid.
+        static LABS: AtomicU32 = AtomicU32::new(0);
+        let id = format!("{PREFIX}{}-{}", std::process::id(), LABS.fetch_add(1, Ordering::Relaxed));
         run(&["modprobe", "-q", "tun"]).ok();
-        Ok(Lab { id, namespaces: Vec::new(), wire: Wire::new(latency), next_wan: 1, next_site: 1, tuns: 0, veths: 0 })
+        Ok(Lab {
+            id,
+            namespaces: Vec::new(),
+            wire: Wire::new(latency),
+            next_wan: 1,
+            next_site: 1,
+            stun: None,
+            daemons: Vec::new(),
+        })
     }
 
     pub fn namespaces(&self) -> Vec<String> {
@@ -139,8 +164,7 @@ impl Lab {
     fn wan(&mut self, ns: &str) -> Result<Ipv4Addr, String> {
         let addr = Ipv4Addr::new(203, 0, 113, self.next_wan);
         self.next_wan += 1;
-        self.tuns += 1;
-        let name = format!("wt{}x{}", std::process::id() % 100_000, self.tuns);
+        let name = format!("wt{}x{}", std::process::id() % 100_000, next_link_number());
         let tun = sys::open_tun(&name).map_err(|e| format!("cannot create TUN {name}: {e} (is /dev/net/tun there?)"))?;
         run(&["ip", "link", "set", &name, "netns", ns])?;
         ns_run(ns, &["ip", "link", "set", &name, "name", "wan0"])?;
@@ -153,9 +177,9 @@ impl Lab {
 
     /// A veth pair between two namespaces, each end renamed and (when given) addressed.
     fn link(&mut self, a: &str, a_if: &str, a_addr: Option<&str>, b: &str, b_if: &str, b_addr: Option<&str>) -> Result<(), String> {
-        self.veths += 1;
-        let tmp_a = format!("va{}x{}", std::process::id() % 100_000, self.veths);
-        let tmp_b = format!("vb{}x{}", std::process::id() % 100_000, self.veths);
+        let n = next_link_number();
+        let tmp_a = format!("va{}x{n}", std::process::id() % 100_000);
+        let tmp_b = format!("vb{}x{n}", std::process::id() % 100_000);
         run(&["ip", "link", "add", &tmp_a, "type", "veth", "peer", "name", &tmp_b])?;
         for (tmp, ns, name, addr) in [(&tmp_a, a, a_if, a_addr), (&tmp_b, b, b_if, b_addr)] {
             run(&["ip", "link", "set", tmp, "netns", ns])?;
@@ -175,11 +199,13 @@ impl Lab {
         Ok(Host { ns, addr })
     }
 
-    /// A NAT router: forwarding on, masquerade out of `out_if`, unsolicited inbound dropped.
-    fn router(&self, ns: &str, out_if: &str, fully_random: bool, block_udp: bool) -> Result<(), String> {
+    /// A NAT router: forwarding on, masquerade out of `out_if`, unsolicited inbound dropped
+    /// (except, with `mapped`, connections to ports the router itself mapped: DNAT-ed ones).
+    fn router(&self, ns: &str, out_if: &str, fully_random: bool, block_udp: bool, mapped: bool) -> Result<(), String> {
         ns_run(ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         let random = if fully_random { " fully-random" } else { "" };
         let udp = if block_udp { "        meta l4proto udp drop\n" } else { "" };
+        let mapped = if mapped { "        ct status dnat accept\n" } else { "" };
         nft(
             ns,
             &format!(
@@ -188,7 +214,7 @@ impl Lab {
     chain fwd_filter {{
         type filter hook forward priority filter; policy drop;
 {udp}        ct state established,related accept
-        iifname != \"{out_if}\" accept
+{mapped}        iifname != \"{out_if}\" accept
     }}
     chain router_in {{
         type filter hook input priority filter; policy accept;
@@ -208,20 +234,23 @@ impl Lab {
         let tag = format!("s{n}");
         if kind == SiteKind::Public {
             let host = self.public_host(&format!("{tag}-host"))?;
-            return Ok(Site { kind, wan: host.addr, hosts: vec![host], edge: None });
+            return Ok(Site { kind, wan: host.addr, hosts: vec![host], edge: None, gateway: None });
         }
         let router = self.netns(&format!("{tag}-router"))?;
         let wan = self.wan(&router)?;
         let home = if kind == SiteKind::DoubleNat {
             // Carrier NAT on the wire; the home router sits behind it on 100.64.n.0/24.
-            self.router(&router, "wan0", false, false)?;
+            self.router(&router, "wan0", false, false, false)?;
             let home = self.netns(&format!("{tag}-home"))?;
             self.link(&router, "cgn0", Some(&format!("100.64.{n}.1/24")), &home, "up0", Some(&format!("100.64.{n}.2/24")))?;
             ns_run(&home, &["ip", "route", "add", "default", "via", &format!("100.64.{n}.1")])?;
-            self.router(&home, "up0", false, false)?;
+            self.router(&home, "up0", false, false, false)?;
             home
         } else {
-            self.router(&router, "wan0", kind == SiteKind::Symmetric, kind == SiteKind::UdpBlocked)?;
+            self.router(&router, "wan0", kind == SiteKind::Symmetric, kind == SiteKind::UdpBlocked, kind == SiteKind::Upnp)?;
+            if kind == SiteKind::Upnp {
+                nft(&router, &crate::upnp::miniupnpd_ruleset())?;
+            }
             router.clone()
         };
         let count = if kind == SiteKind::SameLan { 2 } else { 1 };
@@ -245,11 +274,30 @@ impl Lab {
                 hosts.push(Host { ns: host, addr });
             }
         }
-        Ok(Site { kind, hosts, wan, edge: Some(router) })
+        let gateway = Ipv4Addr::new(10, n, 0, 1);
+        if kind == SiteKind::Upnp {
+            let stun = self.stun_server()?;
+            let files = std::env::temp_dir().join(format!("{}-{tag}-miniupnpd", self.id));
+            let daemon = Miniupnpd::start(&router, "lan0", &format!("10.{n}.0.0/24"), stun, &files, &hosts[0].ns, gateway)?;
+            self.daemons.push(daemon);
+        }
+        Ok(Site { kind, hosts, wan, edge: Some(router), gateway: Some(gateway) })
+    }
+
+    /// The lab's STUN server (a public host of its own), started on first use; its address.
+    fn stun_server(&mut self) -> Result<Ipv4Addr, String> {
+        if self.stun.is_none() {
+            let host = self.public_host("stun")?;
+            let server = StunServer::start(&host.ns)?;
+            self.stun = Some((host, server));
+        }
+        Ok(self.stun.as_ref().expect("set above").0.addr)
     }
 
     /// Removes every namespace of this lab.
     pub fn teardown(&mut self) {
+        self.daemons.clear();
+        self.stun = None;
         for ns in self.namespaces.drain(..).rev() {
             let _ = run(&["ip", "netns", "del", &ns]);
         }
