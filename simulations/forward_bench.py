@@ -2,7 +2,8 @@
 """Forwarding benchmark on loopback: a warren forward beside a direct TCP connection and a plain
 socat TCP forward, all to the same service, in one run. Reports each figure and its ratio to socat.
 
-Usage: simulations/forward_bench.py [--mib 512]   (builds warren in release; needs socat)
+Usage: simulations/forward_bench.py [--mib 512] [--rounds N] [--baseline OLD_WARREN_BIN]
+       (builds warren in release; needs socat)
 Nothing here asserts: machines are shared and noisy, so read the ratios, not the absolutes.
 """
 import argparse, json, os, socket, statistics, subprocess, sys, tempfile, threading, time
@@ -171,19 +172,19 @@ def free_port():
     return port
 
 
-def warren(data_dir, *args, check=True):
-    out = subprocess.run([BIN, "--data-dir", data_dir, *args], capture_output=True, text=True)
+def warren(data_dir, *args, check=True, bin=None):
+    out = subprocess.run([bin or BIN, "--data-dir", data_dir, *args], capture_output=True, text=True)
     if check and out.returncode != 0:
         sys.exit(f"warren {args}: {out.stderr}")
     return out.stdout
 
 
-def start_node(data_dir, *extra):
-    p = subprocess.Popen([BIN, "--data-dir", data_dir, "up", "--no-mdns", "--dht-mode", "server",
+def start_node(data_dir, *extra, bin=None):
+    p = subprocess.Popen([bin or BIN, "--data-dir", data_dir, "up", "--no-mdns", "--dht-mode", "server",
                           "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--listen", "/ip4/127.0.0.1/tcp/0", *extra],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "error"})
     for _ in range(500):
-        if subprocess.run([BIN, "--data-dir", data_dir, "status"], capture_output=True).returncode == 0:
+        if subprocess.run([bin or BIN, "--data-dir", data_dir, "status"], capture_output=True).returncode == 0:
             return p
         time.sleep(0.02)
     sys.exit("node did not start")
@@ -192,6 +193,10 @@ def start_node(data_dir, *extra):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=512, help="bulk transfer size each way")
+    ap.add_argument("--baseline", metavar="WARREN_BIN",
+                    help="another warren binary (an older build, say) measured beside this one in the same run")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every path this many times, interleaved, and report medians")
     args = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "warren-node"], cwd=ROOT, check=True)
 
@@ -208,16 +213,23 @@ def main():
         procs.append(subprocess.Popen(["socat", f"TCP-LISTEN:{socat_port},bind=127.0.0.1,fork,reuseaddr,backlog=1024",
                                        f"TCP:127.0.0.1:{service},nodelay"]))
         tmp = tempfile.mkdtemp(prefix="warren-fwd-bench.")
-        server_dir, client_dir = os.path.join(tmp, "server"), os.path.join(tmp, "client")
-        procs.append(start_node(server_dir))
-        status = json.loads(warren(server_dir, "status", "--json"))
-        server_id = status["peer_id"]
-        quic = next(a for a in status["listen_addrs"] if "quic" in a)
-        procs.append(start_node(client_dir, "--bootstrap", f"{quic}/p2p/{server_id}"))
-        client_id = warren(client_dir, "id").strip()
-        warren(server_dir, "expose", "bench", f"127.0.0.1:{service}", "--allow", client_id)
-        fwd = json.loads(warren(client_dir, "forward", "127.0.0.1:0", f"{server_id}/bench", "--json"))
-        warren_port = int(fwd["bind"].rsplit(":", 1)[1])
+
+        def warren_forward(name, bin):
+            """Two nodes of `bin`, the service exposed on one, forwarded from the other: the port."""
+            server_dir, client_dir = os.path.join(tmp, name, "server"), os.path.join(tmp, name, "client")
+            procs.append(start_node(server_dir, bin=bin))
+            status = json.loads(warren(server_dir, "status", "--json", bin=bin))
+            server_id = status["peer_id"]
+            quic = next(a for a in status["listen_addrs"] if "quic" in a)
+            procs.append(start_node(client_dir, "--bootstrap", f"{quic}/p2p/{server_id}", bin=bin))
+            client_id = warren(client_dir, "id", bin=bin).strip()
+            warren(server_dir, "expose", "bench", f"127.0.0.1:{service}", "--allow", client_id, bin=bin)
+            fwd = json.loads(warren(client_dir, "forward", "127.0.0.1:0", f"{server_id}/bench", "--json", bin=bin))
+            return int(fwd["bind"].rsplit(":", 1)[1])
+
+        paths = [("direct", service), ("socat", socat_port), ("warren", warren_forward("warren", BIN))]
+        if args.baseline:
+            paths.append(("baseline", warren_forward("baseline", os.path.abspath(args.baseline))))
         time.sleep(0.5)
         for port in (service, socat_port):
             while True:
@@ -228,25 +240,29 @@ def main():
                     time.sleep(0.05)
 
         nbytes = args.mib * 2**20
-        rows = {}
-        for name, port in (("direct", service), ("socat", socat_port), ("warren", warren_port)):
-            setup(port, 20)  # warm up: connection to the peer, threads
-            r50, r99 = rtt(port)
-            s50, s99 = setup(port)
-            rows[name] = {
-                "upload_mib_s": upload(port, nbytes),
-                "download_mib_s": download(port, nbytes),
-                "rtt_p50_us": r50 * 1e6, "rtt_p99_us": r99 * 1e6,
-                "setup_p50_ms": s50 * 1e3, "setup_p99_ms": s99 * 1e3,
-                "concurrent_200x64k_ms": concurrent(port) * 1e3,
-            }
-        print(json.dumps(rows, indent=2), file=sys.stderr)
+        samples = {name: [] for name, _ in paths}
+        for _ in range(args.rounds):
+            for name, port in paths:
+                setup(port, 20)  # warm up: connection to the peer, threads
+                r50, r99 = rtt(port)
+                s50, s99 = setup(port)
+                samples[name].append({
+                    "upload_mib_s": upload(port, nbytes),
+                    "download_mib_s": download(port, nbytes),
+                    "rtt_p50_us": r50 * 1e6, "rtt_p99_us": r99 * 1e6,
+                    "setup_p50_ms": s50 * 1e3, "setup_p99_ms": s99 * 1e3,
+                    "concurrent_200x64k_ms": concurrent(port) * 1e3,
+                })
+        rows = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in samples.items()}
+        print(json.dumps(samples, indent=2), file=sys.stderr)
+        names = [name for name, _ in paths]
         keys = list(rows["socat"].keys())
-        print("| metric | direct | socat | warren | warren / socat |")
-        print("|---|---|---|---|---|")
+        print(f"medians of {args.rounds} round(s); ratios are to socat")
+        print("| metric | " + " | ".join(names) + " | " + " | ".join(f"{n} / socat" for n in names[2:]) + " |")
+        print("|---" * (2 * len(names) - 1) + "|")
         for k in keys:
-            print(f"| {k} | {rows['direct'][k]:.1f} | {rows['socat'][k]:.1f} | {rows['warren'][k]:.1f} | "
-                  f"{rows['warren'][k] / rows['socat'][k]:.2f} |")
+            print(f"| {k} | " + " | ".join(f"{rows[n][k]:.1f}" for n in names) + " | "
+                  + " | ".join(f"{rows[n][k] / rows['socat'][k]:.2f}" for n in names[2:]) + " |")
     finally:
         for p in procs:
             p.kill()

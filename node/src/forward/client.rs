@@ -11,7 +11,7 @@ use libp2p::Stream;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
-use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use warren_forward::{MAX_DATAGRAM, Request, Status, Transport};
 
 use super::{Active, Forward, Forwarding, Stats, splice, streams};
@@ -56,31 +56,38 @@ async fn run_tcp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, listener: T
         let forward = forward.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            match open(&forwarding, &forward, Transport::Tcp).await {
-                Ok(stream) => {
-                    let _active = Active::new(&forward.stats);
-                    if let Err(e) = splice::tcp(tcp, stream, &forward.stats.sent, &forward.stats.received).await {
-                        let path = forward.stats.path.lock().unwrap().clone().unwrap_or_default();
-                        tracing::info!(peer = %forward.peer, %path, error = %e, "forwarded connection cut");
-                        forward.stats.fail(format!("connection cut ({path} path): {e}"));
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(peer = %forward.peer, service = %forward.spec.service, error = %e, "forward failed");
+            let stream = match open(&forwarding, &forward, Transport::Tcp).await {
+                Ok(stream) => stream,
+                Err(e) => return refused(&forward, &tcp, e),
+            };
+            let _active = Active::new(&forward.stats);
+            let answer = async |r: &mut tokio::io::ReadHalf<Compat<Stream>>| accepted(r.compat()).await;
+            match splice::tcp_opened(tcp, stream, &forward.stats.sent, &forward.stats.received, answer).await {
+                Ok(()) => {}
+                Err(splice::Failure::Refused(e)) => {
+                    tracing::warn!(peer = %forward.peer, service = %forward.spec.service, error = %e, "forward refused");
                     forward.stats.fail(e);
-                    splice::reset(&tcp);
+                }
+                Err(splice::Failure::Cut(e)) => {
+                    let path = forward.stats.path.lock().unwrap().clone().unwrap_or_default();
+                    tracing::info!(peer = %forward.peer, %path, error = %e, "forwarded connection cut");
+                    forward.stats.fail(format!("connection cut ({path} path): {e}"));
                 }
             }
         });
     }
 }
 
-/// Connects to the peer if needed, opens a stream and asks for the service.
-async fn open(
-    forwarding: &Forwarding,
-    forward: &Forward,
-    transport: Transport,
-) -> Result<tokio_util::compat::Compat<Stream>, String> {
+/// The peer could not be reached or asked: the local connection is reset, the reason kept.
+fn refused(forward: &Forward, tcp: &tokio::net::TcpStream, e: String) {
+    tracing::warn!(peer = %forward.peer, service = %forward.spec.service, error = %e, "forward failed");
+    forward.stats.fail(e);
+    splice::reset(tcp);
+}
+
+/// Connects to the peer if needed, opens a stream and sends the request for the service. The
+/// answer is read by the caller ([`accepted`]): TCP sends data ahead of it.
+async fn open(forwarding: &Forwarding, forward: &Forward, transport: Transport) -> Result<Compat<Stream>, String> {
     let peer = forward.peer;
     // Connected already (the usual case): open at once. Otherwise reach the peer first (stored
     // addresses, the DHT, relays) and try again.
@@ -100,7 +107,12 @@ async fn open(
     *forward.stats.path.lock().unwrap() = Some(if relayed { "relayed" } else { "direct" }.to_string());
     let request = Request::new(forward.spec.service.clone(), transport);
     warren_forward::write_request(&mut stream, &request).await.map_err(|e| format!("request failed: {e}"))?;
-    let reply = tokio::time::timeout(REPLY_TIMEOUT, warren_forward::read_reply(&mut stream))
+    Ok(stream.compat())
+}
+
+/// Reads the peer's answer to a request: `Ok` if the service accepted, else the refusal as text.
+async fn accepted(mut r: impl futures::AsyncRead + Unpin) -> Result<(), String> {
+    let reply = tokio::time::timeout(REPLY_TIMEOUT, warren_forward::read_reply(&mut r))
         .await
         .map_err(|_| "the peer did not answer".to_string())?
         .map_err(|e| format!("the peer's answer was unreadable: {e}"))?;
@@ -110,7 +122,7 @@ async fn open(
             None => reply.status.to_string(),
         });
     }
-    Ok(stream.compat())
+    Ok(())
 }
 
 type Sessions = Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>>;
@@ -136,7 +148,11 @@ async fn run_udp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, socket: Arc
         let (forwarding, forward, socket, sessions) = (forwarding.clone(), forward.clone(), socket.clone(), sessions.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            match open(&forwarding, &forward, Transport::Udp).await {
+            let opened = match open(&forwarding, &forward, Transport::Udp).await {
+                Ok(mut stream) => accepted((&mut stream).compat()).await.map(|()| stream),
+                Err(e) => Err(e),
+            };
+            match opened {
                 Ok(stream) => {
                     let _active = Active::new(&forward.stats);
                     let local = Datagrams { source: Source::Channel(rx), socket, to: Some(from) };

@@ -71,6 +71,19 @@ where
     }
 }
 
+/// How long the opening side waits for the peer's answer once the peer stopped taking data: a
+/// refusal usually arrives just behind the stop, and says why.
+const ANSWER_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// How a forwarded connection failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// The peer refused the request (its answer, as text).
+    Refused(String),
+    /// The connection broke on either side after it was set up.
+    Cut(Error),
+}
+
 /// Splices a local TCP connection and a forward stream. Returns when both directions finished;
 /// the first error in either direction ends both: the TCP side is reset (RST) and the stream is
 /// dropped without its end marker, which the other side takes as a reset too.
@@ -78,18 +91,57 @@ pub async fn tcp<S>(tcp: tokio::net::TcpStream, stream: S, sent: &AtomicU64, rec
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    tcp_opened(tcp, stream, sent, received, async |_| Ok(())).await.map_err(|failure| match failure {
+        Failure::Cut(e) => e,
+        Failure::Refused(why) => Error::other(why),
+    })
+}
+
+/// The opening side of [`tcp`], whose request is on its way: local data flows to the peer at
+/// once, before the peer's answer (a new connection's first bytes save a round trip), and
+/// `answer` reads and judges that answer before any data from the peer is passed on. A refusal
+/// resets the local connection; the peer discards what was sent ahead.
+pub async fn tcp_opened<S>(
+    tcp: tokio::net::TcpStream,
+    stream: S,
+    sent: &AtomicU64,
+    received: &AtomicU64,
+    answer: impl AsyncFnOnce(&mut tokio::io::ReadHalf<S>) -> Result<(), String>,
+) -> Result<(), Failure>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let _ = tcp.set_nodelay(true);
     let (mut tcp_r, mut tcp_w) = tcp.into_split();
     let (mut stream_r, mut stream_w) = tokio::io::split(stream);
-    let result =
-        tokio::try_join!(to_stream(&mut tcp_r, &mut stream_w, sent), from_stream(&mut stream_r, &mut tcp_w, received));
+    let result = {
+        let upload = to_stream(&mut tcp_r, &mut stream_w, sent);
+        let download = async {
+            answer(&mut stream_r).await.map_err(Failure::Refused)?;
+            from_stream(&mut stream_r, &mut tcp_w, received).await.map_err(Failure::Cut)
+        };
+        tokio::pin!(upload, download);
+        tokio::select! {
+            done = &mut download => match done {
+                Ok(()) => upload.await.map_err(Failure::Cut),
+                Err(failure) => Err(failure),
+            },
+            done = &mut upload => match done {
+                Ok(()) => download.await,
+                Err(e) => match tokio::time::timeout(ANSWER_GRACE, &mut download).await {
+                    Ok(Err(Failure::Refused(why))) => Err(Failure::Refused(why)),
+                    _ => Err(Failure::Cut(e)),
+                },
+            },
+        }
+    };
     if result.is_err() {
         reset(tcp_w.as_ref());
         // Dropping a write half sends a FIN first, which the application would read as a clean
         // end before the reset: forget it instead, the socket closes with the read half.
         tcp_w.forget();
     }
-    result.map(|_| ())
+    result
 }
 
 /// Makes the TCP connection end with a reset (RST) instead of a FIN when it is dropped, so the

@@ -15,6 +15,11 @@
 //! does not decode, an unknown version, or an invalid service name ends that stream with
 //! [`Status::BadRequest`] and touches nothing else.
 //!
+//! A TCP opener need not wait for the reply: it may send chunks right behind its request (a new
+//! connection's first bytes then save a round trip). The answerer reads them only after it has
+//! accepted; when it refuses, it replies and closes the stream, and whatever was sent ahead is
+//! discarded unread. Nothing flows from the answerer before its reply.
+//!
 //! After an `Accepted` reply, a TCP forward carries *chunks* each way: a 4-byte big-endian length
 //! (1 to [`MAX_CHUNK`]) followed by that many bytes of the connection's data. A length of 0
 //! ([`END_OF_DATA`]) means the sender's side of the connection was half-closed (FIN): no more data

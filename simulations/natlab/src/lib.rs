@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::Value;
 
-use nodes::{Echo, Node, transfer, wait_for};
+use nodes::{Echo, Node, first_byte, transfer, wait_for};
 use topo::{Host, Lab, PUBLIC_RANGE, Site, SiteKind};
 
 /// Port the core nodes listen on.
@@ -42,6 +42,8 @@ const DIRECT_WAIT: Duration = Duration::from_secs(10);
 /// The checked transfer through the forward.
 const TRANSFER_BYTES: usize = 10 * 1024 * 1024;
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(60);
+/// New connections timed per cell (connect + one byte echoed); the median is reported.
+const FIRST_BYTE_SAMPLES: usize = 5;
 
 /// Which transports the nodes of a cell use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -124,6 +126,9 @@ pub struct Cell {
     /// The path the forward reported for that transfer.
     pub transfer_path: Option<String>,
     pub transfer_mib_s: Option<f64>,
+    /// A new connection through the forward, on the path of the transfer: connect, one byte
+    /// there and back (median of five), milliseconds.
+    pub first_byte_ms: Option<f64>,
     pub seconds: f64,
     pub error: Option<String>,
     /// For a re-punch cell: what happened when the direct path was cut, then restored.
@@ -247,6 +252,7 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Cell)) -> Result<Vec<Cell>,
             transfer_ok: false,
             transfer_path: None,
             transfer_mib_s: None,
+            first_byte_ms: None,
             seconds: 0.0,
             error: None,
             repunch: None,
@@ -322,6 +328,12 @@ fn run_cell(
         Err(e) => cell.error = Some(format!("10 MB transfer: {e}")),
     }
     cell.transfer_path = forward_info(&a, bind).and_then(|f| f["path"].as_str().map(String::from));
+    let mut firsts: Vec<f64> = (0..FIRST_BYTE_SAMPLES)
+        .filter_map(|_| first_byte(&a_host.ns, bind, TRANSFER_TIMEOUT).ok())
+        .map(|took| took.as_secs_f64() * 1e3)
+        .collect();
+    firsts.sort_by(f64::total_cmp);
+    cell.first_byte_ms = (firsts.len() == FIRST_BYTE_SAMPLES).then(|| firsts[FIRST_BYTE_SAMPLES / 2]);
     // A direct connection may still appear after the wait (a later punch attempt): record it as
     // direct, with the time it was seen as an upper bound.
     if !cell.direct
@@ -401,7 +413,8 @@ pub fn describe(cell: &Cell) -> String {
         "relayed".to_string()
     };
     let transfer = if cell.transfer_ok {
-        format!("10 MB ok via {} ({:.1} MiB/s)", cell.transfer_path.as_deref().unwrap_or("?"), cell.transfer_mib_s.unwrap_or(0.0))
+        let first = cell.first_byte_ms.map(|ms| format!(", new connection's first byte back in {ms:.0} ms")).unwrap_or_default();
+        format!("10 MB ok via {} ({:.1} MiB/s){first}", cell.transfer_path.as_deref().unwrap_or("?"), cell.transfer_mib_s.unwrap_or(0.0))
     } else {
         format!("10 MB FAILED: {}", cell.error.as_deref().unwrap_or("?"))
     };
@@ -427,11 +440,11 @@ fn label(cell: &Cell) -> String {
 /// A Markdown table, one row per cell.
 pub fn markdown(cells: &[Cell], latency: Duration) -> String {
     let mut out = format!(
-        "| A → B | reached | direct | transport | time to direct | 10 MB through the forward |\n|---|---|---|---|---|---|\n"
+        "| A → B | reached | direct | transport | time to direct | 10 MB through the forward | new connection, first byte back |\n|---|---|---|---|---|---|---|\n"
     );
     for c in cells {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
             label(c),
             if c.reached { "yes" } else { "**no**" },
             if c.direct { if c.direct_by.is_some() { "yes (punched)" } else { "yes" } } else { "no (relayed)" },
@@ -442,6 +455,7 @@ pub fn markdown(cells: &[Cell], latency: Duration) -> String {
             } else {
                 format!("**failed**: {}", c.error.as_deref().unwrap_or("?"))
             },
+            c.first_byte_ms.map(|ms| format!("{ms:.0} ms")).unwrap_or_else(|| "-".into()),
         ));
     }
     for c in cells {

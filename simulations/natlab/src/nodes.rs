@@ -138,7 +138,8 @@ impl Echo {
                         // Threads inherit the namespace of the thread that creates them.
                         std::thread::spawn(move || echo(tcp));
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    // Polled (so a drop stops it); 1 ms keeps the wait out of first-byte times.
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
                 }
             }
         });
@@ -222,4 +223,23 @@ pub fn transfer(ns: &str, addr: SocketAddr, n: usize, timeout: Duration) -> Resu
     })
     .join()
     .map_err(|_| "transfer thread panicked".to_string())?
+}
+
+/// Opens a new connection to `addr` from inside `ns`, sends one byte and waits for its echo: the
+/// time a new connection through a forward takes to carry its first byte there and back.
+pub fn first_byte(ns: &str, addr: SocketAddr, timeout: Duration) -> Result<Duration, String> {
+    let ns = ns.to_string();
+    std::thread::spawn(move || -> Result<Duration, String> {
+        sys::enter_netns(&ns).map_err(|e| format!("enter {ns}: {e}"))?;
+        let started = Instant::now();
+        let mut tcp = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+        tcp.set_nodelay(true).ok();
+        tcp.set_read_timeout(Some(timeout)).ok();
+        tcp.write_all(b"x").map_err(|e| format!("send: {e}"))?;
+        let mut byte = [0u8; 1];
+        tcp.read_exact(&mut byte).map_err(|e| format!("receive: {e}"))?;
+        Ok(started.elapsed())
+    })
+    .join()
+    .map_err(|_| "first-byte thread panicked".to_string())?
 }
