@@ -378,3 +378,28 @@ async fn wait_until_async(timeout: Duration, mut condition: impl AsyncFnMut() ->
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A forward keeps a stream open ahead of its next connection. When that stream has waited
+/// longer than the serving side waits for a request (10 s), the next connection must not use
+/// it: it opens a fresh stream and works as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_after_a_long_idle_spell_still_goes_through() {
+    let (client, server) = pair();
+    let echo = echo_service().await.to_string();
+    expose(&server, "echo", &echo, &[&client.peer_id]);
+    let bind = forward(&client, &format!("{}/echo", server.peer_id));
+    let round_trip = async |bind| {
+        let mut tcp = TcpStream::connect(bind).await.unwrap();
+        tcp.write_all(b"ping!").await.unwrap();
+        let mut buf = [0u8; 5];
+        tcp.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping!");
+    };
+    round_trip(bind).await;
+    // Past the serving side's request timeout: the stream kept ready is closed by now.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    round_trip(bind).await;
+    let info = forward_info(&client, bind);
+    assert!(info["last_error"].is_null(), "no connection failed: {info}");
+    assert_eq!(info["total"], 2, "{info}");
+}

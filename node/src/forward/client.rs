@@ -3,11 +3,11 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use libp2p::Stream;
+use libp2p::{PeerId, Stream};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
@@ -85,10 +85,56 @@ fn refused(forward: &Forward, tcp: &tokio::net::TcpStream, e: String) {
     splice::reset(tcp);
 }
 
-/// Connects to the peer if needed, opens a stream and sends the request for the service. The
-/// answer is read by the caller ([`accepted`]): TCP sends data ahead of it.
-async fn open(forwarding: &Forwarding, forward: &Forward, transport: Transport) -> Result<Compat<Stream>, String> {
+/// How long a stream opened ahead of need may wait for a connection: well inside the peer's
+/// 10 s request timeout, so a spare is never handed out after the peer gave up on it.
+const SPARE_MAX_AGE: Duration = Duration::from_secs(5);
+
+/// A stream to the peer opened ahead for the forward's next TCP connection: stream negotiation
+/// takes a round trip, which a new connection then need not wait for. Refilled after each use,
+/// one open at a time; never used when older than [`SPARE_MAX_AGE`] or relayed while a direct
+/// connection exists (it would keep the new connection on the relay).
+#[derive(Default)]
+pub struct Spare {
+    ready: Mutex<Option<(Stream, bool, Instant)>>,
+    refilling: AtomicBool,
+}
+
+impl Spare {
+    fn take(&self, opener: &streams::Opener, peer: &PeerId) -> Option<(Stream, bool)> {
+        let (stream, relayed, opened) = self.ready.lock().unwrap().take()?;
+        (opened.elapsed() < SPARE_MAX_AGE && !(relayed && opener.has_direct(peer))).then_some((stream, relayed))
+    }
+
+    fn refill(forwarding: &Arc<Forwarding>, forward: &Arc<Forward>) {
+        if forward.spare.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (forwarding, forward) = (forwarding.clone(), forward.clone());
+        tokio::spawn(async move {
+            if let Ok((stream, relayed)) = forwarding.opener.open(forward.peer).await {
+                *forward.spare.ready.lock().unwrap() = Some((stream, relayed, Instant::now()));
+            }
+            forward.spare.refilling.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// Connects to the peer if needed, opens a stream (a TCP forward takes its spare when it has
+/// one) and sends the request for the service. The answer is read by the caller ([`accepted`]):
+/// TCP sends data ahead of it.
+async fn open(forwarding: &Arc<Forwarding>, forward: &Arc<Forward>, transport: Transport) -> Result<Compat<Stream>, String> {
     let peer = forward.peer;
+    let request = Request::new(forward.spec.service.clone(), transport);
+    if transport == Transport::Tcp {
+        let spare = forward.spare.take(&forwarding.opener, &peer);
+        Spare::refill(forwarding, forward);
+        if let Some((mut stream, relayed)) = spare
+            && warren_forward::write_request(&mut stream, &request).await.is_ok()
+        {
+            *forward.stats.path.lock().unwrap() = Some(if relayed { "relayed" } else { "direct" }.to_string());
+            return Ok(stream.compat());
+        }
+    }
     // Connected already (the usual case): open at once. Otherwise reach the peer first (stored
     // addresses, the DHT, relays) and try again.
     let opened = match forwarding.opener.open(peer).await {
@@ -105,7 +151,6 @@ async fn open(forwarding: &Forwarding, forward: &Forward, transport: Transport) 
     };
     let (mut stream, relayed) = opened.map_err(|e| format!("cannot open a stream to {peer}: {e}"))?;
     *forward.stats.path.lock().unwrap() = Some(if relayed { "relayed" } else { "direct" }.to_string());
-    let request = Request::new(forward.spec.service.clone(), transport);
     warren_forward::write_request(&mut stream, &request).await.map_err(|e| format!("request failed: {e}"))?;
     Ok(stream.compat())
 }

@@ -170,6 +170,8 @@ pub struct Forward {
     pub permits: Arc<Semaphore>,
     pub stats: Stats,
     pub from_config: bool,
+    /// A stream opened ahead for the next TCP connection (see [`client::Spare`]).
+    pub spare: client::Spare,
     task: tokio::task::AbortHandle,
 }
 
@@ -293,6 +295,7 @@ impl Forwarding {
             local,
             stats: Stats::default(),
             from_config,
+            spare: client::Spare::default(),
             task: handle.abort_handle(),
         });
         let _ = tx.send(forward.clone());

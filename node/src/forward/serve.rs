@@ -14,7 +14,8 @@ use super::{Active, Forwarding, splice};
 
 /// Forward streams served at once across all services; beyond it peers get "over capacity".
 const MAX_INBOUND_STREAMS: usize = 8192;
-/// A peer must send its request this soon after opening the stream.
+/// A peer must send its request this soon after opening the stream (openers keep a stream
+/// ready ahead of need for less than this: see `client::SPARE_MAX_AGE`).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connecting to the exposed service may take this long.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,6 +44,11 @@ async fn serve(forwarding: &Forwarding, peer: PeerId, mut stream: Stream, have_c
     }
     let request = match tokio::time::timeout(REQUEST_TIMEOUT, warren_forward::read_request(&mut stream)).await {
         Ok(Ok(request)) => request,
+        // A stream opened ahead of need and then dropped (or the peer went away): nothing to say.
+        Ok(Err(warren_forward::FrameError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            tracing::debug!(peer = %peer, "a forward stream closed before its request");
+            return;
+        }
         Ok(Err(e)) => {
             tracing::info!(peer = %peer, error = %e, "refusing a malformed forward request");
             return refuse(stream, Status::BadRequest, None).await;

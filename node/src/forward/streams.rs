@@ -6,7 +6,8 @@
 //! any number of outbound negotiations run concurrently. Opening prefers a direct connection over
 //! a relayed one.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use libp2p::{
@@ -35,6 +36,7 @@ type Reply = oneshot::Sender<Result<(Stream, bool), String>>;
 #[derive(Clone)]
 pub struct Opener {
     tx: mpsc::Sender<(PeerId, Reply)>,
+    direct: Arc<Mutex<HashSet<PeerId>>>,
 }
 
 /// What [`Opener::open`] answers when there is no connection to the peer yet.
@@ -47,12 +49,19 @@ impl Opener {
         self.tx.send((peer, tx)).await.map_err(|_| "the node is shutting down".to_string())?;
         rx.await.map_err(|_| "the connection closed while opening the stream".to_string())?
     }
+
+    /// Whether a direct (not relayed) connection to the peer is open now.
+    pub fn has_direct(&self, peer: &PeerId) -> bool {
+        self.direct.lock().unwrap().contains(peer)
+    }
 }
 
 pub struct Behaviour {
     inbound: mpsc::Sender<(PeerId, Stream)>,
     requests: mpsc::Receiver<(PeerId, Reply)>,
     connections: HashMap<PeerId, Vec<(ConnectionId, bool)>>,
+    /// Peers with a direct connection, shared with the [`Opener`]s.
+    direct: Arc<Mutex<HashSet<PeerId>>>,
     events: VecDeque<ToSwarm<(), Reply>>,
 }
 
@@ -61,7 +70,20 @@ impl Behaviour {
     pub fn new() -> (Self, Opener, mpsc::Receiver<(PeerId, Stream)>) {
         let (inbound, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
         let (tx, requests) = mpsc::channel(REQUEST_QUEUE);
-        (Self { inbound, requests, connections: HashMap::new(), events: VecDeque::new() }, Opener { tx }, inbound_rx)
+        let direct = Arc::new(Mutex::new(HashSet::new()));
+        let behaviour =
+            Self { inbound, requests, connections: HashMap::new(), direct: direct.clone(), events: VecDeque::new() };
+        (behaviour, Opener { tx, direct }, inbound_rx)
+    }
+
+    fn update_direct(&self, peer: PeerId) {
+        let direct = self.connections.get(&peer).is_some_and(|list| list.iter().any(|(_, relayed)| !relayed));
+        let mut set = self.direct.lock().unwrap();
+        if direct {
+            set.insert(peer);
+        } else {
+            set.remove(&peer);
+        }
     }
 
     fn handler(&self, peer: PeerId, addr: &Multiaddr) -> Handler {
@@ -76,6 +98,7 @@ impl Behaviour {
 
     fn add_connection(&mut self, peer: PeerId, connection: ConnectionId, addr: &Multiaddr) {
         self.connections.entry(peer).or_default().push((connection, is_relayed(addr)));
+        self.update_direct(peer);
     }
 }
 
@@ -117,6 +140,7 @@ impl NetworkBehaviour for Behaviour {
                     self.connections.remove(&closed.peer_id);
                 }
             }
+            self.update_direct(closed.peer_id);
         }
     }
 

@@ -15,6 +15,8 @@
 //! does not decode, an unknown version, or an invalid service name ends that stream with
 //! [`Status::BadRequest`] and touches nothing else.
 //!
+//! An opener may open a stream ahead of need and send its request later, within the answerer's
+//! request timeout (10 s); a stream that ends before its request is closed without a reply.
 //! A TCP opener need not wait for the reply: it may send chunks right behind its request (a new
 //! connection's first bytes then save a round trip). The answerer reads them only after it has
 //! accepted; when it refuses, it replies and closes the stream, and whatever was sent ahead is
