@@ -542,7 +542,7 @@ impl EventLoop {
     fn on_identify(&mut self, peer: PeerId, info: identify::Info) {
         let now = unix_now();
         let protocols: Vec<String> = info.protocols.iter().map(|p| p.to_string()).collect();
-        let speaks_dht = protocols.iter().any(|p| *p == self.config.kad_protocol);
+        let speaks_dht = protocols.contains(&self.config.kad_protocol);
         let usable: Vec<Multiaddr> = info.listen_addrs.into_iter().filter(is_dialable).collect();
         if speaks_dht {
             // A DHT server with public addresses is given to Kademlia with those only: its LAN

@@ -96,7 +96,7 @@ impl PeerRecord {
             None => self.addrs.push(AddrEntry { addr, last_seen: now }),
         }
         if self.addrs.len() > MAX_ADDRS {
-            self.addrs.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+            self.addrs.sort_by_key(|a| std::cmp::Reverse(a.last_seen));
             self.addrs.truncate(MAX_ADDRS);
         }
     }

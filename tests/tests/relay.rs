@@ -119,10 +119,10 @@ async fn a_peer_with_no_direct_address_is_reached_by_peer_id_through_a_relay() {
     let (sent, echoed) = echo_transfer(bind, 10 * 1024 * 1024, 3).await;
     assert_eq!(sent, echoed, "10 MB through the relay, SHA-256 equal");
 
-    let conns = connections_to(&a, &b.peer_id);
+    let conns = connections_to(a, &b.peer_id);
     assert!(!conns.is_empty(), "A is connected to B");
     assert!(conns.iter().all(|c| c["path"] == "relayed"), "{conns:?}");
-    assert_eq!(forward_info(&a, bind)["path"], "relayed");
+    assert_eq!(forward_info(a, bind)["path"], "relayed");
     let status = r.status();
     assert!(status["relay"]["circuits_accepted"].as_u64().unwrap() >= 1, "{status}");
     // Every relayed byte is counted: 10 MB each way went through R.
@@ -144,7 +144,7 @@ async fn a_circuit_cut_by_the_relay_byte_limit_is_reported_and_a_new_one_carries
     let cut = tokio::spawn(echo_transfer(bind, 4 * 1024 * 1024, 1));
     assert!(cut.await.is_err(), "the transfer over the limit fails rather than completing");
     wait_until(Duration::from_secs(10), "the cut in `warren forwards`", || {
-        forward_info(&a, bind)["last_error"].as_str().is_some_and(|e| e.contains("cut (relayed path)"))
+        forward_info(a, bind)["last_error"].as_str().is_some_and(|e| e.contains("cut (relayed path)"))
     });
     wait_until(Duration::from_secs(10), "the relay's record of the cut", || {
         r.status()["relay"]["circuits_cut"].as_u64().unwrap() >= 1

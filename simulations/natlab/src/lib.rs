@@ -439,9 +439,7 @@ fn label(cell: &Cell) -> String {
 
 /// A Markdown table, one row per cell.
 pub fn markdown(cells: &[Cell], latency: Duration) -> String {
-    let mut out = format!(
-        "| A → B | reached | direct | transport | time to direct | 10 MB through the forward | new connection, first byte back |\n|---|---|---|---|---|---|---|\n"
-    );
+    let mut out = "| A → B | reached | direct | transport | time to direct | 10 MB through the forward | new connection, first byte back |\n|---|---|---|---|---|---|---|\n".to_string();
     for c in cells {
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} |\n",
