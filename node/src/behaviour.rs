@@ -108,7 +108,6 @@ pub fn build_swarm(keypair: Keypair, config: &Config) -> Result<Built, BuildErro
         .map_err(|_| BuildError::KadProtocol(config.kad_protocol.clone()))?;
     let mdns_on = config.mdns;
     let dht_mode = config.dht_mode;
-    let bootstrap_interval = config.bootstrap_interval();
     let relay_config = config.relay.then(|| (config.relay_limits.to_libp2p(), config.relay_force));
     // AutoNAT only trusts globally routable addresses; with public ranges configured those
     // ranges count too, so AutoNAT must consider every address (warren filters by range).
@@ -141,7 +140,8 @@ pub fn build_swarm(keypair: Keypair, config: &Config) -> Result<Built, BuildErro
         .with_behaviour(|key, relay_client| {
             let peer_id = key.public().to_peer_id();
             let mut kad_config = kad::Config::new(kad_protocol);
-            kad_config.set_periodic_bootstrap_interval(Some(bootstrap_interval));
+            // The event loop refreshes the routing table itself, only once it has peers.
+            kad_config.set_periodic_bootstrap_interval(None);
             kad_config.set_query_timeout(Duration::from_secs(30));
             let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
             kad.set_mode(match dht_mode {

@@ -134,6 +134,8 @@ pub struct EventLoop {
     relay_advertised: bool,
     relay_lookups: std::collections::HashSet<kad::QueryId>,
     own_record_due: Option<Instant>,
+    /// When the DHT's routing table is next refreshed (a bootstrap query).
+    dht_refresh_due: Instant,
     relay_announced: bool,
     punch: HashMap<PeerId, PunchInfo>,
     punched: HashMap<ConnectionId, Duration>,
@@ -180,6 +182,7 @@ impl EventLoop {
             relay_advertised: config.relay_force,
             relay_lookups: Default::default(),
             own_record_due: None,
+            dht_refresh_due: Instant::now() + config.bootstrap_interval(),
             relay_announced: false,
             punch: HashMap::new(),
             punched: HashMap::new(),
@@ -212,6 +215,7 @@ impl EventLoop {
                     self.connects.retain(|_, a| a.waiters.iter().any(|w| !w.is_closed()));
                     self.manage_relays();
                     self.publish_own_record_when_due();
+                    self.refresh_dht_when_due();
                     self.repunch_when_due();
                 }
                 _ = &mut shutdown => break,
@@ -640,6 +644,22 @@ impl EventLoop {
 
     /// Publishes this node as provider of its own key, carrying its current external addresses
     /// (relayed ones included): how a node behind a NAT is found by PeerId.
+    /// Refreshes the routing table every `bootstrap_interval_secs` once it has peers. libp2p's own
+    /// periodic bootstrap is off: on a node with no peers yet (the first of a network, say) it
+    /// warned "Failed to trigger bootstrap" every time. (libp2p still bootstraps by itself when
+    /// few peers are known, and tries once when a listen address appears.)
+    fn refresh_dht_when_due(&mut self) {
+        if Instant::now() < self.dht_refresh_due {
+            return;
+        }
+        self.dht_refresh_due = Instant::now() + self.config.bootstrap_interval();
+        if self.routing_table_size() > 0
+            && let Err(e) = self.swarm.behaviour_mut().kad.bootstrap()
+        {
+            tracing::debug!(error = %e, "DHT refresh not started");
+        }
+    }
+
     fn publish_own_record_when_due(&mut self) {
         let Some(due) = self.own_record_due else { return };
         if Instant::now() < due || self.routing_table_size() == 0 {
