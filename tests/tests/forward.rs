@@ -403,3 +403,66 @@ async fn a_connection_after_a_long_idle_spell_still_goes_through() {
     assert!(info["last_error"].is_null(), "no connection failed: {info}");
     assert_eq!(info["total"], 2, "{info}");
 }
+
+/// A UDP forward sends its first datagram right behind the request; a refusal still ends the
+/// session with its reason, and nothing reaches the service or comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_udp_session_names_its_reason_and_returns_nothing() {
+    let service = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (client, server) = pair();
+    let stranger = libp2p::PeerId::random().to_string();
+    let out = server.cli(&["expose", "dns", &service.local_addr().unwrap().to_string(), "--udp", "--allow", &stranger]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (service_name, reason) in [("dns", "not allowed"), ("nosuch", "unknown service")] {
+        let info = client.json(&["forward", "127.0.0.1:0", &format!("{}/{service_name}", server.peer_id), "--udp"]).unwrap();
+        let bind: SocketAddr = info["bind"].as_str().unwrap().parse().unwrap();
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        socket.send_to(b"query", bind).await.unwrap();
+        wait_until(Duration::from_secs(10), "the refusal to be recorded", || {
+            forward_info(&client, bind)["last_error"].as_str() == Some(reason)
+        });
+        let mut buf = [0u8; 16];
+        let answer = tokio::time::timeout(Duration::from_millis(300), socket.recv_from(&mut buf)).await;
+        assert!(answer.is_err(), "nothing comes back from a refused session: {answer:?}");
+    }
+    let mut buf = [0u8; 16];
+    let reached = tokio::time::timeout(Duration::from_millis(300), service.recv_from(&mut buf)).await;
+    assert!(reached.is_err(), "the datagram sent ahead never reached the service: {reached:?}");
+}
+
+/// Streams share their connection's flow-control window: a forwarded service that stops reading
+/// holds its stream's share. Four such streams (with libp2p's stock QUIC windows, two stalled
+/// the whole connection) must leave other forwards on the same connection flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn services_that_stop_reading_do_not_stall_other_forwards() {
+    let _turn = heavy();
+    let stuck = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stuck_addr = stuck.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = stuck.accept().await {
+            held.push(tcp); // accepted, never read
+        }
+    });
+    let (client, server) = pair();
+    expose(&server, "stuck", &stuck_addr.to_string(), &[&client.peer_id]);
+    let echo = echo_service().await.to_string();
+    expose(&server, "echo", &echo, &[&client.peer_id]);
+    let stuck_bind = forward(&client, &format!("{}/stuck", server.peer_id));
+    let echo_bind = forward(&client, &format!("{}/echo", server.peer_id));
+    for _ in 0..4 {
+        tokio::spawn(async move {
+            let mut tcp = TcpStream::connect(stuck_bind).await.unwrap();
+            let block = vec![7u8; 1 << 20];
+            while tcp.write_all(&block).await.is_ok() {}
+        });
+    }
+    // The stuck streams have filled their windows (4 MiB each, plus socket buffers).
+    wait_until(Duration::from_secs(20), "the stuck streams to fill their windows", || {
+        forward_info(&client, stuck_bind)["bytes_sent"].as_u64().unwrap_or(0) >= 12 << 20
+    });
+    let (sent, echoed) = tokio::time::timeout(Duration::from_secs(30), echo_transfer(echo_bind, 10 << 20, 2))
+        .await
+        .expect("the other forward keeps flowing");
+    assert_eq!(sent, echoed, "10 MiB echoed intact beside the stuck streams");
+}

@@ -61,7 +61,7 @@ async fn run_tcp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, listener: T
                 Err(e) => return refused(&forward, &tcp, e),
             };
             let _active = Active::new(&forward.stats);
-            let answer = async |r: &mut tokio::io::ReadHalf<Compat<Stream>>| accepted(r.compat()).await;
+            let answer = async |r: &mut tokio::io::ReadHalf<Compat<Stream>>| accepted(&mut r.compat()).await;
             match splice::tcp_opened(tcp, stream, &forward.stats.sent, &forward.stats.received, answer).await {
                 Ok(()) => {}
                 Err(splice::Failure::Refused(e)) => {
@@ -89,7 +89,7 @@ fn refused(forward: &Forward, tcp: &tokio::net::TcpStream, e: String) {
 /// 10 s request timeout, so a spare is never handed out after the peer gave up on it.
 const SPARE_MAX_AGE: Duration = Duration::from_secs(5);
 
-/// A stream to the peer opened ahead for the forward's next TCP connection: stream negotiation
+/// A stream to the peer opened ahead for the forward's next connection (or UDP session): stream negotiation
 /// takes a round trip, which a new connection then need not wait for. Refilled after each use,
 /// one open at a time; never used when older than [`SPARE_MAX_AGE`] or relayed while a direct
 /// connection exists (it would keep the new connection on the relay).
@@ -119,21 +119,19 @@ impl Spare {
     }
 }
 
-/// Connects to the peer if needed, opens a stream (a TCP forward takes its spare when it has
-/// one) and sends the request for the service. The answer is read by the caller ([`accepted`]):
-/// TCP sends data ahead of it.
+/// Connects to the peer if needed, opens a stream (the forward's spare when it has one) and
+/// sends the request for the service. The answer is read by the caller ([`accepted`]), after
+/// the first data has gone out behind the request.
 async fn open(forwarding: &Arc<Forwarding>, forward: &Arc<Forward>, transport: Transport) -> Result<Compat<Stream>, String> {
     let peer = forward.peer;
     let request = Request::new(forward.spec.service.clone(), transport);
-    if transport == Transport::Tcp {
-        let spare = forward.spare.take(&forwarding.opener, &peer);
-        Spare::refill(forwarding, forward);
-        if let Some((mut stream, relayed)) = spare
-            && warren_forward::write_request(&mut stream, &request).await.is_ok()
-        {
-            *forward.stats.path.lock().unwrap() = Some(if relayed { "relayed" } else { "direct" }.to_string());
-            return Ok(stream.compat());
-        }
+    let spare = forward.spare.take(&forwarding.opener, &peer);
+    Spare::refill(forwarding, forward);
+    if let Some((mut stream, relayed)) = spare
+        && warren_forward::write_request(&mut stream, &request).await.is_ok()
+    {
+        *forward.stats.path.lock().unwrap() = Some(if relayed { "relayed" } else { "direct" }.to_string());
+        return Ok(stream.compat());
     }
     // Connected already (the usual case): open at once. Otherwise reach the peer first (stored
     // addresses, the DHT, relays) and try again.
@@ -156,8 +154,8 @@ async fn open(forwarding: &Arc<Forwarding>, forward: &Arc<Forward>, transport: T
 }
 
 /// Reads the peer's answer to a request: `Ok` if the service accepted, else the refusal as text.
-async fn accepted(mut r: impl futures::AsyncRead + Unpin) -> Result<(), String> {
-    let reply = tokio::time::timeout(REPLY_TIMEOUT, warren_forward::read_reply(&mut r))
+async fn accepted(r: &mut (impl futures::AsyncRead + Unpin)) -> Result<(), String> {
+    let reply = tokio::time::timeout(REPLY_TIMEOUT, warren_forward::read_reply(r))
         .await
         .map_err(|_| "the peer did not answer".to_string())?
         .map_err(|e| format!("the peer's answer was unreadable: {e}"))?;
@@ -193,15 +191,15 @@ async fn run_udp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, socket: Arc
         let (forwarding, forward, socket, sessions) = (forwarding.clone(), forward.clone(), socket.clone(), sessions.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let opened = match open(&forwarding, &forward, Transport::Udp).await {
-                Ok(mut stream) => accepted((&mut stream).compat()).await.map(|()| stream),
-                Err(e) => Err(e),
-            };
-            match opened {
+            match open(&forwarding, &forward, Transport::Udp).await {
                 Ok(stream) => {
                     let _active = Active::new(&forward.stats);
                     let local = Datagrams { source: Source::Channel(rx), socket, to: Some(from) };
-                    udp_over_stream(local, stream, &forward.stats, forwarding.udp_idle).await;
+                    let answer = async |r: &mut Compat<tokio::io::ReadHalf<Compat<Stream>>>| accepted(r).await;
+                    if let Err(e) = udp_over_stream(local, stream, &forward.stats, forwarding.udp_idle, answer).await {
+                        tracing::warn!(peer = %forward.peer, service = %forward.spec.service, error = %e, "UDP forward refused");
+                        forward.stats.fail(e);
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(peer = %forward.peer, service = %forward.spec.service, error = %e, "UDP forward failed");
@@ -231,8 +229,16 @@ pub enum Source {
 
 /// Carries datagrams both ways between a local UDP endpoint and a stream until either side ends
 /// or nothing moves for `idle`. Each direction is its own loop, so no frame read is ever cut
-/// short by the other direction.
-pub async fn udp_over_stream<S>(local: Datagrams, stream: S, stats: &Stats, idle: Duration)
+/// short by the other direction. The first datagram goes out at once, the rest after `answer`
+/// has read and judged the peer's answer (the opening side), which also comes before any
+/// datagram from the peer is passed on; a refusal ends the session with its reason.
+pub async fn udp_over_stream<S>(
+    local: Datagrams,
+    stream: S,
+    stats: &Stats,
+    idle: Duration,
+    answer: impl AsyncFnOnce(&mut Compat<tokio::io::ReadHalf<S>>) -> Result<(), String>,
+) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -243,9 +249,13 @@ where
     let last = std::sync::atomic::AtomicU64::new(0);
     let touch = || last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
     let Datagrams { source, socket, to } = local;
+    let answered = tokio::sync::Notify::new();
     let up = async {
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let mut source = source;
+        // One datagram goes out ahead of the peer's answer (a DNS query, a WireGuard handshake);
+        // the rest wait for it, so early datagrams never pile up unread at the peer.
+        let mut ahead = true;
         loop {
             let n = match &mut source {
                 Source::Socket => match socket.recv(&mut buf).await {
@@ -265,9 +275,14 @@ where
             }
             stats.sent.fetch_add(n as u64, Ordering::Relaxed);
             touch();
+            if std::mem::take(&mut ahead) {
+                answered.notified().await;
+            }
         }
     };
     let down = async {
+        answer(&mut r).await?;
+        answered.notify_one();
         let mut buf = vec![0u8; MAX_DATAGRAM];
         while let Ok(Some(n)) = warren_forward::read_datagram(&mut r, &mut buf).await {
             let _ = match to {
@@ -277,6 +292,7 @@ where
             stats.received.fetch_add(n as u64, Ordering::Relaxed);
             touch();
         }
+        Ok(())
     };
     let watchdog = async {
         loop {
@@ -287,9 +303,11 @@ where
             tokio::time::sleep(idle - idle_for).await;
         }
     };
+    tokio::pin!(down);
     tokio::select! {
-        _ = up => {}
-        _ = down => {}
-        _ = watchdog => {}
+        // The peer stopped taking datagrams: usually a refusal, whose answer says why.
+        _ = up => tokio::time::timeout(splice::ANSWER_GRACE, &mut down).await.unwrap_or(Ok(())),
+        ended = &mut down => ended,
+        _ = watchdog => Ok(()),
     }
 }

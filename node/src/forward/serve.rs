@@ -83,7 +83,7 @@ async fn serve(forwarding: &Forwarding, peer: PeerId, mut stream: Stream, have_c
         }
         let _active = Active::new(&service.stats);
         let local = Datagrams { source: Source::Socket, socket: Arc::new(socket), to: None };
-        udp_over_stream(local, stream.compat(), &service.stats, forwarding.udp_idle).await;
+        let _ = udp_over_stream(local, stream.compat(), &service.stats, forwarding.udp_idle, async |_| Ok(())).await;
         return;
     }
     let tcp = match tokio::time::timeout(UPSTREAM_TIMEOUT, tokio::net::TcpStream::connect(&target)).await {

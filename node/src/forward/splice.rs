@@ -7,6 +7,7 @@ use std::io::{Error, ErrorKind};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
 use warren_forward::{Chunk, END_OF_DATA};
 
 /// Bytes read per direction per step: large enough for bulk throughput, small enough that 500
@@ -14,17 +15,25 @@ use warren_forward::{Chunk, END_OF_DATA};
 pub const BUFFER: usize = 64 * 1024;
 const HEADER: usize = 4;
 
+/// Local data a new connection may send before the peer has answered: its first flight (an
+/// HTTP request, a TLS ClientHello, an SSH banner) saves a round trip, and no more. Data sent
+/// ahead sits unread at the peer until it accepts, holding the connection's shared receive window
+/// (15 MB): 1024 connections opening at once hold at most 8 MiB of it, so the requests of newer
+/// streams never queue behind older streams' early bulk data.
+pub const SEND_AHEAD: usize = 8 * 1024;
+
 /// Local data → stream, as chunks; at the local EOF sends the end marker and finishes the
-/// stream's write side.
-async fn to_stream<R, W>(mut tcp: R, mut stream: W, counter: &AtomicU64) -> std::io::Result<()>
+/// stream's write side. Until `answered` is notified, one read of at most [`SEND_AHEAD`] bytes.
+async fn to_stream<R, W>(mut tcp: R, mut stream: W, counter: &AtomicU64, answered: &Notify) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     // One buffer holds header and data, so each chunk is one write.
     let mut buf = vec![0u8; HEADER + BUFFER];
+    let mut limit = SEND_AHEAD;
     loop {
-        let n = tcp.read(&mut buf[HEADER..]).await?;
+        let n = tcp.read(&mut buf[HEADER..HEADER + limit]).await?;
         if n == 0 {
             stream.write_all(&END_OF_DATA.to_be_bytes()).await?;
             stream.shutdown().await?;
@@ -33,6 +42,10 @@ where
         buf[..HEADER].copy_from_slice(&(n as u32).to_be_bytes());
         stream.write_all(&buf[..HEADER + n]).await?;
         counter.fetch_add(n as u64, Ordering::Relaxed);
+        if limit < BUFFER {
+            answered.notified().await;
+            limit = BUFFER;
+        }
     }
 }
 
@@ -73,7 +86,7 @@ where
 
 /// How long the opening side waits for the peer's answer once the peer stopped taking data: a
 /// refusal usually arrives just behind the stop, and says why.
-const ANSWER_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+pub const ANSWER_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// How a forwarded connection failed.
 #[derive(Debug)]
@@ -97,9 +110,9 @@ where
     })
 }
 
-/// The opening side of [`tcp`], whose request is on its way: local data flows to the peer at
-/// once, before the peer's answer (a new connection's first bytes save a round trip), and
-/// `answer` reads and judges that answer before any data from the peer is passed on. A refusal
+/// The opening side of [`tcp`], whose request is on its way: the connection's first bytes (up
+/// to [`SEND_AHEAD`]) go to the peer at once, before its answer, saving a round trip; the rest
+/// follows the answer, which `answer` reads and judges before any data from the peer is passed on. A refusal
 /// resets the local connection; the peer discards what was sent ahead.
 pub async fn tcp_opened<S>(
     tcp: tokio::net::TcpStream,
@@ -114,10 +127,12 @@ where
     let _ = tcp.set_nodelay(true);
     let (mut tcp_r, mut tcp_w) = tcp.into_split();
     let (mut stream_r, mut stream_w) = tokio::io::split(stream);
+    let answered = Notify::new();
     let result = {
-        let upload = to_stream(&mut tcp_r, &mut stream_w, sent);
+        let upload = to_stream(&mut tcp_r, &mut stream_w, sent, &answered);
         let download = async {
             answer(&mut stream_r).await.map_err(Failure::Refused)?;
+            answered.notify_one();
             from_stream(&mut stream_r, &mut tcp_w, received).await.map_err(Failure::Cut)
         };
         tokio::pin!(upload, download);

@@ -17,10 +17,12 @@
 //!
 //! An opener may open a stream ahead of need and send its request later, within the answerer's
 //! request timeout (10 s); a stream that ends before its request is closed without a reply.
-//! A TCP opener need not wait for the reply: it may send chunks right behind its request (a new
-//! connection's first bytes then save a round trip). The answerer reads them only after it has
-//! accepted; when it refuses, it replies and closes the stream, and whatever was sent ahead is
-//! discarded unread. Nothing flows from the answerer before its reply.
+//! An opener need not wait for the reply: it may send data (TCP chunks, UDP datagram frames)
+//! right behind its request, so a new connection's first bytes save a round trip. The answerer
+//! reads them only after it has accepted; when it refuses, it replies and closes the stream, and
+//! whatever was sent ahead is discarded unread. Nothing flows from the answerer before its reply.
+//! Data sent ahead sits unread in the answerer's receive window until then, so an opener keeps it
+//! small: warren sends at most 8 KiB of TCP data, or one datagram, before the reply.
 //!
 //! After an `Accepted` reply, a TCP forward carries *chunks* each way: a 4-byte big-endian length
 //! (1 to [`MAX_CHUNK`]) followed by that many bytes of the connection's data. A length of 0
