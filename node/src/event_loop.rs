@@ -642,8 +642,6 @@ impl EventLoop {
         self.announce_relay_when_due();
     }
 
-    /// Publishes this node as provider of its own key, carrying its current external addresses
-    /// (relayed ones included): how a node behind a NAT is found by PeerId.
     /// Refreshes the routing table every `bootstrap_interval_secs` once it has peers. libp2p's own
     /// periodic bootstrap is off: on a node with no peers yet (the first of a network, say) it
     /// warned "Failed to trigger bootstrap" every time. (libp2p still bootstraps by itself when
@@ -660,6 +658,8 @@ impl EventLoop {
         }
     }
 
+    /// Publishes this node as provider of its own key, carrying its current external addresses
+    /// (relayed ones included): how a node behind a NAT is found by PeerId.
     fn publish_own_record_when_due(&mut self) {
         let Some(due) = self.own_record_due else { return };
         if Instant::now() < due || self.routing_table_size() == 0 {

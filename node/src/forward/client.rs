@@ -58,7 +58,7 @@ async fn run_tcp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, listener: T
             let _permit = permit;
             let stream = match open(&forwarding, &forward, Transport::Tcp).await {
                 Ok(stream) => stream,
-                Err(e) => return refused(&forward, &tcp, e),
+                Err(e) => return failed(&forward, &tcp, e),
             };
             let _active = Active::new(&forward.stats);
             let answer = async |r: &mut tokio::io::ReadHalf<Compat<Stream>>| accepted(&mut r.compat()).await;
@@ -79,7 +79,7 @@ async fn run_tcp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, listener: T
 }
 
 /// The peer could not be reached or asked: the local connection is reset, the reason kept.
-fn refused(forward: &Forward, tcp: &tokio::net::TcpStream, e: String) {
+fn failed(forward: &Forward, tcp: &tokio::net::TcpStream, e: String) {
     tracing::warn!(peer = %forward.peer, service = %forward.spec.service, error = %e, "forward failed");
     forward.stats.fail(e);
     splice::reset(tcp);
@@ -89,10 +89,10 @@ fn refused(forward: &Forward, tcp: &tokio::net::TcpStream, e: String) {
 /// 10 s request timeout, so a spare is never handed out after the peer gave up on it.
 const SPARE_MAX_AGE: Duration = Duration::from_secs(5);
 
-/// A stream to the peer opened ahead for the forward's next connection (or UDP session): stream negotiation
-/// takes a round trip, which a new connection then need not wait for. Refilled after each use,
-/// one open at a time; never used when older than [`SPARE_MAX_AGE`] or relayed while a direct
-/// connection exists (it would keep the new connection on the relay).
+/// A stream to the peer opened ahead for the forward's next connection (or UDP session): stream
+/// negotiation takes a round trip, which a new connection then need not wait for. Refilled after
+/// each use, one open at a time; never used when older than [`SPARE_MAX_AGE`] or relayed while a
+/// direct connection exists (it would keep the new connection on the relay).
 #[derive(Default)]
 pub struct Spare {
     ready: Mutex<Option<(Stream, bool, Instant)>>,
@@ -127,14 +127,26 @@ async fn open(forwarding: &Arc<Forwarding>, forward: &Arc<Forward>, transport: T
     let request = Request::new(forward.spec.service.clone(), transport);
     let spare = forward.spare.take(&forwarding.opener, &peer);
     Spare::refill(forwarding, forward);
-    if let Some((mut stream, relayed)) = spare
-        && warren_forward::write_request(&mut stream, &request).await.is_ok()
-    {
-        *forward.stats.path.lock().unwrap() = Some(if relayed { "relayed" } else { "direct" }.to_string());
-        return Ok(stream.compat());
-    }
-    // Connected already (the usual case): open at once. Otherwise reach the peer first (stored
-    // addresses, the DHT, relays) and try again.
+    // A spare whose connection has gone fails its request; a fresh stream is tried instead.
+    let ready = match spare {
+        Some((mut stream, relayed)) => warren_forward::write_request(&mut stream, &request).await.is_ok().then_some((stream, relayed)),
+        None => None,
+    };
+    let (stream, relayed) = match ready {
+        Some(ready) => ready,
+        None => {
+            let (mut stream, relayed) = open_fresh(forwarding, peer).await?;
+            warren_forward::write_request(&mut stream, &request).await.map_err(|e| format!("request failed: {e}"))?;
+            (stream, relayed)
+        }
+    };
+    *forward.stats.path.lock().unwrap() = Some(if relayed { "relayed" } else { "direct" }.to_string());
+    Ok(stream.compat())
+}
+
+/// A new stream to the peer, and whether it is relayed. Connected already (the usual case): open
+/// at once. Otherwise reach the peer first (stored addresses, the DHT, relays) and try again.
+async fn open_fresh(forwarding: &Forwarding, peer: PeerId) -> Result<(Stream, bool), String> {
     let opened = match forwarding.opener.open(peer).await {
         Err(e) if e == streams::NOT_CONNECTED => {
             let connected = tokio::time::timeout(CONNECT_TIMEOUT, forwarding.node.request(|tx| Command::Connect(peer, tx))).await;
@@ -147,10 +159,7 @@ async fn open(forwarding: &Arc<Forwarding>, forward: &Arc<Forward>, transport: T
         }
         other => other,
     };
-    let (mut stream, relayed) = opened.map_err(|e| format!("cannot open a stream to {peer}: {e}"))?;
-    *forward.stats.path.lock().unwrap() = Some(if relayed { "relayed" } else { "direct" }.to_string());
-    warren_forward::write_request(&mut stream, &request).await.map_err(|e| format!("request failed: {e}"))?;
-    Ok(stream.compat())
+    opened.map_err(|e| format!("cannot open a stream to {peer}: {e}"))
 }
 
 /// Reads the peer's answer to a request: `Ok` if the service accepted, else the refusal as text.

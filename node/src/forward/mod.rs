@@ -170,7 +170,7 @@ pub struct Forward {
     pub permits: Arc<Semaphore>,
     pub stats: Stats,
     pub from_config: bool,
-    /// A stream opened ahead for the next TCP connection (see [`client::Spare`]).
+    /// A stream opened ahead for the next connection or UDP session (see [`client::Spare`]).
     pub spare: client::Spare,
     task: tokio::task::AbortHandle,
 }

@@ -17,9 +17,9 @@ const HEADER: usize = 4;
 
 /// Local data a new connection may send before the peer has answered: its first flight (an
 /// HTTP request, a TLS ClientHello, an SSH banner) saves a round trip, and no more. Data sent
-/// ahead sits unread at the peer until it accepts, holding the connection's shared receive window
-/// (15 MB): 1024 connections opening at once hold at most 8 MiB of it, so the requests of newer
-/// streams never queue behind older streams' early bulk data.
+/// ahead sits unread at the peer until it accepts, holding part of the connection's shared
+/// receive window: 1024 connections opening at once hold at most 8 MiB of it, so the requests of
+/// newer streams never queue behind older streams' early bulk data.
 pub const SEND_AHEAD: usize = 8 * 1024;
 
 /// Local data → stream, as chunks; at the local EOF sends the end marker and finishes the
@@ -112,8 +112,8 @@ where
 
 /// The opening side of [`tcp`], whose request is on its way: the connection's first bytes (up
 /// to [`SEND_AHEAD`]) go to the peer at once, before its answer, saving a round trip; the rest
-/// follows the answer, which `answer` reads and judges before any data from the peer is passed on. A refusal
-/// resets the local connection; the peer discards what was sent ahead.
+/// follows the answer, which `answer` reads and judges before any data from the peer is passed
+/// on. A refusal resets the local connection; the peer discards what was sent ahead.
 pub async fn tcp_opened<S>(
     tcp: tokio::net::TcpStream,
     stream: S,

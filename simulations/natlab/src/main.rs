@@ -48,10 +48,7 @@ fn main() -> ExitCode {
         return match warren_natlab::upnp::check_site(Duration::from_millis(args.latency_ms)) {
             Ok(check) => {
                 println!("{check:#?}");
-                let ok = check.natpmp_external == check.wan
-                    && check.before_mapping.is_err()
-                    && check.after_mapping.is_ok()
-                    && check.igd_external.as_ref().is_none_or(|igd| igd.as_ref() == Ok(&check.wan));
+                let ok = check.as_expected();
                 println!("{}", if ok { "upnp site: ok" } else { "upnp site: NOT as expected" });
                 if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
             }

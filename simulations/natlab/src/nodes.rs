@@ -175,9 +175,7 @@ fn echo(tcp: TcpStream) {
 /// Sends `n` pseudo-random bytes to `addr` from inside `ns` and reads the echo; Ok when every byte
 /// came back (SHA-256 equal), with the time it took.
 pub fn transfer(ns: &str, addr: SocketAddr, n: usize, timeout: Duration) -> Result<Duration, String> {
-    let ns = ns.to_string();
-    std::thread::spawn(move || -> Result<Duration, String> {
-        sys::enter_netns(&ns).map_err(|e| format!("enter {ns}: {e}"))?;
+    sys::in_netns(ns, move || {
         let started = Instant::now();
         let tcp = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
         tcp.set_read_timeout(Some(timeout)).ok();
@@ -221,16 +219,12 @@ pub fn transfer(ns: &str, addr: SocketAddr, n: usize, timeout: Duration) -> Resu
         }
         Ok(started.elapsed())
     })
-    .join()
-    .map_err(|_| "transfer thread panicked".to_string())?
 }
 
 /// Opens a new connection to `addr` from inside `ns`, sends one byte and waits for its echo: the
 /// time a new connection through a forward takes to carry its first byte there and back.
 pub fn first_byte(ns: &str, addr: SocketAddr, timeout: Duration) -> Result<Duration, String> {
-    let ns = ns.to_string();
-    std::thread::spawn(move || -> Result<Duration, String> {
-        sys::enter_netns(&ns).map_err(|e| format!("enter {ns}: {e}"))?;
+    sys::in_netns(ns, move || {
         let started = Instant::now();
         let mut tcp = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
         tcp.set_nodelay(true).ok();
@@ -240,6 +234,4 @@ pub fn first_byte(ns: &str, addr: SocketAddr, timeout: Duration) -> Result<Durat
         tcp.read_exact(&mut byte).map_err(|e| format!("receive: {e}"))?;
         Ok(started.elapsed())
     })
-    .join()
-    .map_err(|_| "first-byte thread panicked".to_string())?
 }

@@ -45,6 +45,18 @@ pub fn enter_netns(ns: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Runs `f` on a fresh thread inside network namespace `ns` and returns its result (the calling
+/// thread stays where it is). Threads `f` spawns start in `ns` too.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> Result<T, String> + Send + 'static) -> Result<T, String> {
+    let inside = ns.to_string();
+    std::thread::spawn(move || {
+        enter_netns(&inside).map_err(|e| format!("cannot enter {inside}: {e}"))?;
+        f()
+    })
+    .join()
+    .map_err(|_| format!("the thread in {ns} panicked"))?
+}
+
 /// Blocks SIGINT/SIGTERM/SIGHUP in this thread (and the threads it spawns later) and returns a
 /// thread that waits for them and runs `on_signal`, so an interrupted run still cleans up.
 pub fn route_signals_to(on_signal: impl FnOnce(i32) + Send + 'static) {

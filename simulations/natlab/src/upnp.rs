@@ -211,21 +211,10 @@ fn which(program: &str) -> Option<PathBuf> {
         .find(|path| path.is_file())
 }
 
-/// Runs `f` on a fresh thread inside namespace `ns`.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> Result<T, String> + Send + 'static) -> Result<T, String> {
-    let ns = ns.to_string();
-    std::thread::spawn(move || {
-        sys::enter_netns(&ns).map_err(|e| format!("cannot enter {ns}: {e}"))?;
-        f()
-    })
-    .join()
-    .map_err(|_| "NAT-PMP client thread panicked".to_string())?
-}
-
 /// One NAT-PMP request from namespace `ns` to `gateway`; the answer's payload after the result
 /// code, or the result code as an error.
 fn natpmp_request(ns: &str, gateway: Ipv4Addr, request: Vec<u8>, opcode: u8) -> Result<Vec<u8>, String> {
-    in_netns(ns, move || {
+    sys::in_netns(ns, move || {
         let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| e.to_string())?;
         socket.connect((gateway, NATPMP_PORT)).map_err(|e| e.to_string())?;
         // RFC 6886 retries from 250 ms, doubling; three tries are plenty on the LAN.
@@ -284,6 +273,16 @@ pub struct SiteCheck {
     /// The public address UPnP-IGD reports (`upnpc -s` from the LAN host); `None` when miniupnpc
     /// is not installed.
     pub igd_external: Option<Result<Ipv4Addr, String>>,
+}
+
+impl SiteCheck {
+    /// Everything as a port-mapping client needs it (the IGD part only where miniupnpc is there).
+    pub fn as_expected(&self) -> bool {
+        self.natpmp_external == self.wan
+            && self.before_mapping.is_err()
+            && self.after_mapping.is_ok()
+            && self.igd_external.as_ref().is_none_or(|igd| igd.as_ref() == Ok(&self.wan))
+    }
 }
 
 /// Builds a UPnP site and a public host, and checks the site as a port-mapping client will use
