@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId, core::transport::ListenerId, multiaddr::Protocol};
 
-use crate::event_loop::without_p2p;
+use crate::addresses::without_p2p;
 
 /// The DHT key relays provide, so nodes can find relays they are not connected to.
 pub const RELAYS_KEY: &[u8] = b"/warren/relays/1";

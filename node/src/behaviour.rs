@@ -13,7 +13,11 @@ use libp2p::{
     ping, relay, swarm::NetworkBehaviour, swarm::behaviour::toggle::Toggle, tcp, yamux,
 };
 
+use std::sync::{Arc, Mutex};
+
+use crate::addresses::{Policy, lan_kad_protocol};
 use crate::config::{Config, DhtMode};
+use crate::dial_gate::Gate;
 
 /// The agent string peers see in identify.
 pub const AGENT: &str = concat!("warren/", env!("CARGO_PKG_VERSION"));
@@ -27,6 +31,8 @@ const QUIC_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const QUIC_CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
 /// Largest QUIC packet that path-MTU discovery may try.
 const QUIC_MTU_UPPER_BOUND: u16 = 9_000;
+/// How long a DHT query may run before it reports what it found.
+const KAD_QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pending inbound handshakes at once: bounds what a flood of dials can cost.
 const MAX_PENDING_INCOMING: u32 = 128;
 
@@ -35,7 +41,12 @@ pub struct Behaviour {
     pub limits: connection_limits::Behaviour,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
+    /// The WAN DHT (the configured protocol): public addresses only.
     pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    /// The LAN DHT (`/…/lan/kad/…`), always serving: peers on loopback, link-local and private
+    /// addresses, so nodes of one private network find each other with no public address
+    /// confirmed (kubo runs the same pair).
+    pub lan_kad: kad::Behaviour<kad::store::MemoryStore>,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     pub autonat: autonat::Behaviour,
     /// AutoNAT v2 tests each candidate address on its own and confirms every one that a peer
@@ -113,10 +124,28 @@ where
     }
 }
 
-pub fn build_swarm(keypair: Keypair, config: &Config) -> Result<Built, BuildError> {
+/// A Kademlia behaviour as warren runs both DHTs: routing-table inserts are left to the event
+/// loop, which feeds each DHT the addresses the address policy gives it (libp2p would otherwise
+/// insert whatever address a connection was dialed on).
+fn kademlia(peer_id: libp2p::PeerId, protocol: StreamProtocol) -> kad::Behaviour<kad::store::MemoryStore> {
+    let mut config = kad::Config::new(protocol);
+    // The event loop refreshes the routing table itself, only once it has peers.
+    config.set_periodic_bootstrap_interval(None);
+    config.set_query_timeout(KAD_QUERY_TIMEOUT);
+    config.set_kbucket_inserts(kad::BucketInserts::Manual);
+    kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), config)
+}
+
+pub fn build_swarm(
+    keypair: Keypair,
+    config: &Config,
+    policy: Arc<Mutex<Policy>>,
+) -> Result<Built, BuildError> {
     let (forward, opener, inbound) = crate::forward::streams::Behaviour::new();
     let mut forward = Some(forward);
     let kad_protocol = StreamProtocol::try_from_owned(config.kad_protocol.clone())
+        .map_err(|_| BuildError::KadProtocol(config.kad_protocol.clone()))?;
+    let lan_protocol = StreamProtocol::try_from_owned(lan_kad_protocol(&config.kad_protocol))
         .map_err(|_| BuildError::KadProtocol(config.kad_protocol.clone()))?;
     let mdns_on = config.mdns;
     let dht_mode = config.dht_mode;
@@ -140,9 +169,8 @@ pub fn build_swarm(keypair: Keypair, config: &Config) -> Result<Built, BuildErro
                 .multiplex(yamux::Config::default())
                 .map(meter_muxer(meter.clone()));
             let quic = libp2p::quic::tokio::Transport::new(quic_config(key)).map(meter_muxer(meter.clone()));
-            Ok(quic
-                .or_transport(tcp)
-                .map(|either, _| either.into_inner()))
+            let direct = quic.or_transport(tcp).map(|either, _| either.into_inner()).map_err(std::io::Error::other);
+            Ok(Gate::new(direct, policy))
         })
         .map_err(|e| setup(&e))?
         .with_dns()
@@ -151,11 +179,11 @@ pub fn build_swarm(keypair: Keypair, config: &Config) -> Result<Built, BuildErro
         .map_err(|e| setup(&e))?
         .with_behaviour(|key, relay_client| {
             let peer_id = key.public().to_peer_id();
-            let mut kad_config = kad::Config::new(kad_protocol);
-            // The event loop refreshes the routing table itself, only once it has peers.
-            kad_config.set_periodic_bootstrap_interval(None);
-            kad_config.set_query_timeout(Duration::from_secs(30));
-            let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+            let mut kad = kademlia(peer_id, kad_protocol);
+            let mut lan_kad = kademlia(peer_id, lan_protocol);
+            // Serving the LAN DHT costs nothing where no peer shares a private network with us;
+            // only `--dht-mode client` (do not answer queries) turns it off.
+            lan_kad.set_mode(Some(if dht_mode == DhtMode::Client { kad::Mode::Client } else { kad::Mode::Server }));
             kad.set_mode(match dht_mode {
                 DhtMode::Server => Some(kad::Mode::Server),
                 DhtMode::Client => Some(kad::Mode::Client),
@@ -180,7 +208,11 @@ pub fn build_swarm(keypair: Keypair, config: &Config) -> Result<Built, BuildErro
                 identify: identify::Behaviour::new(
                     identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
                         .with_agent_version(AGENT.to_string())
-                        .with_push_listen_addr_updates(true),
+                        .with_push_listen_addr_updates(true)
+                        // identify's cache would offer every listen address a peer ever told us
+                        // (its loopback and LAN ones included) to every dial of that peer,
+                        // bypassing the address policy's choice of what to store and dial.
+                        .with_cache_size(0),
                 ),
                 // Every 5 s: cheap, keeps RTTs fresh, and also notices dead TCP connections
                 // (QUIC's own keep-alive and idle timeout cover QUIC).
@@ -188,6 +220,7 @@ pub fn build_swarm(keypair: Keypair, config: &Config) -> Result<Built, BuildErro
                     ping::Config::new().with_interval(Duration::from_secs(5)).with_timeout(Duration::from_secs(5)),
                 ),
                 kad,
+                lan_kad,
                 mdns: mdns.into(),
                 autonat: autonat::Behaviour::new(
                     peer_id,

@@ -16,7 +16,7 @@ use libp2p::swarm::{
 };
 use libp2p::{Multiaddr, PeerId};
 
-use crate::relay::{Cidr, is_public_addr};
+use crate::addresses::{Cidr, is_public_addr};
 
 pub struct Behaviour {
     public_ranges: Vec<Cidr>,

@@ -270,7 +270,7 @@ impl Config {
     }
 
     /// The configured public ranges, parsed.
-    pub fn public_ranges(&self) -> Result<Vec<crate::relay::Cidr>, UserError> {
+    pub fn public_ranges(&self) -> Result<Vec<crate::addresses::Cidr>, UserError> {
         self.public_ranges
             .iter()
             .map(|r| r.parse().map_err(|e: String| UserError::bad_input(format!("public range: {e}"))))

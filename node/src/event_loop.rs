@@ -1,20 +1,23 @@
 //! One task owns the Swarm. Everyone else holds a [`NodeHandle`] and sends [`Command`]s with
 //! oneshot replies; the loop answers them between swarm events.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::{
     Multiaddr, PeerId, Swarm, autonat, core::ConnectedPoint, dcutr, identify, kad, mdns, multiaddr::Protocol, ping,
     relay,
+    core::transport::ListenerId,
     swarm::{ConnectionId, DialError, SwarmEvent, dial_opts::DialOpts},
 };
 use tokio::sync::{mpsc, oneshot};
 
 use crate::autorelay::{AutoRelay, RELAYS_KEY, circuit_listen_addr};
 use crate::behaviour::{AGENT, Behaviour, BehaviourEvent};
-use crate::relay::{Cidr, RelayStats, is_public_addr};
+use crate::addresses::{Policy, is_relayed, is_unspecified, without_p2p};
+use crate::relay::RelayStats;
 use crate::config::{Config, DhtMode, bootstrap_peer};
 use crate::control::api;
 use crate::peer_record::PeerBook;
@@ -30,6 +33,21 @@ const BOOTSTRAP_BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// Our own provider record (how peers find our relayed addresses by PeerId) is published this
 /// long after our external addresses last changed, so a burst of changes costs one publication.
 const OWN_RECORD_SETTLE: Duration = Duration::from_millis(200);
+/// The first dials (stored peers, bootstrap peers) wait for every listener to report its
+/// addresses, so that none of them is one of our own; at most this long.
+const LISTENERS_SETTLE: Duration = Duration::from_secs(2);
+
+/// Which of the two DHTs (see [`crate::behaviour::Behaviour::lan_kad`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Dht {
+    Wan,
+    Lan,
+}
+
+/// A DHT query: query ids count per Kademlia instance, so they are told apart by DHT.
+type Query = (Dht, kad::QueryId);
+/// Lookups a connect attempt runs at once (see `start_connect_lookups`).
+const CONNECT_LOOKUPS: u8 = 3;
 
 pub enum Command {
     Status(oneshot::Sender<api::Status>),
@@ -81,7 +99,7 @@ enum ConnectStage {
 
 struct ConnectAttempt {
     stage: ConnectStage,
-    /// DHT lookups still running (closest peers, providers of the peer's own key).
+    /// DHT lookups still running (closest peers in both DHTs, providers of the peer's own key).
     lookups: u8,
     waiters: Vec<oneshot::Sender<Result<(), String>>>,
 }
@@ -122,13 +140,19 @@ pub struct EventLoop {
     bootstrap: HashMap<PeerId, BootstrapPeer>,
     conns: HashMap<ConnectionId, ConnInfo>,
     agents: HashMap<PeerId, String>,
-    finds: HashMap<kad::QueryId, PendingFind>,
+    finds: HashMap<Query, PendingFind>,
     connects: HashMap<PeerId, ConnectAttempt>,
-    connect_lookups: HashMap<kad::QueryId, PeerId>,
-    find_aliases: HashMap<kad::QueryId, kad::QueryId>,
+    connect_lookups: HashMap<Query, PeerId>,
+    find_aliases: HashMap<Query, Query>,
     listen_addrs: Vec<Multiaddr>,
     started: Instant,
-    public_ranges: Vec<Cidr>,
+    /// The address policy, shared with the dial gate.
+    policy: Arc<Mutex<Policy>>,
+    /// Listeners that have not reported an address yet; the first dials wait for them.
+    listeners_pending: HashSet<ListenerId>,
+    first_dials_done: bool,
+    /// Dials that reached another peer than the one dialed (stale addresses).
+    wrong_peer_dials: u64,
     autorelay: AutoRelay,
     relay_stats: RelayStats,
     relay_advertised: bool,
@@ -150,6 +174,8 @@ impl EventLoop {
         config: Config,
         book: PeerBook,
         writer: PeerStoreWriter,
+        policy: Arc<Mutex<Policy>>,
+        listeners: impl IntoIterator<Item = ListenerId>,
     ) -> (Self, NodeHandle) {
         let (tx, commands) = mpsc::channel(COMMAND_QUEUE);
         let handle = NodeHandle { tx, peer_id: *swarm.local_peer_id(), stream: swarm.behaviour().stream.new_control() };
@@ -176,7 +202,10 @@ impl EventLoop {
             find_aliases: HashMap::new(),
             listen_addrs: Vec::new(),
             started: now,
-            public_ranges: config.public_ranges().unwrap_or_default(),
+            policy,
+            listeners_pending: listeners.into_iter().collect(),
+            first_dials_done: false,
+            wrong_peer_dials: 0,
             autorelay: AutoRelay::new(if config.relay { 0 } else { config.auto_relays }, &config.relay_via),
             relay_stats: RelayStats::default(),
             relay_advertised: config.relay_force,
@@ -202,7 +231,12 @@ impl EventLoop {
 
     /// Runs until `shutdown` resolves, then writes the peer store out.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
-        self.rejoin_from_store();
+        {
+            let mut policy = self.policy.lock().expect("policy lock");
+            for (peer, record) in self.book.iter() {
+                policy.seed(*peer, crate::addresses::Scopes(record.scopes));
+            }
+        }
         let mut tick = tokio::time::interval(STORE_FLUSH_INTERVAL);
         tokio::pin!(shutdown);
         loop {
@@ -211,6 +245,7 @@ impl EventLoop {
                 Some(command) = self.commands.recv() => self.on_command(command),
                 _ = tick.tick() => {
                     self.flush_store();
+                    self.first_dials_when_ready();
                     self.dial_due_bootstrap_peers();
                     self.connects.retain(|_, a| a.waiters.iter().any(|w| !w.is_closed()));
                     self.manage_relays();
@@ -227,31 +262,83 @@ impl EventLoop {
         }
     }
 
+    /// The first dials go out once every listener has reported its addresses (or after
+    /// [`LISTENERS_SETTLE`]): before that, a stored address of a peer may be one of our own.
+    fn first_dials_when_ready(&mut self) {
+        if self.first_dials_done || (!self.listeners_pending.is_empty() && self.started.elapsed() < LISTENERS_SETTLE) {
+            return;
+        }
+        self.first_dials_done = true;
+        self.rejoin_from_store();
+    }
+
     /// Dials the most useful stored peers and feeds DHT-capable ones to Kademlia, so a node
     /// started without bootstrap rejoins the network it knew.
     fn rejoin_from_store(&mut self) {
-        let kad_protocol = self.config.kad_protocol.clone();
-        let best: Vec<(PeerId, Vec<Multiaddr>, bool)> = self
-            .book
-            .best(self.config.rejoin_dials)
-            .into_iter()
-            .map(|(peer, record)| (peer, record.addresses(), record.supports(&kad_protocol)))
-            .collect();
+        let best: Vec<PeerId> = self.book.best(self.config.rejoin_dials).into_iter().map(|(peer, _)| peer).collect();
         if best.is_empty() {
             return;
         }
         tracing::info!(peers = best.len(), stored = self.book.len(), "rejoining through stored peers");
-        for (peer, addrs, dht) in best {
-            if dht {
-                for addr in &addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
-                }
+        for peer in best {
+            self.feed_dhts(peer);
+            let addrs = self.dialable(peer);
+            if !addrs.is_empty() {
+                let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(addrs).build());
             }
-            let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(addrs).build());
+        }
+    }
+
+    /// A peer's stored addresses that the policy lets us dial, best first.
+    fn dialable(&self, peer: PeerId) -> Vec<Multiaddr> {
+        let policy = self.policy.lock().expect("policy lock");
+        let addrs = self.book.get(&peer).map(|r| r.addresses()).unwrap_or_default();
+        addrs.into_iter().filter(|a| policy.may_dial(Some(peer), a).is_ok()).collect()
+    }
+
+    /// Gives each DHT the stored addresses of `peer` that belong there, if it speaks that DHT.
+    fn feed_dhts(&mut self, peer: PeerId) {
+        let Some(record) = self.book.get(&peer) else { return };
+        let (wan, lan) = {
+            let policy = self.policy.lock().expect("policy lock");
+            let lan_protocol = crate::addresses::lan_kad_protocol(&self.config.kad_protocol);
+            let addrs = record.addresses();
+            let wan: Vec<Multiaddr> = if record.supports(&self.config.kad_protocol) {
+                addrs.iter().filter(|a| policy.for_wan_dht(a)).cloned().collect()
+            } else {
+                Vec::new()
+            };
+            let lan: Vec<Multiaddr> = if record.supports(&lan_protocol) {
+                addrs.iter().filter(|a| policy.for_lan_dht(&peer, a)).cloned().collect()
+            } else {
+                Vec::new()
+            };
+            (wan, lan)
+        };
+        for addr in wan {
+            self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+        }
+        for addr in lan {
+            self.swarm.behaviour_mut().lan_kad.add_address(&peer, addr);
+        }
+    }
+
+    /// Keeps the addresses of `peer` that the policy lets us store.
+    fn remember(&mut self, peer: PeerId, addrs: &[Multiaddr]) {
+        let now = unix_now();
+        let keep: Vec<Multiaddr> = {
+            let policy = self.policy.lock().expect("policy lock");
+            addrs.iter().filter(|a| policy.may_store(&peer, a)).cloned().collect()
+        };
+        if !keep.is_empty() {
+            self.book.update(peer, |r| keep.into_iter().for_each(|a| r.observe_addr(a, now)));
         }
     }
 
     fn dial_due_bootstrap_peers(&mut self) {
+        if !self.first_dials_done {
+            return;
+        }
         let now = Instant::now();
         for (peer, state) in &mut self.bootstrap {
             if state.dialing || state.next_attempt > now || self.swarm.is_connected(peer) {
@@ -287,14 +374,24 @@ impl EventLoop {
             Command::Peers(reply) => {
                 let _ = reply.send(self.peers());
             }
+            Command::Find(peer, reply) if peer == *self.swarm.local_peer_id() => {
+                let _ = reply.send(api::FindReply {
+                    peer_id: peer.to_string(),
+                    found: true,
+                    addrs: self.own_addresses().iter().map(|a| a.to_string()).collect(),
+                    elapsed_ms: 0.0,
+                });
+            }
             Command::Find(peer, reply) => {
-                let kad = &mut self.swarm.behaviour_mut().kad;
-                let closest = kad.get_closest_peers(peer);
-                let providers = kad.get_providers(peer_key(&peer));
-                let find = PendingFind { peer, started: Instant::now(), lookups: 2, found: false, addrs: Vec::new(), reply };
-                // Both queries lead to the same pending find; the second id points at the first.
+                let behaviour = self.swarm.behaviour_mut();
+                let closest = (Dht::Wan, behaviour.kad.get_closest_peers(peer));
+                let providers = (Dht::Wan, behaviour.kad.get_providers(peer_key(&peer)));
+                let lan = (Dht::Lan, behaviour.lan_kad.get_closest_peers(peer));
+                let find = PendingFind { peer, started: Instant::now(), lookups: 3, found: false, addrs: Vec::new(), reply };
+                // All queries lead to the same pending find; the other ids point at the first.
                 self.finds.insert(closest, find);
                 self.find_aliases.insert(providers, closest);
+                self.find_aliases.insert(lan, closest);
             }
             Command::Connect(peer, reply) => self.connect(peer, reply),
             Command::StoreChurn(count, reply) => {
@@ -327,10 +424,10 @@ impl EventLoop {
             attempt.waiters.push(reply);
             return;
         }
-        let known = self.book.get(&peer).map(|r| r.addresses()).unwrap_or_default();
+        let known = self.dialable(peer);
         let (stage, lookups) = if known.is_empty() {
             self.start_connect_lookups(peer);
-            (ConnectStage::LookingUp, 2)
+            (ConnectStage::LookingUp, CONNECT_LOOKUPS)
         } else {
             let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(known).extend_addresses_through_behaviour().build());
             (ConnectStage::DialingKnown, 0)
@@ -338,15 +435,30 @@ impl EventLoop {
         self.connects.insert(peer, ConnectAttempt { stage, lookups, waiters: vec![reply] });
     }
 
-    /// Looks a peer up two ways at once: the peers closest to its id (finds DHT servers), and
-    /// providers of its own key (finds nodes behind NATs, which publish their relayed
-    /// addresses that way since they are not in anyone's routing table).
+    /// Looks a peer up three ways at once: the peers closest to its id in the WAN DHT (finds
+    /// public DHT servers), providers of its own key (finds nodes behind NATs, which publish
+    /// their relayed addresses that way since they are not in anyone's routing table), and the
+    /// closest peers in the LAN DHT (finds peers on our private network).
     fn start_connect_lookups(&mut self, peer: PeerId) {
-        let kad = &mut self.swarm.behaviour_mut().kad;
-        let closest = kad.get_closest_peers(peer);
-        let providers = kad.get_providers(peer_key(&peer));
-        self.connect_lookups.insert(closest, peer);
-        self.connect_lookups.insert(providers, peer);
+        let behaviour = self.swarm.behaviour_mut();
+        let closest = (Dht::Wan, behaviour.kad.get_closest_peers(peer));
+        let providers = (Dht::Wan, behaviour.kad.get_providers(peer_key(&peer)));
+        let lan = (Dht::Lan, behaviour.lan_kad.get_closest_peers(peer));
+        for query in [closest, providers, lan] {
+            self.connect_lookups.insert(query, peer);
+        }
+    }
+
+    /// Our own addresses, as `warren find` of our own PeerId reports them: listen addresses
+    /// (wildcards expanded by the listeners) and confirmed external ones.
+    fn own_addresses(&self) -> Vec<Multiaddr> {
+        let mut out: Vec<Multiaddr> = self.swarm.external_addresses().cloned().collect();
+        for addr in &self.listen_addrs {
+            if !is_unspecified(addr) && !out.contains(addr) {
+                out.push(addr.clone());
+            }
+        }
+        out
     }
 
     /// One of a connect attempt's lookups ended with these addresses for the peer.
@@ -361,8 +473,7 @@ impl EventLoop {
         }
         if !addrs.is_empty() && !matches!(attempt.stage, ConnectStage::DialingFound) {
             attempt.stage = ConnectStage::DialingFound;
-            let now = unix_now();
-            self.book.update(peer, |r| addrs.iter().for_each(|a| r.observe_addr(a.clone(), now)));
+            self.remember(peer, &addrs);
             let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(addrs).extend_addresses_through_behaviour().build());
         } else if attempt.lookups == 0 && matches!(attempt.stage, ConnectStage::LookingUp) {
             self.finish_connect(&peer, Err("the peer is not in the DHT and no address of it is known".into()));
@@ -378,6 +489,47 @@ impl EventLoop {
     }
 
     fn on_dial_failure(&mut self, peer: PeerId, error: &DialError) {
+        let now = unix_now();
+        let connected = self.swarm.is_connected(&peer);
+        match error {
+            DialError::WrongPeerId { obtained, address } => {
+                let addr = without_p2p(address);
+                self.wrong_peer_dials += 1;
+                let configured = self.bootstrap.get(&peer).is_some_and(|b| without_p2p(&b.addr) == addr);
+                if configured {
+                    tracing::warn!(peer = %peer, %addr, answered_by = %obtained, "the bootstrap address answers as another peer; check --bootstrap (did that node get a new identity?)");
+                } else {
+                    tracing::info!(peer = %peer, %addr, answered_by = %obtained, "a stored address leads to another peer; forgetting it");
+                    self.forget_address(peer, &addr);
+                    // One wrong address failed the whole dial before its other addresses had
+                    // their turn: give them one now.
+                    if !connected && self.redial(peer) {
+                        return;
+                    }
+                }
+            }
+            DialError::Transport(failed) => {
+                for (addr, error) in failed {
+                    let refused = matches!(error, libp2p::TransportError::Other(e) if e.kind() == std::io::ErrorKind::PermissionDenied);
+                    let addr = without_p2p(addr);
+                    if refused {
+                        if self.policy.lock().expect("policy lock").is_own(&addr) {
+                            self.forget_address(peer, &addr);
+                        }
+                    } else {
+                        self.book.update_existing(&peer, |r| r.addr_failed(&addr, now));
+                    }
+                }
+            }
+            _ => {}
+        }
+        if connected {
+            // Another connection is up: one failed dial says nothing about reachability.
+            if let Some(state) = self.bootstrap.get_mut(&peer) {
+                state.dialing = false;
+            }
+            return;
+        }
         if let Some(state) = self.bootstrap.get_mut(&peer) {
             state.dialing = false;
             state.next_attempt = Instant::now() + state.backoff;
@@ -388,12 +540,33 @@ impl EventLoop {
         match attempt.stage {
             ConnectStage::DialingKnown => {
                 attempt.stage = ConnectStage::LookingUp;
-                attempt.lookups = 2;
+                attempt.lookups = CONNECT_LOOKUPS;
                 self.start_connect_lookups(peer);
             }
             ConnectStage::DialingFound => self.finish_connect(&peer, Err(format!("cannot reach the peer: {error}"))),
             ConnectStage::LookingUp => {}
         }
+    }
+
+    /// Drops an address that does not lead to `peer` from its record and from both DHTs.
+    fn forget_address(&mut self, peer: PeerId, addr: &Multiaddr) {
+        self.book.update_existing(&peer, |r| r.forget_addr(addr));
+        let behaviour = self.swarm.behaviour_mut();
+        behaviour.kad.remove_address(&peer, addr);
+        behaviour.lan_kad.remove_address(&peer, addr);
+    }
+
+    /// Dials `peer` again on its remaining addresses; `false` if none is left.
+    fn redial(&mut self, peer: PeerId) -> bool {
+        let mut addrs = self.dialable(peer);
+        if let Some(state) = self.bootstrap.get(&peer) {
+            addrs.push(state.addr.clone());
+        }
+        if addrs.is_empty() {
+            return false;
+        }
+        tracing::debug!(peer = %peer, addrs = addrs.len(), "dialing the remaining addresses");
+        self.swarm.dial(DialOpts::peer_id(peer).addresses(addrs).extend_addresses_through_behaviour().build()).is_ok()
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -405,17 +578,21 @@ impl EventLoop {
                 if self.autorelay.is_relay_listener(listener_id) {
                     self.autorelay.on_listening(listener_id);
                     self.own_record_due = Some(Instant::now() + OWN_RECORD_SETTLE);
-                } else if self.config.relay_force && !is_relayed(&address) && is_dialable(&address) {
+                } else if self.config.relay_force && !is_relayed(&address) && !is_unspecified(&address) {
                     // A forced relay serves without AutoNAT's confirmation; reservations must
                     // carry the relay's addresses, so its listen addresses stand in.
                     self.swarm.add_external_address(address.clone());
                 }
+                self.policy.lock().expect("policy lock").add_own(&address);
+                self.listeners_pending.remove(&listener_id);
                 self.listen_addrs.push(address);
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.policy.lock().expect("policy lock").remove_own(&address);
                 self.listen_addrs.retain(|a| a != &address);
             }
             SwarmEvent::ListenerClosed { listener_id, addresses, reason } => {
+                self.listeners_pending.remove(&listener_id);
                 self.listen_addrs.retain(|a| !addresses.contains(a));
                 self.autorelay.on_listener_closed(listener_id, reason.map_err(|e| error_chain(&e)));
             }
@@ -432,11 +609,22 @@ impl EventLoop {
                     tracing::info!(peer = %peer_id, addr = %address, transport = transport_of(&address), "peer connected");
                 }
                 let now = unix_now();
+                let scope = {
+                    let mut policy = self.policy.lock().expect("policy lock");
+                    policy.on_connection(peer_id, &address, true);
+                    policy.scope(&address)
+                };
+                let worked = without_p2p(&address);
                 self.book.update(peer_id, |r| {
                     r.last_seen = now;
+                    if let Some(scope) = scope {
+                        let mut scopes = crate::addresses::Scopes(r.scopes);
+                        scopes.insert(scope);
+                        r.scopes = scopes.0;
+                    }
                     if outbound {
                         r.last_dial_ok = Some(now);
-                        r.observe_addr(address.clone(), now);
+                        r.addr_worked(worked, now);
                     }
                 });
                 self.autorelay.on_connected(peer_id);
@@ -454,6 +642,7 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
                 if let Some(conn) = self.conns.remove(&connection_id) {
+                    self.policy.lock().expect("policy lock").on_connection(peer_id, &conn.address, false);
                     if is_relayed(&conn.address) {
                         tracing::info!(peer = %peer_id, addr = %conn.address, cause = ?cause.as_ref().map(|c| c.to_string()), "relayed connection closed");
                     } else if num_established > 0 {
@@ -473,10 +662,12 @@ impl EventLoop {
             SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => self.on_dial_failure(peer, &error),
             SwarmEvent::ExternalAddrConfirmed { address } => {
                 tracing::info!(addr = %address, "external address confirmed");
+                self.policy.lock().expect("policy lock").add_own(&address);
                 self.own_record_due = Some(Instant::now() + OWN_RECORD_SETTLE);
             }
             SwarmEvent::ExternalAddrExpired { address } => {
                 tracing::info!(addr = %address, "external address expired");
+                self.policy.lock().expect("policy lock").remove_own(&address);
                 self.own_record_due = Some(Instant::now() + OWN_RECORD_SETTLE);
             }
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
@@ -512,16 +703,25 @@ impl EventLoop {
                 for (peer, addr) in found {
                     by_peer.entry(peer).or_default().push(addr);
                 }
-                let now = unix_now();
                 for (peer, addrs) in by_peer {
-                    self.book.update(peer, |r| addrs.iter().for_each(|a| r.observe_addr(a.clone(), now)));
+                    // mDNS answers only from our link: the peer is on the scopes it announced.
+                    {
+                        let mut policy = self.policy.lock().expect("policy lock");
+                        for addr in &addrs {
+                            if let Some(scope) = policy.scope(addr) {
+                                policy.note_seen(peer, scope);
+                            }
+                        }
+                    }
+                    self.remember(peer, &addrs);
                     if !self.swarm.is_connected(&peer) {
                         tracing::info!(peer = %peer, "found on the LAN by mDNS");
                         let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(addrs).build());
                     }
                 }
             }
-            BehaviourEvent::Kad(event) => self.on_kad_event(event),
+            BehaviourEvent::Kad(event) => self.on_kad_event(Dht::Wan, event),
+            BehaviourEvent::LanKad(event) => self.on_kad_event(Dht::Lan, event),
             BehaviourEvent::Autonat(autonat::Event::StatusChanged { old, new }) => {
                 tracing::info!(from = ?old, to = ?new, "reachability changed");
                 if self.config.dht_mode == DhtMode::Auto {
@@ -546,36 +746,35 @@ impl EventLoop {
     fn on_identify(&mut self, peer: PeerId, info: identify::Info) {
         let now = unix_now();
         let protocols: Vec<String> = info.protocols.iter().map(|p| p.to_string()).collect();
-        let speaks_dht = protocols.contains(&self.config.kad_protocol);
-        let usable: Vec<Multiaddr> = info.listen_addrs.into_iter().filter(is_dialable).collect();
-        if speaks_dht {
-            // A DHT server with public addresses is given to Kademlia with those only: its LAN
-            // addresses would only make every lookup by others wait on dials that cannot work.
-            let public: Vec<&Multiaddr> = usable.iter().filter(|a| is_public_addr(a, &self.public_ranges)).collect();
-            let for_dht: Vec<&Multiaddr> = if public.is_empty() { usable.iter().collect() } else { public };
-            for addr in for_dht {
-                self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
-            }
-        }
+        let listen: Vec<Multiaddr> = info.listen_addrs.iter().map(without_p2p).collect();
+        let public: Vec<Multiaddr> = {
+            let policy = self.policy.lock().expect("policy lock");
+            listen.iter().filter(|a| policy.is_public(a) && !policy.is_own(a)).cloned().collect()
+        };
+        self.remember(peer, &listen);
+        self.book.update(peer, |r| {
+            r.last_seen = now;
+            r.set_protocols(protocols.iter().cloned());
+        });
+        // Each DHT gets what the policy gives it: the WAN DHT public addresses only, the LAN DHT
+        // the private ones of a peer seen on that network.
+        self.feed_dhts(peer);
         let offers_hop = protocols.iter().any(|p| *p == relay::HOP_PROTOCOL_NAME.as_ref());
         let relay_addrs: Vec<Multiaddr> = if offers_hop {
+            let policy = self.policy.lock().expect("policy lock");
             let mut addrs: Vec<Multiaddr> = self
                 .conns
                 .values()
-                .filter(|c| c.peer == peer && c.outbound && is_public_addr(&c.address, &self.public_ranges))
+                .filter(|c| c.peer == peer && c.outbound && policy.is_public(&c.address))
                 .map(|c| without_p2p(&c.address))
                 .collect();
-            addrs.extend(usable.iter().filter(|a| is_public_addr(a, &self.public_ranges)).map(without_p2p));
+            addrs.extend(public.iter().cloned());
             addrs.dedup();
             addrs
         } else {
             Vec::new()
         };
         self.autorelay.on_identify(peer, relay_addrs);
-        self.book.update(peer, |r| {
-            usable.iter().for_each(|a| r.observe_addr(a.clone(), now));
-            r.set_protocols(protocols);
-        });
         self.agents.insert(peer, info.agent_version);
     }
 
@@ -742,28 +941,54 @@ impl EventLoop {
         }
     }
 
-    fn on_kad_event(&mut self, event: kad::Event) {
+    fn on_kad_event(&mut self, dht: Dht, event: kad::Event) {
         match event {
             kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetClosestPeers(result), .. } => {
+                let id = (dht, id);
                 let peers = match result {
                     Ok(ok) => ok.peers,
                     Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
                 };
-                if let Some(target) = self.finds.get(&id).map(|f| f.peer) {
-                    let mut addrs = addresses_of(&target, &peers);
-                    let found = peers.iter().any(|p| p.peer_id == target);
-                    // The lookup reports addresses that other peers returned; a target that was
-                    // already in our routing table comes back without them.
-                    if found {
-                        addrs.extend(self.routing_table_addresses(&target));
-                    }
-                    self.on_find_progress(id, found, addrs, true);
-                } else if let Some(peer) = self.connect_lookups.remove(&id) {
-                    let addrs = addresses_of(&peer, &peers);
-                    self.on_connect_lookup(peer, addrs, true);
+                let find = self.finds.contains_key(&id).then_some(id).or_else(|| self.find_aliases.remove(&id));
+                let target = match find {
+                    Some(find) => self.finds.get(&find).map(|f| f.peer),
+                    None => self.connect_lookups.remove(&id),
+                };
+                let Some(target) = target else { return };
+                let mut addrs = addresses_of(&target, &peers);
+                let found = peers.iter().any(|p| p.peer_id == target);
+                // The lookup reports addresses that other peers returned; a target that was
+                // already in our routing table comes back without them.
+                if found {
+                    addrs.extend(self.routing_table_addresses(dht, &target));
+                }
+                let addrs = self.usable_lookup_addresses(target, addrs);
+                match find {
+                    Some(find) => self.on_find_progress(find, found, addrs, true),
+                    None => self.on_connect_lookup(target, addrs, true),
                 }
             }
-            kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetProviders(result), step, .. } => {
+            kad::Event::RoutablePeer { peer, address } => {
+                // A peer that speaks this DHT connected on `address`: the LAN DHT takes it if
+                // it is private and the WAN DHT if it is public (identify feeds the rest).
+                let fits = {
+                    let policy = self.policy.lock().expect("policy lock");
+                    match dht {
+                        Dht::Wan => policy.for_wan_dht(&address),
+                        Dht::Lan => policy.for_lan_dht(&peer, &address),
+                    }
+                };
+                if fits {
+                    let address = without_p2p(&address);
+                    match dht {
+                        Dht::Wan => self.swarm.behaviour_mut().kad.add_address(&peer, address),
+                        Dht::Lan => self.swarm.behaviour_mut().lan_kad.add_address(&peer, address),
+                    };
+                }
+            }
+            kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetProviders(result), step, .. }
+                if dht == Dht::Wan =>
+            {
                 let providers = match result {
                     Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => providers,
                     _ => Default::default(),
@@ -781,28 +1006,34 @@ impl EventLoop {
                     }
                     return;
                 }
-                let find = self.find_aliases.get(&id).copied();
-                let target = find.and_then(|f| self.finds.get(&f)).map(|f| f.peer).or_else(|| self.connect_lookups.get(&id).copied());
+                let query = (dht, id);
+                let find = self.find_aliases.get(&query).copied();
+                let target = find.and_then(|f| self.finds.get(&f)).map(|f| f.peer).or_else(|| self.connect_lookups.get(&query).copied());
                 let Some(target) = target else { return };
                 // The providers' addresses live in the running query; ask Kademlia for them the
                 // way a dial would.
                 let addrs = if providers.contains(&target) { self.kad_addresses(target) } else { Vec::new() };
+                let addrs = self.usable_lookup_addresses(target, addrs);
                 if let Some(find) = find {
                     if done {
-                        self.find_aliases.remove(&id);
+                        self.find_aliases.remove(&query);
                     }
                     self.on_find_progress(find, !addrs.is_empty(), addrs, done);
                 } else {
                     if done {
-                        self.connect_lookups.remove(&id);
+                        self.connect_lookups.remove(&query);
                     }
                     self.on_connect_lookup(target, addrs, done);
                 }
             }
             kad::Event::OutboundQueryProgressed { result: kad::QueryResult::Bootstrap(Ok(_)), step, .. } if step.last => {
-                tracing::info!(routing_table = self.routing_table_size(), "DHT bootstrap finished");
+                let routing_table = match dht {
+                    Dht::Wan => self.routing_table_size(),
+                    Dht::Lan => self.lan_routing_table_size(),
+                };
+                tracing::info!(?dht, routing_table, "DHT bootstrap finished");
             }
-            kad::Event::ModeChanged { new_mode } => tracing::info!(mode = %new_mode, "DHT mode changed"),
+            kad::Event::ModeChanged { new_mode } => tracing::info!(?dht, mode = %new_mode, "DHT mode changed"),
             _ => {}
         }
     }
@@ -822,7 +1053,20 @@ impl EventLoop {
             .unwrap_or_default()
     }
 
-    fn on_find_progress(&mut self, id: kad::QueryId, found: bool, addrs: Vec<Multiaddr>, done: bool) {
+    /// The addresses a lookup returned that the policy lets us dial: others' answers may name
+    /// a peer's loopback or LAN addresses, or ours.
+    fn usable_lookup_addresses(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Vec<Multiaddr> {
+        let policy = self.policy.lock().expect("policy lock");
+        let mut out: Vec<Multiaddr> = Vec::new();
+        for addr in addrs.iter().map(without_p2p) {
+            if !is_unspecified(&addr) && policy.may_dial(Some(peer), &addr).is_ok() && !out.contains(&addr) {
+                out.push(addr);
+            }
+        }
+        out
+    }
+
+    fn on_find_progress(&mut self, id: Query, found: bool, addrs: Vec<Multiaddr>, done: bool) {
         let Some(find) = self.finds.get_mut(&id) else { return };
         find.found |= found;
         for addr in addrs {
@@ -837,9 +1081,9 @@ impl EventLoop {
             return;
         }
         let find = self.finds.remove(&id).expect("present above");
+        self.find_aliases.retain(|_, f| *f != id);
         if !find.addrs.is_empty() {
-            let now = unix_now();
-            self.book.update(find.peer, |r| find.addrs.iter().for_each(|a| r.observe_addr(a.clone(), now)));
+            self.remember(find.peer, &find.addrs);
         }
         let _ = find.reply.send(api::FindReply {
             peer_id: find.peer.to_string(),
@@ -849,9 +1093,14 @@ impl EventLoop {
         });
     }
 
-    fn routing_table_addresses(&mut self, peer: &PeerId) -> Vec<Multiaddr> {
+    fn routing_table_addresses(&mut self, dht: Dht, peer: &PeerId) -> Vec<Multiaddr> {
         let mut out = Vec::new();
-        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+        let behaviour = self.swarm.behaviour_mut();
+        let kad = match dht {
+            Dht::Wan => &mut behaviour.kad,
+            Dht::Lan => &mut behaviour.lan_kad,
+        };
+        for bucket in kad.kbuckets() {
             for entry in bucket.iter() {
                 if entry.node.key.preimage() == peer {
                     out.extend(entry.node.value.iter().cloned());
@@ -861,8 +1110,13 @@ impl EventLoop {
         out
     }
 
+    /// Peers in the WAN DHT's routing table.
     fn routing_table_size(&mut self) -> usize {
         self.swarm.behaviour_mut().kad.kbuckets().map(|b| b.num_entries()).sum()
+    }
+
+    fn lan_routing_table_size(&mut self) -> usize {
+        self.swarm.behaviour_mut().lan_kad.kbuckets().map(|b| b.num_entries()).sum()
     }
 
     fn status(&mut self) -> api::Status {
@@ -889,6 +1143,8 @@ impl EventLoop {
             connected_peers: self.swarm.connected_peers().count(),
             connections: self.conns.len(),
             routing_table_peers: self.routing_table_size(),
+            lan_routing_table_peers: self.lan_routing_table_size(),
+            wrong_peer_dials: self.wrong_peer_dials,
             stored_peers: self.book.len(),
             peer_store_writes: self.writer.as_ref().map(|w| w.writes.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(0),
             uptime_secs: self.started.elapsed().as_secs(),
@@ -970,14 +1226,6 @@ fn addresses_of(peer: &PeerId, found: &[kad::PeerInfo]) -> Vec<Multiaddr> {
     found.iter().filter(|p| &p.peer_id == peer).flat_map(|p| p.addrs.iter().cloned()).collect()
 }
 
-/// Addresses worth remembering and handing to the DHT: not unspecified.
-fn is_dialable(addr: &Multiaddr) -> bool {
-    !addr.iter().any(|p| match p {
-        Protocol::Ip4(ip) => ip.is_unspecified(),
-        Protocol::Ip6(ip) => ip.is_unspecified(),
-        _ => false,
-    })
-}
 
 /// An error with its causes, `outer: inner: innermost` (libp2p errors often say little on top).
 pub fn error_chain(error: &dyn std::error::Error) -> String {
@@ -994,14 +1242,6 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// An address without its `/p2p/PEER` parts.
-pub fn without_p2p(addr: &Multiaddr) -> Multiaddr {
-    addr.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect()
-}
-
-pub fn is_relayed(addr: &Multiaddr) -> bool {
-    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
-}
 
 pub fn transport_of(addr: &Multiaddr) -> &'static str {
     // A relayed address names the relay's transport first; what counts is the last one before

@@ -8,18 +8,22 @@
 //! - [`event_loop`]: the one task that owns the swarm, driven through a [`event_loop::NodeHandle`].
 //! - [`store`] and [`peer_record`]: identity and peer store in sled.
 //! - [`forward`]: port forwarding over `/warren/forward/1.0.0` streams (expose and forward).
-//! - [`relay`]: serving circuit relay v2 within operator limits; what counts as a public address.
+//! - [`addresses`]: the address policy: what is public, what is ours, what is dialed, stored and
+//!   given to each DHT; [`dial_gate`] applies it to every dial.
+//! - [`relay`]: serving circuit relay v2 within operator limits.
 //! - [`autorelay`]: choosing relays and holding reservations while not publicly reachable.
 //! - [`metrics`]: Prometheus text on `--metrics ADDR`.
 //! - [`control`]: the local HTTP+JSON API on a Unix socket, server and client.
 //! - [`output`]: text rendering for people.
 
+pub mod addresses;
 pub mod autorelay;
 pub mod behaviour;
 pub mod candidates;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod dial_gate;
 pub mod error;
 pub mod event_loop;
 pub mod forward;

@@ -87,7 +87,20 @@ async fn render(node: &NodeHandle, forwarding: &Forwarding) -> Result<String, St
     let samples: Vec<(&str, f64)> = labels.iter().map(|(l, n)| (l.as_str(), *n)).collect();
     metric(&mut out, "warren_connections", "gauge", "Open connections by transport and direct/relayed path.", &samples);
     metric(&mut out, "warren_connected_peers", "gauge", "Peers with at least one connection.", &[("", status.connected_peers as f64)]);
-    metric(&mut out, "warren_routing_table_peers", "gauge", "Peers in the Kademlia routing table.", &[("", status.routing_table_peers as f64)]);
+    metric(
+        &mut out,
+        "warren_routing_table_peers",
+        "gauge",
+        "Peers in a Kademlia routing table, by DHT (wan: the configured protocol, lan: private networks).",
+        &[("dht=\"wan\"", status.routing_table_peers as f64), ("dht=\"lan\"", status.lan_routing_table_peers as f64)],
+    );
+    metric(
+        &mut out,
+        "warren_wrong_peer_dials_total",
+        "counter",
+        "Dials that reached a different peer than the one dialed (stale addresses, then forgotten).",
+        &[("", status.wrong_peer_dials as f64)],
+    );
 
     let p = &status.hole_punch;
     metric(&mut out, "warren_hole_punch_attempts_total", "counter", "DCUtR hole punches finished (either way).", &[("", p.attempts as f64)]);

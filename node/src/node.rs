@@ -4,10 +4,12 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use libp2p::{Multiaddr, multiaddr::Protocol};
 
 use crate::behaviour::build_swarm;
+use crate::addresses::Policy;
 use crate::config::Config;
 use crate::control::server;
 use crate::error::UserError;
@@ -33,14 +35,15 @@ pub async fn up(data_dir: &Path, config: Config) -> Result<(), UserError> {
     if store.new_identity {
         tracing::info!(peer = %peer_id, "created a new identity");
     }
-    let book = PeerBook::new(config.max_stored_peers, store.load_peers());
-    let built = build_swarm(store.keypair.clone(), &config)
+    let book = PeerBook::new(config.max_stored_peers, store.load_peers(), crate::store::unix_now());
+    let policy = Arc::new(Mutex::new(Policy::new(config.public_ranges()?, &config.bootstrap, &config.listen)));
+    let built = build_swarm(store.keypair.clone(), &config, policy.clone())
         .map_err(|e| UserError::operation(format!("cannot set up networking: {e}")))?;
     let mut swarm = built.swarm;
-    let mut listening = 0;
+    let mut listeners = Vec::new();
     for addr in &config.listen {
         match swarm.listen_on(addr.clone()) {
-            Ok(_) => listening += 1,
+            Ok(id) => listeners.push(id),
             Err(e) if defaults => tracing::warn!(%addr, error = %e, "skipping a default listen address"),
             Err(e) => {
                 return Err(UserError::bad_input(format!(
@@ -49,7 +52,7 @@ pub async fn up(data_dir: &Path, config: Config) -> Result<(), UserError> {
             }
         }
     }
-    if listening == 0 && !config.listen.is_empty() {
+    if listeners.is_empty() && !config.listen.is_empty() {
         return Err(UserError::bad_input(
             "none of the default listen addresses could be bound (is port 4001 in use?): pass --listen, e.g. --listen /ip4/0.0.0.0/udp/0/quic-v1",
         ));
@@ -75,7 +78,7 @@ pub async fn up(data_dir: &Path, config: Config) -> Result<(), UserError> {
     let writer = store.spawn_writer();
     let udp_idle = std::time::Duration::from_secs(config.udp_idle_timeout_secs);
     let (exposes, forwards) = (config.expose.clone(), config.forward.clone());
-    let (event_loop, handle) = EventLoop::new(swarm, config, book, writer);
+    let (event_loop, handle) = EventLoop::new(swarm, config, book, writer, policy, listeners);
     let event_loop = event_loop.with_meter(built.meter);
     let forwarding = Forwarding::new(handle.clone(), built.opener, udp_idle, store.tree("forwarding")?);
     forwarding.restore(&exposes, &forwards).await.map_err(UserError::bad_input)?;
@@ -103,6 +106,12 @@ async fn shutdown_signal() {
 
 /// libp2p binds TCP listeners with SO_REUSEPORT, so a port held by another warren node would be
 /// shared silently. Bind it once ourselves, without SO_REUSEPORT, to find out.
+///
+/// A TCP port is bound with SO_REUSEADDR, as libp2p's listener is: connections of an earlier run
+/// still in TIME_WAIT (a busy relay restarted by systemd) then do not count as a user of the
+/// port, while a live listener still does (Linux refuses SO_REUSEADDR binds next to a socket in
+/// LISTEN). UDP has no TIME_WAIT, and there SO_REUSEADDR would let two sockets share the port, so
+/// a UDP port is bound plainly.
 fn check_port_free(addr: &Multiaddr) -> Result<(), UserError> {
     let mut ip: Option<IpAddr> = None;
     let mut target = None;
@@ -124,6 +133,11 @@ fn check_port_free(addr: &Multiaddr) -> Result<(), UserError> {
         .map_err(|e| UserError::bad_input(format!("cannot listen on {addr}: {e}")))?;
     if ip.is_ipv6() {
         let _ = socket.set_only_v6(true);
+    }
+    if kind == socket2::Type::STREAM {
+        socket
+            .set_reuse_address(true)
+            .map_err(|e| UserError::bad_input(format!("cannot listen on {addr}: {e}")))?;
     }
     socket.bind(&sockaddr.into()).map_err(|e| {
         let hint = if e.kind() == std::io::ErrorKind::AddrInUse {

@@ -12,8 +12,13 @@ pub fn status(s: &api::Status) -> String {
     let _ = writeln!(out, "dht           {} (setting: {}, protocol {})", s.dht_mode, s.dht_mode_setting, s.kad_protocol);
     let _ = writeln!(
         out,
-        "peers         {} connected over {} connections; {} in routing table; {} stored",
-        s.connected_peers, s.connections, s.routing_table_peers, s.stored_peers
+        "peers         {} connected over {} connections; {} stored",
+        s.connected_peers, s.connections, s.stored_peers
+    );
+    let _ = writeln!(
+        out,
+        "routing       {} in the DHT, {} in the LAN DHT; {} dials reached a different peer",
+        s.routing_table_peers, s.lan_routing_table_peers, s.wrong_peer_dials
     );
     let _ = writeln!(out, "uptime        {}s", s.uptime_secs);
     list(&mut out, "listening", &s.listen_addrs);

@@ -12,8 +12,16 @@ use serde::{Deserialize, Serialize};
 use crate::store::PeerWrite;
 
 pub const FORMAT_V1: u8 = 1;
-/// Addresses kept per peer; the least recently seen are dropped first.
+/// Addresses kept per peer; ones that never worked go first, then the least recently seen.
 pub const MAX_ADDRS: usize = 16;
+/// Failed dials in a row after which an address is dropped, unless it worked within
+/// [`ADDR_WORKED_GRACE_SECS`]: a peer that is down for a while keeps the address it will be back on.
+pub const MAX_ADDR_FAILURES: u32 = 3;
+/// How long an address that worked survives failures: a week covers a machine switched off
+/// over a holiday, not a laptop that left the network for good.
+pub const ADDR_WORKED_GRACE_SECS: u64 = 7 * 24 * 3600;
+/// An address that never worked and was not heard of again for this long is dropped.
+pub const ADDR_UNSEEN_TTL_SECS: u64 = 7 * 24 * 3600;
 /// Protocols kept per peer (identify lists a few dozen at most in practice).
 pub const MAX_PROTOCOLS: usize = 64;
 /// Longest protocol id kept.
@@ -29,6 +37,29 @@ pub struct AddrEntry {
     #[serde(with = "multiaddr_bytes")]
     pub addr: Multiaddr,
     pub last_seen: u64,
+    /// When a dial of this address last reached the peer.
+    #[serde(default)]
+    pub last_ok: Option<u64>,
+    /// Failed dials since it last worked.
+    #[serde(default)]
+    pub failures: u32,
+}
+
+impl AddrEntry {
+    /// Whether the address has earned its place: worked recently, or is new and not yet
+    /// failed too often, and was heard of lately.
+    fn keep(&self, now: u64) -> bool {
+        let worked_lately = self.last_ok.is_some_and(|t| now.saturating_sub(t) < ADDR_WORKED_GRACE_SECS);
+        worked_lately
+            || (self.failures < MAX_ADDR_FAILURES
+                && (self.last_ok.is_some() || now.saturating_sub(self.last_seen) < ADDR_UNSEEN_TTL_SECS))
+    }
+
+    /// Ordering key, best first when sorted descending: worked, most recently; then most
+    /// recently heard of.
+    fn rank(&self) -> (bool, u64, u64) {
+        (self.last_ok.is_some(), self.last_ok.unwrap_or(0), self.last_seen)
+    }
 }
 
 /// Everything stored about a peer. Times are unix seconds.
@@ -39,6 +70,10 @@ pub struct PeerRecord {
     /// When we last dialed this peer successfully; `None` if we never did.
     pub last_dial_ok: Option<u64>,
     pub protocols: Vec<String>,
+    /// Scopes (see [`crate::addresses::Scopes`]) the peer was seen on: evidence that its
+    /// non-public addresses there lead to it.
+    #[serde(default)]
+    pub scopes: u8,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -85,7 +120,8 @@ impl PeerRecord {
         Ok(record)
     }
 
-    /// Notes an address as seen at `now`, keeping at most [`MAX_ADDRS`] (the most recent).
+    /// Notes an address as heard of at `now` (from the peer, the DHT or mDNS), keeping at most
+    /// [`MAX_ADDRS`]: the ones that worked first, then the most recently heard of.
     pub fn observe_addr(&mut self, addr: Multiaddr, now: u64) {
         if addr.to_vec().len() > MAX_ADDR_LEN {
             return;
@@ -93,12 +129,40 @@ impl PeerRecord {
         self.last_seen = self.last_seen.max(now);
         match self.addrs.iter_mut().find(|e| e.addr == addr) {
             Some(entry) => entry.last_seen = now,
-            None => self.addrs.push(AddrEntry { addr, last_seen: now }),
+            None => self.addrs.push(AddrEntry { addr, last_seen: now, last_ok: None, failures: 0 }),
         }
-        if self.addrs.len() > MAX_ADDRS {
-            self.addrs.sort_by_key(|a| std::cmp::Reverse(a.last_seen));
-            self.addrs.truncate(MAX_ADDRS);
+        self.tidy(now);
+    }
+
+    /// A dial of `addr` reached the peer.
+    pub fn addr_worked(&mut self, addr: Multiaddr, now: u64) {
+        self.observe_addr(addr.clone(), now);
+        if let Some(entry) = self.addrs.iter_mut().find(|e| e.addr == addr) {
+            entry.last_ok = Some(now);
+            entry.failures = 0;
         }
+        self.tidy(now);
+    }
+
+    /// A dial of `addr` failed; after [`MAX_ADDR_FAILURES`] in a row it is dropped unless it
+    /// worked lately.
+    pub fn addr_failed(&mut self, addr: &Multiaddr, now: u64) {
+        if let Some(entry) = self.addrs.iter_mut().find(|e| e.addr == *addr) {
+            entry.failures = entry.failures.saturating_add(1);
+        }
+        self.tidy(now);
+    }
+
+    /// Drops an address that does not lead to this peer (another peer answered on it).
+    pub fn forget_addr(&mut self, addr: &Multiaddr) {
+        self.addrs.retain(|e| e.addr != *addr);
+    }
+
+    /// Drops addresses that failed or aged out, sorts the best first, keeps the bound.
+    pub fn tidy(&mut self, now: u64) {
+        self.addrs.retain(|e| e.keep(now));
+        self.addrs.sort_by_key(|e| std::cmp::Reverse(e.rank()));
+        self.addrs.truncate(MAX_ADDRS);
     }
 
     pub fn set_protocols(&mut self, protocols: impl IntoIterator<Item = String>) {
@@ -118,6 +182,7 @@ impl PeerRecord {
         (self.last_dial_ok.is_some(), self.last_dial_ok.unwrap_or(self.last_seen))
     }
 
+    /// The addresses, best first (see [`Self::tidy`]).
     pub fn addresses(&self) -> Vec<Multiaddr> {
         self.addrs.iter().map(|e| e.addr.clone()).collect()
     }
@@ -133,9 +198,15 @@ pub struct PeerBook {
 }
 
 impl PeerBook {
-    pub fn new(capacity: usize, stored: Vec<(PeerId, PeerRecord)>) -> Self {
+    /// The book of `stored` records, tidied as of `now` (unix seconds).
+    pub fn new(capacity: usize, stored: Vec<(PeerId, PeerRecord)>, now: u64) -> Self {
         let mut book = Self { records: HashMap::new(), dirty: HashSet::new(), removed: HashSet::new(), capacity };
-        for (peer, record) in stored {
+        for (peer, mut record) in stored {
+            let before = record.addrs.len();
+            record.tidy(now);
+            if record.addrs.len() != before {
+                book.dirty.insert(peer);
+            }
             book.records.insert(peer, record);
         }
         book.evict_over_capacity();
@@ -161,6 +232,18 @@ impl PeerBook {
         self.dirty.insert(peer);
         if self.records.len() > self.capacity {
             self.evict_over_capacity();
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&PeerId, &PeerRecord)> {
+        self.records.iter()
+    }
+
+    /// Changes a peer's record only if it exists.
+    pub fn update_existing(&mut self, peer: &PeerId, change: impl FnOnce(&mut PeerRecord)) {
+        if let Some(record) = self.records.get_mut(peer) {
+            change(record);
+            self.dirty.insert(*peer);
         }
     }
 
@@ -282,8 +365,70 @@ mod tests {
     }
 
     #[test]
+    fn an_address_that_worked_outlives_newer_ones_and_comes_first() {
+        let mut r = PeerRecord::default();
+        r.addr_worked(addr(1), 10);
+        for i in 2..40u16 {
+            r.observe_addr(addr(i), 10 + u64::from(i));
+        }
+        assert_eq!(r.addrs.len(), MAX_ADDRS);
+        assert_eq!(r.addresses()[0], addr(1), "the address that worked is dialed first");
+    }
+
+    #[test]
+    fn failed_addresses_age_out_unless_they_worked_lately() {
+        let day = 24 * 3600;
+        let mut r = PeerRecord::default();
+        r.observe_addr(addr(1), 0);
+        r.addr_worked(addr(2), 0);
+        for _ in 0..MAX_ADDR_FAILURES {
+            r.addr_failed(&addr(1), day);
+            r.addr_failed(&addr(2), day);
+        }
+        assert_eq!(r.addresses(), vec![addr(2)], "a peer that is down keeps the address that worked");
+        r.addr_failed(&addr(2), 8 * day);
+        assert!(r.addresses().is_empty(), "after a week of failures it goes too");
+        // Heard of once, never tried: gone after the unseen TTL.
+        r.observe_addr(addr(3), 0);
+        r.tidy(ADDR_UNSEEN_TTL_SECS + 1);
+        assert!(r.addresses().is_empty());
+    }
+
+    #[test]
+    fn a_wrong_peers_address_is_forgotten() {
+        let mut r = PeerRecord::default();
+        r.addr_worked(addr(1), 5);
+        r.observe_addr(addr(2), 5);
+        r.forget_addr(&addr(1));
+        assert_eq!(r.addresses(), vec![addr(2)]);
+    }
+
+    #[test]
+    fn records_written_before_address_health_was_kept_still_decode() {
+        #[derive(Serialize)]
+        struct OldEntry {
+            #[serde(with = "multiaddr_bytes")]
+            addr: Multiaddr,
+            last_seen: u64,
+        }
+        #[derive(Serialize)]
+        struct OldRecord {
+            addrs: Vec<OldEntry>,
+            last_seen: u64,
+            last_dial_ok: Option<u64>,
+            protocols: Vec<String>,
+        }
+        let old = OldRecord { addrs: vec![OldEntry { addr: addr(7), last_seen: 3 }], last_seen: 3, last_dial_ok: Some(2), protocols: vec!["/p".into()] };
+        let mut bytes = vec![FORMAT_V1];
+        bytes.extend(cbor4ii::serde::to_vec(Vec::new(), &old).unwrap());
+        let record = PeerRecord::decode(&bytes).unwrap();
+        assert_eq!(record.addrs[0].addr, addr(7));
+        assert_eq!((record.addrs[0].last_ok, record.addrs[0].failures, record.scopes), (None, 0, 0));
+    }
+
+    #[test]
     fn the_book_evicts_the_least_useful_peer_first() {
-        let mut book = PeerBook::new(2, vec![]);
+        let mut book = PeerBook::new(2, vec![], 0);
         // Capacity 2 keeps 2 - 2/8 = 2 after an eviction.
         let dialed = PeerId::random();
         let recent = PeerId::random();
@@ -300,7 +445,7 @@ mod tests {
 
     #[test]
     fn changes_given_back_are_offered_again() {
-        let mut book = PeerBook::new(10, vec![]);
+        let mut book = PeerBook::new(10, vec![], 0);
         let peer = PeerId::random();
         book.update(peer, |r| r.last_seen = 1);
         let changes = book.take_changes();
@@ -336,11 +481,14 @@ mod tests {
                     .map(|(ip, port, seen)| AddrEntry {
                         addr: format!("/ip4/{}/udp/{port}/quic-v1", std::net::Ipv4Addr::from(ip)).parse().unwrap(),
                         last_seen: seen,
+                        last_ok: None,
+                        failures: 0,
                     })
                     .collect(),
                 last_seen,
                 last_dial_ok,
                 protocols,
+                scopes: 0,
             })
     }
 
@@ -357,7 +505,7 @@ mod tests {
 
         #[test]
         fn the_book_never_exceeds_its_capacity(seen in prop::collection::vec(any::<u64>(), 0..200), cap in 1usize..50) {
-            let mut book = PeerBook::new(cap, vec![]);
+            let mut book = PeerBook::new(cap, vec![], 0);
             for s in seen {
                 book.update(PeerId::random(), |r| r.last_seen = s);
                 prop_assert!(book.len() <= cap);

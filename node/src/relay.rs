@@ -10,7 +10,9 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use libp2p::{Multiaddr, PeerId, multiaddr::Protocol, relay};
+use libp2p::{Multiaddr, PeerId, relay};
+
+use crate::addresses::ip_of;
 use serde::{Deserialize, Serialize};
 
 /// A limit: a number, or `"unlimited"` said explicitly.
@@ -216,13 +218,6 @@ impl relay::RateLimiter for PerIpReservations {
     }
 }
 
-fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
-    addr.iter().find_map(|p| match p {
-        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
-        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
-        _ => None,
-    })
-}
 
 /// What a relay has served, for `warren status` and metrics.
 #[derive(Debug, Default)]
@@ -291,116 +286,10 @@ impl RelayStats {
     }
 }
 
-/// Address ranges counted as publicly routable beside the globally routable ones
-/// (`public_ranges` in the config, `--public-ranges`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cidr {
-    net: IpAddr,
-    prefix: u8,
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("{s:?} is not an address range; expected CIDR like 203.0.113.0/24 or 2001:db8::/32");
-        let (net, prefix) = s.trim().split_once('/').ok_or_else(bad)?;
-        let net: IpAddr = net.parse().map_err(|_| bad())?;
-        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
-        let max = if net.is_ipv4() { 32 } else { 128 };
-        if prefix > max {
-            return Err(bad());
-        }
-        Ok(Cidr { net, prefix })
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.net, self.prefix)
-    }
-}
-
-impl Cidr {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.net, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_eq(&net.octets(), &ip.octets(), self.prefix),
-            (IpAddr::V6(net), IpAddr::V6(ip)) => prefix_eq(&net.octets(), &ip.octets(), self.prefix),
-            _ => false,
-        }
-    }
-}
-
-fn prefix_eq(a: &[u8], b: &[u8], prefix: u8) -> bool {
-    let full = usize::from(prefix / 8);
-    let rest = prefix % 8;
-    if a[..full] != b[..full] {
-        return false;
-    }
-    rest == 0 || (a[full] ^ b[full]) & (0xffu8 << (8 - rest)) == 0
-}
-
-/// Whether an IP is publicly routable: global (not private, loopback, link-local, documentation,
-/// shared, ...) or inside one of the configured public ranges.
-pub fn is_public_ip(ip: IpAddr, public_ranges: &[Cidr]) -> bool {
-    if public_ranges.iter().any(|r| r.contains(ip)) {
-        return true;
-    }
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            !(v4.is_private()
-                || v4.is_loopback()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_documentation()
-                || v4.is_multicast()
-                || (o[0] == 100 && (o[1] & 0xc0) == 64) // 100.64.0.0/10, carrier-grade NAT
-                || (o[0] == 198 && (o[1] & 0xfe) == 18) // 198.18.0.0/15, benchmarking
-                || o[0] >= 240)
-        }
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00 // unique local
-                || (s[0] & 0xffc0) == 0xfe80 // link local
-                || (s[0] == 0x2001 && s[1] == 0x0db8)) // documentation
-        }
-    }
-}
-
-/// Whether a (direct) multiaddr points at a public IP.
-pub fn is_public_addr(addr: &Multiaddr, public_ranges: &[Cidr]) -> bool {
-    !crate::event_loop::is_relayed(addr) && ip_of(addr).is_some_and(|ip| is_public_ip(ip, public_ranges))
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cidr_ranges_match_by_prefix() {
-        let r: Cidr = "203.0.113.0/24".parse().unwrap();
-        assert!(r.contains("203.0.113.77".parse().unwrap()));
-        assert!(!r.contains("203.0.114.1".parse().unwrap()));
-        let r: Cidr = "10.0.0.0/9".parse().unwrap();
-        assert!(r.contains("10.127.0.1".parse().unwrap()));
-        assert!(!r.contains("10.128.0.1".parse().unwrap()));
-        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
-        assert!("banana".parse::<Cidr>().is_err());
-    }
-
-    #[test]
-    fn documentation_ranges_are_public_only_when_configured() {
-        let ip = "198.51.100.4".parse().unwrap();
-        assert!(!is_public_ip(ip, &[]));
-        assert!(is_public_ip(ip, &["198.51.100.0/24".parse().unwrap()]));
-        assert!(is_public_ip("8.8.8.8".parse().unwrap(), &[]));
-        assert!(!is_public_ip("192.168.1.1".parse().unwrap(), &[]));
-        assert!(!is_public_ip("100.64.1.1".parse().unwrap(), &[]));
-    }
 
     #[test]
     fn per_ip_reservations_are_capped_and_peers_may_renew() {

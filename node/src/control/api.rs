@@ -38,7 +38,15 @@ pub struct Status {
     pub kad_protocol: String,
     pub connected_peers: usize,
     pub connections: usize,
+    /// Peers in the WAN DHT's routing table (the configured Kademlia protocol).
     pub routing_table_peers: usize,
+    /// Peers in the LAN DHT's routing table (peers on our private network or host).
+    #[serde(default)]
+    pub lan_routing_table_peers: usize,
+    /// Dials that reached another peer than the one dialed, since start (stale addresses,
+    /// dropped from the peer's record as they were found).
+    #[serde(default)]
+    pub wrong_peer_dials: u64,
     pub stored_peers: usize,
     pub peer_store_writes: u64,
     pub uptime_secs: u64,

@@ -21,7 +21,7 @@ use libp2p::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::event_loop::is_relayed;
+use crate::addresses::is_relayed;
 
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new(warren_forward::PROTOCOL);
 /// Inbound streams waiting for the serving task; beyond this they are refused.

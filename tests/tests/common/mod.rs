@@ -10,8 +10,11 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod echo;
+pub mod netns;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_warren-under-test");
+/// `warren-bootstrap`: `warren up` with the public profile (DHT server, relay on, mDNS off).
+pub const BOOTSTRAP_BIN: &str = env!("CARGO_BIN_EXE_warren-bootstrap-under-test");
 
 /// Waits until `condition` holds, checking every 100 ms; panics naming `what` after `timeout`.
 pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
@@ -79,6 +82,17 @@ impl Node {
         }
         full.extend(args);
         Node::spawn(dir, &full, Command::new(BIN))
+    }
+
+    /// Starts `warren-bootstrap` in a fresh temporary data dir with loopback listeners and
+    /// `args` (it turns mDNS off and its profile on by itself).
+    pub fn start_bootstrap(args: &[&str]) -> Node {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut full: Vec<&str> = LOOPBACK.to_vec();
+        full.extend(args);
+        let mut node = Node::spawn(tmp.path(), &full, Command::new(BOOTSTRAP_BIN));
+        node._tmp = Some(tmp);
+        node
     }
 
     /// Spawns `command DIR-args` (a prepared Command, e.g. `ip netns exec ... warren`).
