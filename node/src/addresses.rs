@@ -411,9 +411,14 @@ pub fn is_unspecified(addr: &Multiaddr) -> bool {
     ip_of(addr).is_some_and(|ip| ip.is_unspecified())
 }
 
-/// An address without its `/p2p/PEER` parts.
+/// An address without the trailing `/p2p/PEER` that names the peer it leads to. A relayed
+/// address keeps the `/p2p/RELAY` inside it, without which it cannot be dialed.
 pub fn without_p2p(addr: &Multiaddr) -> Multiaddr {
-    addr.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect()
+    let mut addr = addr.clone();
+    if matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
+        addr.pop();
+    }
+    addr
 }
 
 pub fn is_relayed(addr: &Multiaddr) -> bool {
@@ -549,6 +554,15 @@ mod tests {
         assert!(policy.for_wan_dht(&public));
         assert!(!policy.for_lan_dht(&peer, &public));
         assert!(!policy.may_store(&peer, &ma("/ip4/0.0.0.0/tcp/4001")));
+    }
+
+    #[test]
+    fn only_the_trailing_peer_id_is_taken_off() {
+        let (relay, peer) = (PeerId::random(), PeerId::random());
+        let circuit = ma(&format!("/ip4/8.8.8.8/tcp/4001/p2p/{relay}/p2p-circuit"));
+        assert_eq!(without_p2p(&circuit.clone().with(Protocol::P2p(peer))), circuit, "the relay's id stays");
+        assert_eq!(without_p2p(&ma(&format!("/ip4/8.8.8.8/tcp/4001/p2p/{relay}"))), ma("/ip4/8.8.8.8/tcp/4001"));
+        assert_eq!(without_p2p(&ma("/ip4/8.8.8.8/tcp/4001")), ma("/ip4/8.8.8.8/tcp/4001"));
     }
 
     #[test]

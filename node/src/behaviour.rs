@@ -208,11 +208,7 @@ pub fn build_swarm(
                 identify: identify::Behaviour::new(
                     identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
                         .with_agent_version(AGENT.to_string())
-                        .with_push_listen_addr_updates(true)
-                        // identify's cache would offer every listen address a peer ever told us
-                        // (its loopback and LAN ones included) to every dial of that peer,
-                        // bypassing the address policy's choice of what to store and dial.
-                        .with_cache_size(0),
+                        .with_push_listen_addr_updates(true),
                 ),
                 // Every 5 s: cheap, keeps RTTs fresh, and also notices dead TCP connections
                 // (QUIC's own keep-alive and idle timeout cover QUIC).

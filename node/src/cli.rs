@@ -257,8 +257,15 @@ where
 
 fn init_tracing(daemon: bool) {
     let default = if daemon { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Kademlia tries a bootstrap by itself whenever a listen address appears while no peer is
+    // connected, and warns "Failed to trigger bootstrap: No known peers" for each of our two
+    // DHTs at every start of a node that is first on its network; that cannot be turned off
+    // (its throttle setting is crate-private). Its warnings are kept quiet unless asked for.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("libp2p_kad")) {
+        filter = filter.add_directive("libp2p_kad::behaviour=error".parse().expect("a valid directive"));
+    }
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)

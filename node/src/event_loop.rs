@@ -36,6 +36,10 @@ const OWN_RECORD_SETTLE: Duration = Duration::from_millis(200);
 /// The first dials (stored peers, bootstrap peers) wait for every listener to report its
 /// addresses, so that none of them is one of our own; at most this long.
 const LISTENERS_SETTLE: Duration = Duration::from_secs(2);
+/// Re-dials of one peer after wrong-peer answers, until it connects: each drops the address
+/// that answered wrongly, but an address another behaviour keeps offering (mDNS's cache, say)
+/// would otherwise be re-dialed forever.
+const MAX_WRONG_PEER_REDIALS: u8 = 4;
 
 /// Which of the two DHTs (see [`crate::behaviour::Behaviour::lan_kad`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -47,7 +51,7 @@ enum Dht {
 /// A DHT query: query ids count per Kademlia instance, so they are told apart by DHT.
 type Query = (Dht, kad::QueryId);
 /// Lookups a connect attempt runs at once (see `start_connect_lookups`).
-const CONNECT_LOOKUPS: u8 = 3;
+const CONNECT_LOOKUPS: u8 = 4;
 
 pub enum Command {
     Status(oneshot::Sender<api::Status>),
@@ -85,7 +89,9 @@ struct ConnInfo {
 }
 
 struct BootstrapPeer {
-    addr: Multiaddr,
+    /// Every configured address of the peer (`--bootstrap` given once per transport, say),
+    /// dialed together so the first to connect wins.
+    addrs: Vec<Multiaddr>,
     next_attempt: Instant,
     backoff: Duration,
     dialing: bool,
@@ -120,8 +126,18 @@ struct PunchInfo {
 }
 
 /// Waits before re-punching after a direct connection died while a relayed one survives;
-/// then the peer is left on the relay (it keeps working) until a new relayed connection.
-const REPUNCH_BACKOFF: [Duration; 3] = [Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(60)];
+/// then the peer is left on the relay (it keeps working) until a new relayed connection. Each
+/// attempt is one relayed dial and a DCUtR exchange; a path that comes back within the first
+/// half minute is found within 5-10 s (with 1, 10, 60 s the lab's restored path was sometimes
+/// missed for a whole minute: a restore just after the 10 s attempt waited for the 60 s one).
+const REPUNCH_BACKOFF: [Duration; 6] = [
+    Duration::from_secs(1),
+    Duration::from_secs(5),
+    Duration::from_secs(5),
+    Duration::from_secs(10),
+    Duration::from_secs(20),
+    Duration::from_secs(60),
+];
 
 /// A pending re-punch: a new relayed connection through `circuit` makes the peer's DCUtR
 /// (the listening side of a relayed connection starts it) try again.
@@ -153,11 +169,14 @@ pub struct EventLoop {
     first_dials_done: bool,
     /// Dials that reached another peer than the one dialed (stale addresses).
     wrong_peer_dials: u64,
+    /// Re-dials after wrong-peer answers, per peer, since it last connected.
+    redials: HashMap<PeerId, u8>,
     autorelay: AutoRelay,
     relay_stats: RelayStats,
     relay_advertised: bool,
     relay_lookups: std::collections::HashSet<kad::QueryId>,
-    own_record_due: Option<Instant>,
+    /// When our own provider record is next published, per DHT.
+    own_record_due: HashMap<Dht, Instant>,
     /// When the DHT's routing table is next refreshed (a bootstrap query).
     dht_refresh_due: Instant,
     relay_announced: bool,
@@ -180,14 +199,20 @@ impl EventLoop {
         let (tx, commands) = mpsc::channel(COMMAND_QUEUE);
         let handle = NodeHandle { tx, peer_id: *swarm.local_peer_id(), stream: swarm.behaviour().stream.new_control() };
         let now = Instant::now();
-        let bootstrap = config
-            .bootstrap
-            .iter()
-            .filter_map(|addr| {
-                let peer = bootstrap_peer(addr).ok()?;
-                Some((peer, BootstrapPeer { addr: addr.clone(), next_attempt: now, backoff: BOOTSTRAP_BACKOFF_MIN, dialing: false }))
-            })
-            .collect();
+        let mut bootstrap: HashMap<PeerId, BootstrapPeer> = HashMap::new();
+        for addr in &config.bootstrap {
+            let Ok(peer) = bootstrap_peer(addr) else { continue };
+            let state = bootstrap.entry(peer).or_insert_with(|| BootstrapPeer {
+                addrs: Vec::new(),
+                next_attempt: now,
+                backoff: BOOTSTRAP_BACKOFF_MIN,
+                dialing: false,
+            });
+            let addr = without_p2p(addr);
+            if !state.addrs.contains(&addr) {
+                state.addrs.push(addr);
+            }
+        }
         let event_loop = Self {
             swarm,
             commands,
@@ -206,11 +231,12 @@ impl EventLoop {
             listeners_pending: listeners.into_iter().collect(),
             first_dials_done: false,
             wrong_peer_dials: 0,
+            redials: HashMap::new(),
             autorelay: AutoRelay::new(if config.relay { 0 } else { config.auto_relays }, &config.relay_via),
             relay_stats: RelayStats::default(),
             relay_advertised: config.relay_force,
             relay_lookups: Default::default(),
-            own_record_due: None,
+            own_record_due: HashMap::new(),
             dht_refresh_due: Instant::now() + config.bootstrap_interval(),
             relay_announced: false,
             punch: HashMap::new(),
@@ -275,7 +301,14 @@ impl EventLoop {
     /// Dials the most useful stored peers and feeds DHT-capable ones to Kademlia, so a node
     /// started without bootstrap rejoins the network it knew.
     fn rejoin_from_store(&mut self) {
-        let best: Vec<PeerId> = self.book.best(self.config.rejoin_dials).into_iter().map(|(peer, _)| peer).collect();
+        // Bootstrap peers are dialed next, on their configured address, with their own backoff.
+        let best: Vec<PeerId> = self
+            .book
+            .best(self.config.rejoin_dials)
+            .into_iter()
+            .map(|(peer, _)| peer)
+            .filter(|peer| !self.bootstrap.contains_key(peer))
+            .collect();
         if best.is_empty() {
             return;
         }
@@ -345,12 +378,17 @@ impl EventLoop {
                 continue;
             }
             state.dialing = true;
-            self.swarm.behaviour_mut().kad.add_address(peer, state.addr.clone());
-            tracing::info!(peer = %peer, addr = %state.addr, "dialing bootstrap peer");
-            if let Err(e) = self.swarm.dial(DialOpts::peer_id(*peer).addresses(vec![state.addr.clone()]).build()) {
-                state.dialing = false;
-                state.next_attempt = now + state.backoff;
-                tracing::warn!(peer = %peer, error = %e, "cannot dial bootstrap peer");
+            tracing::info!(peer = %peer, addrs = ?state.addrs, "dialing bootstrap peer");
+            match self.swarm.dial(DialOpts::peer_id(*peer).addresses(state.addrs.clone()).build()) {
+                Ok(()) => {}
+                // Another dial of the peer is under way (a DHT query's, an mDNS find's): its
+                // outcome reaches us as this peer's connection or dial failure all the same.
+                Err(DialError::DialPeerConditionFalse(_)) => {}
+                Err(e) => {
+                    state.dialing = false;
+                    state.next_attempt = now + state.backoff;
+                    tracing::warn!(peer = %peer, error = %e, "cannot dial bootstrap peer");
+                }
             }
         }
     }
@@ -387,11 +425,13 @@ impl EventLoop {
                 let closest = (Dht::Wan, behaviour.kad.get_closest_peers(peer));
                 let providers = (Dht::Wan, behaviour.kad.get_providers(peer_key(&peer)));
                 let lan = (Dht::Lan, behaviour.lan_kad.get_closest_peers(peer));
-                let find = PendingFind { peer, started: Instant::now(), lookups: 3, found: false, addrs: Vec::new(), reply };
+                let lan_providers = (Dht::Lan, behaviour.lan_kad.get_providers(peer_key(&peer)));
+                let find = PendingFind { peer, started: Instant::now(), lookups: 4, found: false, addrs: Vec::new(), reply };
                 // All queries lead to the same pending find; the other ids point at the first.
                 self.finds.insert(closest, find);
-                self.find_aliases.insert(providers, closest);
-                self.find_aliases.insert(lan, closest);
+                for other in [providers, lan, lan_providers] {
+                    self.find_aliases.insert(other, closest);
+                }
             }
             Command::Connect(peer, reply) => self.connect(peer, reply),
             Command::StoreChurn(count, reply) => {
@@ -435,16 +475,17 @@ impl EventLoop {
         self.connects.insert(peer, ConnectAttempt { stage, lookups, waiters: vec![reply] });
     }
 
-    /// Looks a peer up three ways at once: the peers closest to its id in the WAN DHT (finds
-    /// public DHT servers), providers of its own key (finds nodes behind NATs, which publish
-    /// their relayed addresses that way since they are not in anyone's routing table), and the
-    /// closest peers in the LAN DHT (finds peers on our private network).
+    /// Looks a peer up four ways at once, in both DHTs: the peers closest to its id (finds DHT
+    /// servers: public ones in the WAN DHT, every node of our private network in the LAN DHT),
+    /// and providers of its own key (finds nodes behind NATs or relays, which publish their
+    /// relayed addresses that way since they are not in anyone's routing table).
     fn start_connect_lookups(&mut self, peer: PeerId) {
         let behaviour = self.swarm.behaviour_mut();
         let closest = (Dht::Wan, behaviour.kad.get_closest_peers(peer));
         let providers = (Dht::Wan, behaviour.kad.get_providers(peer_key(&peer)));
         let lan = (Dht::Lan, behaviour.lan_kad.get_closest_peers(peer));
-        for query in [closest, providers, lan] {
+        let lan_providers = (Dht::Lan, behaviour.lan_kad.get_providers(peer_key(&peer)));
+        for query in [closest, providers, lan, lan_providers] {
             self.connect_lookups.insert(query, peer);
         }
     }
@@ -495,7 +536,7 @@ impl EventLoop {
             DialError::WrongPeerId { obtained, address } => {
                 let addr = without_p2p(address);
                 self.wrong_peer_dials += 1;
-                let configured = self.bootstrap.get(&peer).is_some_and(|b| without_p2p(&b.addr) == addr);
+                let configured = self.bootstrap.get(&peer).is_some_and(|b| b.addrs.contains(&addr));
                 if configured {
                     tracing::warn!(peer = %peer, %addr, answered_by = %obtained, "the bootstrap address answers as another peer; check --bootstrap (did that node get a new identity?)");
                 } else {
@@ -533,7 +574,7 @@ impl EventLoop {
         if let Some(state) = self.bootstrap.get_mut(&peer) {
             state.dialing = false;
             state.next_attempt = Instant::now() + state.backoff;
-            tracing::warn!(peer = %peer, addr = %state.addr, retry_in = ?state.backoff, error = %error, "bootstrap peer unreachable; will retry");
+            tracing::warn!(peer = %peer, addrs = ?state.addrs, retry_in = ?state.backoff, error = %error, "bootstrap peer unreachable; will retry");
             state.backoff = (state.backoff * 2).min(BOOTSTRAP_BACKOFF_MAX);
         }
         let Some(attempt) = self.connects.get_mut(&peer) else { return };
@@ -556,11 +597,20 @@ impl EventLoop {
         behaviour.lan_kad.remove_address(&peer, addr);
     }
 
-    /// Dials `peer` again on its remaining addresses; `false` if none is left.
+    /// Dials `peer` again on its remaining addresses; `false` if none is left or it was re-dialed
+    /// [`MAX_WRONG_PEER_REDIALS`] times already.
     fn redial(&mut self, peer: PeerId) -> bool {
+        let count = self.redials.entry(peer).or_default();
+        if *count >= MAX_WRONG_PEER_REDIALS {
+            return false;
+        }
+        *count += 1;
+        if self.redials.len() > self.config.max_stored_peers {
+            self.redials.clear();
+        }
         let mut addrs = self.dialable(peer);
         if let Some(state) = self.bootstrap.get(&peer) {
-            addrs.push(state.addr.clone());
+            addrs.extend(state.addrs.iter().cloned());
         }
         if addrs.is_empty() {
             return false;
@@ -577,7 +627,7 @@ impl EventLoop {
                 println!("listening on {full}");
                 if self.autorelay.is_relay_listener(listener_id) {
                     self.autorelay.on_listening(listener_id);
-                    self.own_record_due = Some(Instant::now() + OWN_RECORD_SETTLE);
+                    self.own_record_changed();
                 } else if self.config.relay_force && !is_relayed(&address) && !is_unspecified(&address) {
                     // A forced relay serves without AutoNAT's confirmation; reservations must
                     // carry the relay's addresses, so its listen addresses stand in.
@@ -628,11 +678,15 @@ impl EventLoop {
                     }
                 });
                 self.autorelay.on_connected(peer_id);
+                self.redials.remove(&peer_id);
                 if let Some(state) = self.bootstrap.get_mut(&peer_id) {
                     state.dialing = false;
                     state.backoff = BOOTSTRAP_BACKOFF_MIN;
                     tracing::info!(peer = %peer_id, "connected to bootstrap peer; bootstrapping the DHT");
+                    // Either may have no peers yet (identify feeds them next): then Kademlia
+                    // bootstraps by itself once the first peer is added.
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    let _ = self.swarm.behaviour_mut().lan_kad.bootstrap();
                 }
                 if is_relayed(&address) {
                     self.punch.entry(peer_id).or_insert(PunchInfo { first_relayed: Instant::now() });
@@ -663,12 +717,12 @@ impl EventLoop {
             SwarmEvent::ExternalAddrConfirmed { address } => {
                 tracing::info!(addr = %address, "external address confirmed");
                 self.policy.lock().expect("policy lock").add_own(&address);
-                self.own_record_due = Some(Instant::now() + OWN_RECORD_SETTLE);
+                self.own_record_changed();
             }
             SwarmEvent::ExternalAddrExpired { address } => {
                 tracing::info!(addr = %address, "external address expired");
                 self.policy.lock().expect("policy lock").remove_own(&address);
-                self.own_record_due = Some(Instant::now() + OWN_RECORD_SETTLE);
+                self.own_record_changed();
             }
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
             _ => {}
@@ -855,19 +909,44 @@ impl EventLoop {
         {
             tracing::debug!(error = %e, "DHT refresh not started");
         }
+        if self.lan_routing_table_size() > 0
+            && let Err(e) = self.swarm.behaviour_mut().lan_kad.bootstrap()
+        {
+            tracing::debug!(error = %e, "LAN DHT refresh not started");
+        }
+    }
+
+    /// Our external addresses changed: publish our own record again in both DHTs.
+    fn own_record_changed(&mut self) {
+        let due = Instant::now() + OWN_RECORD_SETTLE;
+        self.own_record_due.insert(Dht::Wan, due);
+        self.own_record_due.insert(Dht::Lan, due);
     }
 
     /// Publishes this node as provider of its own key, carrying its current external addresses
-    /// (relayed ones included): how a node behind a NAT is found by PeerId.
+    /// (relayed ones included): how a node behind a NAT or a relay is found by PeerId. In each
+    /// DHT once its routing table has peers to store the record.
     fn publish_own_record_when_due(&mut self) {
-        let Some(due) = self.own_record_due else { return };
-        if Instant::now() < due || self.routing_table_size() == 0 {
-            return;
-        }
-        self.own_record_due = None;
-        let key = peer_key(self.swarm.local_peer_id());
-        if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(key) {
-            tracing::warn!(error = %e, "cannot publish our addresses in the DHT");
+        let now = Instant::now();
+        for dht in [Dht::Wan, Dht::Lan] {
+            let Some(due) = self.own_record_due.get(&dht).copied() else { continue };
+            let peers = match dht {
+                Dht::Wan => self.routing_table_size(),
+                Dht::Lan => self.lan_routing_table_size(),
+            };
+            if now < due || peers == 0 {
+                continue;
+            }
+            self.own_record_due.remove(&dht);
+            let key = peer_key(self.swarm.local_peer_id());
+            let behaviour = self.swarm.behaviour_mut();
+            let kad = match dht {
+                Dht::Wan => &mut behaviour.kad,
+                Dht::Lan => &mut behaviour.lan_kad,
+            };
+            if let Err(e) = kad.start_providing(key) {
+                tracing::warn!(?dht, error = %e, "cannot publish our addresses in the DHT");
+            }
         }
     }
 
@@ -986,15 +1065,13 @@ impl EventLoop {
                     };
                 }
             }
-            kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetProviders(result), step, .. }
-                if dht == Dht::Wan =>
-            {
+            kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetProviders(result), step, .. } => {
                 let providers = match result {
                     Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => providers,
                     _ => Default::default(),
                 };
                 let done = step.last;
-                if self.relay_lookups.contains(&id) {
+                if dht == Dht::Wan && self.relay_lookups.contains(&id) {
                     for relay in providers {
                         if relay != *self.swarm.local_peer_id() && !self.swarm.is_connected(&relay) {
                             tracing::info!(relay = %relay, "found a relay in the DHT; connecting");
@@ -1012,7 +1089,7 @@ impl EventLoop {
                 let Some(target) = target else { return };
                 // The providers' addresses live in the running query; ask Kademlia for them the
                 // way a dial would.
-                let addrs = if providers.contains(&target) { self.kad_addresses(target) } else { Vec::new() };
+                let addrs = if providers.contains(&target) { self.kad_addresses(dht, target) } else { Vec::new() };
                 let addrs = self.usable_lookup_addresses(target, addrs);
                 if let Some(find) = find {
                     if done {
@@ -1039,12 +1116,14 @@ impl EventLoop {
     }
 
     /// Addresses Kademlia knows for a peer: routing table and running queries.
-    fn kad_addresses(&mut self, peer: PeerId) -> Vec<Multiaddr> {
+    fn kad_addresses(&mut self, dht: Dht, peer: PeerId) -> Vec<Multiaddr> {
         use libp2p::swarm::NetworkBehaviour as _;
-        self.swarm
-            .behaviour_mut()
-            .kad
-            .handle_pending_outbound_connection(
+        let behaviour = self.swarm.behaviour_mut();
+        let kad = match dht {
+            Dht::Wan => &mut behaviour.kad,
+            Dht::Lan => &mut behaviour.lan_kad,
+        };
+        kad.handle_pending_outbound_connection(
                 ConnectionId::new_unchecked(0),
                 Some(peer),
                 &[],

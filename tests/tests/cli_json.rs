@@ -24,8 +24,8 @@ fn every_subcommand_prints_json_of_the_documented_shape() {
     let status = b.json(&["status"]).unwrap();
     assert_keys(&status, &[
         "peer_id", "agent", "listen_addrs", "external_addrs", "reachability", "dht_mode", "dht_mode_setting",
-        "kad_protocol", "connected_peers", "connections", "routing_table_peers", "stored_peers", "peer_store_writes",
-        "uptime_secs",
+        "kad_protocol", "connected_peers", "connections", "routing_table_peers", "lan_routing_table_peers", "stored_peers",
+        "peer_store_writes", "wrong_peer_dials", "uptime_secs",
     ]);
     assert_eq!(status["dht_mode"], "server");
     assert_eq!(status["kad_protocol"], "/warren/kad/1.0.0");

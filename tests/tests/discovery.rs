@@ -7,16 +7,13 @@ use std::time::Duration;
 
 use common::{Node, wait_until};
 
-/// On loopback AutoNAT never confirms a public address, so every node is told to serve the DHT.
-const SERVER: [&str; 2] = ["--dht-mode", "server"];
-
 #[test]
 fn five_nodes_given_only_the_first_as_bootstrap_all_find_each_other() {
-    let first = Node::start(&SERVER);
+    let first = Node::start(&[]);
     let bootstrap = first.quic_addr();
     let mut nodes = vec![first];
     for _ in 1..5 {
-        nodes.push(Node::start(&["--dht-mode", "server", "--bootstrap", &bootstrap]));
+        nodes.push(Node::start(&["--bootstrap", &bootstrap]));
     }
     for finder in &nodes {
         for target in &nodes {
@@ -39,23 +36,25 @@ fn five_nodes_given_only_the_first_as_bootstrap_all_find_each_other() {
             assert!(["quic", "tcp"].contains(&conn["transport"].as_str().unwrap()), "{conn}");
         }
     }
-    // Every lookup went through the DHT: the bootstrap node has everyone in its routing table.
+    // Every lookup went through the DHT: on loopback that is the LAN DHT, and the bootstrap node
+    // has everyone in its routing table (the WAN DHT takes public addresses only).
     let status = nodes[0].status();
-    assert!(status["routing_table_peers"].as_u64().unwrap() >= 4, "{status}");
+    assert!(status["lan_routing_table_peers"].as_u64().unwrap() >= 4, "{status}");
+    assert_eq!(status["routing_table_peers"], 0, "{status}");
 }
 
 #[test]
 fn a_restarted_node_keeps_its_peer_id_and_rejoins_from_its_peer_store() {
-    let hub = Node::start(&SERVER);
+    let hub = Node::start(&[]);
     let bootstrap = hub.quic_addr();
-    let other = Node::start(&["--dht-mode", "server", "--bootstrap", &bootstrap]);
+    let other = Node::start(&["--bootstrap", &bootstrap]);
     let dir = tempfile::tempdir().unwrap();
-    let mut node = Node::start_in(dir.path(), &["--dht-mode", "server", "--bootstrap", &bootstrap]);
+    let mut node = Node::start_in(dir.path(), &["--bootstrap", &bootstrap]);
     let id = node.peer_id.clone();
     wait_until(Duration::from_secs(30), "the node to find the other peer", || node.finds(&other.peer_id));
     node.stop();
 
-    let restarted = Node::start_in(dir.path(), &SERVER);
+    let restarted = Node::start_in(dir.path(), &[]);
     assert_eq!(restarted.peer_id, id, "the identity changed across a restart");
     assert!(restarted.status()["stored_peers"].as_u64().unwrap() >= 2);
     wait_until(Duration::from_secs(30), "the restarted node, with no bootstrap, to find the peer it had met", || {

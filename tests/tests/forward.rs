@@ -21,8 +21,8 @@ fn heavy() -> std::sync::MutexGuard<'static, ()> {
 
 /// Two connected nodes: (client, server); the client bootstraps from the server.
 fn pair() -> (Node, Node) {
-    let server = Node::start(&["--dht-mode", "server"]);
-    let client = Node::start(&["--dht-mode", "server", "--bootstrap", &server.quic_addr()]);
+    let server = Node::start(&[]);
+    let client = Node::start(&["--bootstrap", &server.quic_addr()]);
     (client, server)
 }
 

@@ -1,7 +1,8 @@
 //! The NAT lab's representative subset (the full matrix is `natlab`, see simulations/natlab):
 //! two EIM NATs punch through (QUIC and TCP racing; then TCP alone), fall back to the relay when
 //! the direct path is cut and punch again when it returns, and a symmetric NAT, which defeats
-//! hole punching, still gets the forward through the relay. Real kernel NAT in network
+//! hole punching, still gets the forward through the relay; then the whole lab restarts with its
+//! data dirs and every forward works again. Real kernel NAT in network
 //! namespaces; needs root. WARREN_SKIP_NETNS=1 skips it elsewhere. The UPnP site (miniupnpd on
 //! an EIM router) is checked on its own.
 
@@ -29,6 +30,7 @@ fn nat_lab_subset_punches_through_eim_and_relays_through_symmetric() {
         ],
         work_dir: work.path().to_path_buf(),
         keep_logs: false,
+        restart: true,
     };
     let cells = warren_natlab::run(&opts, |cell| eprintln!("{:?} -> {:?}: {}", cell.a, cell.b, describe(cell)))
         .expect("the lab builds and runs (root, iproute2, nftables, /dev/net/tun)");
@@ -45,6 +47,15 @@ fn nat_lab_subset_punches_through_eim_and_relays_through_symmetric() {
     assert!(tcp.direct && tcp.direct_transport.as_deref() == Some("tcp"), "EIM x EIM over TCP alone: {}", describe(tcp));
     // Symmetric x EIM: direct is not expected (and not required); the forward must work either way.
     eprintln!("symmetric x EIM: {}", describe(symmetric));
+    // The whole lab restarted with its data dirs: every forward works again, nobody re-ran a
+    // command, and the punched pairs are direct again.
+    for cell in &cells {
+        let after = cell.after_restart.as_ref().expect("every cell was checked after the restart");
+        assert!(after.reached && after.transfer_ok, "after the restart: {}", describe(cell));
+    }
+    for cell in [quic, tcp] {
+        assert!(cell.after_restart.as_ref().unwrap().direct, "punched again after the restart: {}", describe(cell));
+    }
     // Nothing of the lab is left behind.
     let left = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
     let prefix = format!("{}{}-", warren_natlab::topo::PREFIX, std::process::id());

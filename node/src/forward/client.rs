@@ -86,7 +86,8 @@ fn failed(forward: &Forward, tcp: &tokio::net::TcpStream, e: String) {
 }
 
 /// How long a stream opened ahead of need may wait for a connection: well inside the peer's
-/// 10 s request timeout, so a spare is never handed out after the peer gave up on it.
+/// request timeout (30 s; 10 s in earlier versions), so a spare is never handed out after the
+/// peer gave up on it.
 const SPARE_MAX_AGE: Duration = Duration::from_secs(5);
 
 /// A stream to the peer opened ahead for the forward's next connection (or UDP session): stream

@@ -14,6 +14,15 @@
 //! finds B by PeerId (DHT), forwards a local port to it, and the lab records: did A reach B, did
 //! the connection become direct (and over which transport, how long after the first relayed
 //! contact), and did 10 MB through the forward come back intact, over which path.
+//!
+//! # The restart phase
+//! Each cell's nodes are stopped (SIGTERM) when the cell ends, their data dirs kept. After the
+//! matrix the bootstrap node and the relay are stopped and started again with their data dirs;
+//! then each cell's B and A are started again with theirs, one cell at a time as in the matrix
+//! (cells share hosts, and nodes of different cells meeting on one LAN would change what is
+//! measured). Nobody re-runs a command: the lab records whether A's forward (kept in A's store)
+//! reaches B again and how long after the cell's nodes came back, whether the path is direct
+//! again, and whether 10 MB come back intact. The same outcome as before is expected.
 
 pub mod nodes;
 pub mod sys;
@@ -44,6 +53,11 @@ const TRANSFER_BYTES: usize = 10 * 1024 * 1024;
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(60);
 /// New connections timed per cell (connect + one byte echoed); the median is reported.
 const FIRST_BYTE_SAMPLES: usize = 5;
+/// How long after the whole-lab restart a cell's forward may take to reach B again: the relay
+/// needs AutoNAT's confirmation again (15 s and more) before NATed nodes can reserve on it.
+const RESTART_REACH_TIMEOUT: Duration = Duration::from_secs(90);
+/// One probe of a forward after the restart.
+const RESTART_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Which transports the nodes of a cell use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -133,6 +147,43 @@ pub struct Cell {
     pub error: Option<String>,
     /// For a re-punch cell: what happened when the direct path was cut, then restored.
     pub repunch: Option<Repunch>,
+    /// What the same forward did after the whole lab was restarted with its data dirs.
+    pub after_restart: Option<AfterRestart>,
+}
+
+/// A cell after the whole-lab restart.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AfterRestart {
+    /// A's forward (restored from A's store) reached B again.
+    pub reached: bool,
+    /// Seconds from the cell's nodes starting again until it did.
+    pub reached_after_s: Option<f64>,
+    pub direct: bool,
+    pub direct_transport: Option<String>,
+    /// 10 MB through the forward came back intact.
+    pub transfer_ok: bool,
+    pub transfer_path: Option<String>,
+    pub error: Option<String>,
+}
+
+impl Cell {
+    /// After the restart the cell ended as before: reached, direct or relayed, transfer intact.
+    pub fn restart_same(&self) -> bool {
+        self.after_restart
+            .as_ref()
+            .is_some_and(|r| r.reached == self.reached && r.direct == self.direct && r.transfer_ok == self.transfer_ok)
+    }
+}
+
+/// A cell's nodes, kept (stopped, data dirs intact) for the restart phase.
+struct Kept {
+    index: usize,
+    a: Node,
+    b: Node,
+    a_ns: String,
+    bind: SocketAddr,
+    /// B's echo service: the target A's forward leads to, still there after the restart.
+    _echo: Echo,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -153,6 +204,8 @@ pub struct Options {
     /// Where node data dirs and logs go.
     pub work_dir: PathBuf,
     pub keep_logs: bool,
+    /// After the matrix, restart the whole lab with its data dirs and check every cell again.
+    pub restart: bool,
 }
 
 /// The lab's fixed part: the wire, the bootstrap node and the relay.
@@ -225,8 +278,10 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Cell)) -> Result<Vec<Cell>,
     std::fs::create_dir_all(&opts.work_dir).map_err(|e| format!("{}: {e}", opts.work_dir.display()))?;
     let mut lab = Lab::new(opts.latency)?;
     let sites = build_sites(&mut lab, &opts.pairs)?;
-    let core = start_core(&mut lab, opts)?;
+    let mut core = start_core(&mut lab, opts)?;
     let mut cells = Vec::new();
+    let mut kept = Vec::new();
+    let mut dirs = Vec::new();
     for (i, pair) in opts.pairs.iter().enumerate() {
         let of = |kind| &sites.iter().find(|(k, _)| *k == kind).expect("built above").1;
         let (a_site, b_site) = if pair.a == SiteKind::SameLan && pair.b == SiteKind::SameLan {
@@ -256,21 +311,83 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Cell)) -> Result<Vec<Cell>,
             seconds: 0.0,
             error: None,
             repunch: None,
+            after_restart: None,
         };
         let cut = pair.repunch.then(|| a_site.edge.clone().map(|edge| (edge, b_site.wan))).flatten();
-        if let Err(e) = run_cell(&core, &a_host, &b_host, port, pair.transports, cut, &dir, opts, &mut cell) {
-            cell.error = Some(e);
+        match run_cell(&core, &a_host, &b_host, port, pair.transports, cut, &dir, opts, &mut cell) {
+            Ok(mut nodes) => {
+                // Stopped until the restart phase, so that later cells run as before.
+                nodes.a.terminate();
+                nodes.b.terminate();
+                nodes.index = i;
+                kept.push(nodes);
+            }
+            Err(e) => cell.error = Some(e),
         }
         cell.seconds = started.elapsed().as_secs_f64();
-        if !opts.keep_logs && cell.error.is_none() {
-            let _ = std::fs::remove_dir_all(&dir);
-        }
         progress(&cell);
+        dirs.push(dir);
         cells.push(cell);
     }
+    if opts.restart && !kept.is_empty() {
+        restart_all(&mut core, &mut kept, &mut cells)?;
+        for cell in &cells {
+            if cell.after_restart.is_some() {
+                progress(cell);
+            }
+        }
+    }
+    drop(kept);
     drop(core);
     lab.teardown();
+    for (dir, cell) in dirs.iter().zip(&cells) {
+        let ok = cell.error.is_none() && cell.after_restart.as_ref().is_none_or(|r| r.reached && r.transfer_ok);
+        if !opts.keep_logs && ok {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
     Ok(cells)
+}
+
+/// The lab restarted with its data dirs: the core first, then each cell's nodes in turn, whose
+/// forward is tried until it works again.
+fn restart_all(core: &mut Core, kept: &mut [Kept], cells: &mut [Cell]) -> Result<(), String> {
+    core.bootstrap.terminate();
+    core.relay.terminate();
+    core.bootstrap.restart()?;
+    core.relay.restart()?;
+    eprintln!("natlab: bootstrap node and relay restarted with their data dirs");
+    for nodes in kept.iter_mut() {
+        nodes.b.restart()?;
+        nodes.a.restart()?;
+        let started = Instant::now();
+        let mut after = AfterRestart::default();
+        let left = RESTART_REACH_TIMEOUT.saturating_sub(started.elapsed());
+        let reached = wait_for(left, || transfer(&nodes.a_ns, nodes.bind, 1024, RESTART_PROBE_TIMEOUT).ok());
+        if reached.is_some() {
+            after.reached = true;
+            after.reached_after_s = Some(started.elapsed().as_secs_f64());
+            if let Some(conn) = wait_for(DIRECT_WAIT, || direct_connection(&nodes.a, &nodes.b.peer_id)) {
+                after.direct = true;
+                after.direct_transport = conn["transport"].as_str().map(String::from);
+            }
+            match transfer(&nodes.a_ns, nodes.bind, TRANSFER_BYTES, TRANSFER_TIMEOUT) {
+                Ok(_) => after.transfer_ok = true,
+                Err(e) => after.error = Some(format!("10 MB transfer: {e}")),
+            }
+            after.transfer_path = forward_info(&nodes.a, nodes.bind).and_then(|f| f["path"].as_str().map(String::from));
+            if !after.direct && direct_connection(&nodes.a, &nodes.b.peer_id).is_some() {
+                after.direct = true;
+            }
+        } else {
+            let last = forward_info(&nodes.a, nodes.bind).and_then(|f| f["last_error"].as_str().map(String::from));
+            after.error = Some(format!("A's forward never reached B again; forward says {last:?}"));
+        }
+        cells[nodes.index].after_restart = Some(after);
+        nodes.a.terminate();
+        nodes.b.terminate();
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -284,7 +401,7 @@ fn run_cell(
     dir: &Path,
     opts: &Options,
     cell: &mut Cell,
-) -> Result<(), String> {
+) -> Result<Kept, String> {
     let node_args = |host: &Host, port: u16| {
         let mut args = listen_args(host, port, transports);
         args.extend(["--public-ranges", PUBLIC_RANGE].map(String::from));
@@ -346,7 +463,7 @@ fn run_cell(
     {
         cell.repunch = Some(repunch(&a, &b, &a_host.ns, bind, &edge, b_wan));
     }
-    Ok(())
+    Ok(Kept { index: 0, a, b, a_ns: a_host.ns.clone(), bind, _echo: echo })
 }
 
 /// Cuts the direct path at A's router, checks the forward falls back to the relay, restores the
@@ -428,7 +545,25 @@ pub fn describe(cell: &Cell) -> String {
         ),
         None => String::new(),
     };
-    format!("{path}; {transfer}{repunch}")
+    let restart = match &cell.after_restart {
+        Some(r) => format!("; after a restart: {}", describe_restart(r)),
+        None => String::new(),
+    };
+    format!("{path}; {transfer}{repunch}{restart}")
+}
+
+/// A cell after the restart as a short phrase: `reached in 4.1 s, direct (quic), 10 MB ok`.
+pub fn describe_restart(r: &AfterRestart) -> String {
+    if !r.reached {
+        return format!("FAILED: {}", r.error.as_deref().unwrap_or("unreachable"));
+    }
+    let path = if r.direct { format!("direct ({})", r.direct_transport.as_deref().unwrap_or("?")) } else { "relayed".into() };
+    let transfer = if r.transfer_ok {
+        format!("10 MB ok via {}", r.transfer_path.as_deref().unwrap_or("?"))
+    } else {
+        format!("10 MB FAILED: {}", r.error.as_deref().unwrap_or("?"))
+    };
+    format!("reached in {:.1} s, {path}, {transfer}", r.reached_after_s.unwrap_or(0.0))
 }
 
 fn label(cell: &Cell) -> String {
@@ -439,10 +574,15 @@ fn label(cell: &Cell) -> String {
 
 /// A Markdown table, one row per cell.
 pub fn markdown(cells: &[Cell], latency: Duration) -> String {
-    let mut out = "| A → B | reached | direct | transport | time to direct | 10 MB through the forward | new connection, first byte back |\n|---|---|---|---|---|---|---|\n".to_string();
+    let mut out = "| A → B | reached | direct | transport | time to direct | 10 MB through the forward | new connection, first byte back | after a restart |\n|---|---|---|---|---|---|---|---|\n".to_string();
     for c in cells {
+        let restart = match &c.after_restart {
+            Some(r) if c.restart_same() => format!("same: {}", describe_restart(r)),
+            Some(r) => format!("**different**: {}", describe_restart(r)),
+            None => "-".into(),
+        };
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {restart} |\n",
             label(c),
             if c.reached { "yes" } else { "**no**" },
             if c.direct { if c.direct_by.is_some() { "yes (punched)" } else { "yes" } } else { "no (relayed)" },
@@ -471,6 +611,15 @@ pub fn markdown(cells: &[Cell], latency: Duration) -> String {
             sorted.len(),
             sorted[sorted.len() / 2] / 1000.0,
             latency.as_millis()
+        ));
+    }
+    let restarted: Vec<&Cell> = cells.iter().filter(|c| c.after_restart.is_some()).collect();
+    if !restarted.is_empty() {
+        let same = restarted.iter().filter(|c| c.restart_same()).count();
+        let slowest = restarted.iter().filter_map(|c| c.after_restart.as_ref()?.reached_after_s).fold(0.0, f64::max);
+        out.push_str(&format!(
+            "\nRestart with the data dirs (bootstrap node and relay, then each cell's nodes in turn): {same} of {} cells as before; the slowest forward reached its peer again {slowest:.1} s after its nodes came back.\n",
+            restarted.len()
         ));
     }
     out

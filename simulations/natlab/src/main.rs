@@ -27,6 +27,10 @@ struct Args {
     /// Keep every node's data dir and log (by default only failed cells keep theirs)
     #[arg(long)]
     keep_logs: bool,
+    /// Skip the restart phase (after the matrix, the whole lab restarted with its data dirs and
+    /// every cell checked again)
+    #[arg(long)]
+    no_restart: bool,
     /// Remove every lab namespace left behind (by any run) and exit
     #[arg(long)]
     cleanup: bool,
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
         pairs: if args.pairs.is_empty() { full_matrix() } else { args.pairs.clone() },
         work_dir: work_dir.clone(),
         keep_logs: args.keep_logs,
+        restart: !args.no_restart,
     };
     println!("natlab: {} cells, {} ms one-way latency, nodes' logs under {}", opts.pairs.len(), args.latency_ms, work_dir.display());
     let started = std::time::Instant::now();
@@ -102,6 +107,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     println!("reports in {}", args.out.display());
-    if cells.iter().all(|c| c.reached && c.transfer_ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    let restart_ok = |c: &warren_natlab::Cell| c.after_restart.as_ref().is_none_or(|r| r.reached && r.transfer_ok);
+    if cells.iter().all(|c| c.reached && c.transfer_ok && restart_ok(c)) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 

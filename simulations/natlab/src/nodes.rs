@@ -19,13 +19,23 @@ pub struct Node {
     pub dir: PathBuf,
     pub peer_id: String,
     warren: PathBuf,
+    ns: String,
+    args: Vec<String>,
 }
 
+/// How long a node may take to exit after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Node {
-    /// Starts `warren up ARGS` in `ns` with a fresh data dir `dir`; waits for its control API.
+    /// Starts `warren up ARGS` in `ns` with the data dir `dir` (created if new); waits for its
+    /// control API. The log is appended to, so a restarted node's log follows its first run's.
     pub fn start(warren: &Path, ns: &str, dir: &Path, args: &[String]) -> Result<Node, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let log = std::fs::File::create(dir.join("warren.log")).map_err(|e| e.to_string())?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("warren.log"))
+            .map_err(|e| e.to_string())?;
         let mut command = Command::new("ip");
         command
             .args(["netns", "exec", ns])
@@ -39,7 +49,14 @@ impl Node {
             .stderr(log);
         sys::die_with_parent(&mut command);
         let child = command.spawn().map_err(|e| format!("cannot start {}: {e}", warren.display()))?;
-        let mut node = Node { child: Some(child), dir: dir.to_path_buf(), peer_id: String::new(), warren: warren.to_path_buf() };
+        let mut node = Node {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            peer_id: String::new(),
+            warren: warren.to_path_buf(),
+            ns: ns.to_string(),
+            args: args.to_vec(),
+        };
         let status = wait_for(Duration::from_secs(20), || {
             if let Some(Ok(Some(exit))) = node.child.as_mut().map(|c| c.try_wait()) {
                 return Some(Err(format!("warren exited with {exit}; see {}", dir.join("warren.log").display())));
@@ -77,6 +94,31 @@ impl Node {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Stops the node as systemd would (SIGTERM, so it writes its peer store out; killed if it
+    /// takes longer than [`STOP_TIMEOUT`]). The data dir stays.
+    pub fn terminate(&mut self) {
+        if let Some(child) = &mut self.child {
+            // `ip netns exec` execs warren, so the child's pid is warren's.
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.stop();
+    }
+
+    /// Starts the node again in its namespace with its data dir and arguments.
+    pub fn restart(&mut self) -> Result<(), String> {
+        self.terminate();
+        let again = Node::start(&self.warren, &self.ns, &self.dir, &self.args)?;
+        if again.peer_id != self.peer_id {
+            return Err(format!("the node in {} came back as {} (was {})", self.ns, again.peer_id, self.peer_id));
+        }
+        *self = again;
+        Ok(())
     }
 }
 
