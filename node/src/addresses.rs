@@ -174,8 +174,11 @@ pub fn scope_of(addr: &Multiaddr, public_ranges: &[Cidr]) -> Option<Scope> {
     if is_relayed(addr) {
         return None;
     }
-    let ip = ip_of(addr)?;
-    Some(if public_ranges.iter().any(|r| r.contains(ip)) {
+    Some(ip_scope(ip_of(addr)?, public_ranges))
+}
+
+fn ip_scope(ip: IpAddr, public_ranges: &[Cidr]) -> Scope {
+    if public_ranges.iter().any(|r| r.contains(ip)) {
         Scope::Public
     } else if ip.is_loopback() {
         Scope::Loopback
@@ -188,7 +191,7 @@ pub fn scope_of(addr: &Multiaddr, public_ranges: &[Cidr]) -> Option<Scope> {
         Scope::Public
     } else {
         Scope::Private
-    })
+    }
 }
 
 /// The LAN DHT's protocol id, derived from the WAN one the way kubo does
@@ -241,13 +244,15 @@ pub enum Refusal {
 #[derive(Debug, Default)]
 pub struct Policy {
     public_ranges: Vec<Cidr>,
-    /// Our listen and external addresses, by IP and port.
-    own: HashSet<(IpAddr, Port)>,
+    /// Our listen addresses as the listeners report them (wildcards expanded to each interface).
+    listening: HashSet<(IpAddr, Port)>,
+    /// Our confirmed external addresses (a NAT's mapping of ours): matched exactly, since
+    /// another host behind the same NAT has the same IP with another port.
+    external: HashSet<(IpAddr, Port)>,
     /// Ports we listen on for every IP of a family (`0.0.0.0`, `::`): the family is `true` for
-    /// IPv6. Any loopback or own IP with such a port is us, even before the listener reports
-    /// its addresses.
+    /// IPv6. A loopback IP, or an interface IP we listen on now, with such a port is us, even
+    /// before the listener reports its addresses.
     own_wildcard: HashSet<(bool, Port)>,
-    own_ips: HashSet<IpAddr>,
     /// Scopes of the bootstrap peers the operator configured.
     configured: Scopes,
     /// Direct connections open now, per scope.
@@ -290,22 +295,40 @@ impl Policy {
         self.scope(addr) == Some(Scope::Public)
     }
 
-    /// A listen address (or a confirmed external one) of ours appeared.
-    pub fn add_own(&mut self, addr: &Multiaddr) {
+    /// A listener reported an address (`open`) or withdrew it. Relayed listen addresses name
+    /// the relay's IP and port, not ours, and are ignored.
+    pub fn on_listen_addr(&mut self, addr: &Multiaddr, open: bool) {
+        if is_relayed(addr) {
+            return;
+        }
         if let Some((ip, port)) = endpoint_of(addr) {
-            if ip.is_unspecified() {
-                self.own_wildcard.insert((ip.is_ipv6(), port));
-            } else {
-                self.own.insert((ip, port));
-                self.own_ips.insert(ip);
+            match (ip.is_unspecified(), open) {
+                (true, true) => {
+                    self.own_wildcard.insert((ip.is_ipv6(), port));
+                }
+                (true, false) => {}
+                (false, true) => {
+                    self.listening.insert((ip, port));
+                }
+                (false, false) => {
+                    self.listening.remove(&(ip, port));
+                }
             }
         }
     }
 
-    /// One of our addresses went away. Wildcard ports stay (the listener may report again).
-    pub fn remove_own(&mut self, addr: &Multiaddr) {
+    /// An external address of ours was confirmed (`open`) or expired. A relayed one (our
+    /// reservation's circuit address) names the relay and is ignored.
+    pub fn on_external_addr(&mut self, addr: &Multiaddr, open: bool) {
+        if is_relayed(addr) {
+            return;
+        }
         if let Some(endpoint) = endpoint_of(addr) {
-            self.own.remove(&endpoint);
+            if open {
+                self.external.insert(endpoint);
+            } else {
+                self.external.remove(&endpoint);
+            }
         }
     }
 
@@ -314,8 +337,15 @@ impl Policy {
         if is_relayed(addr) {
             return false;
         }
-        self.own.contains(&(ip, port))
-            || (self.own_wildcard.contains(&(ip.is_ipv6(), port)) && (ip.is_loopback() || self.own_ips.contains(&ip)))
+        self.listening.contains(&(ip, port))
+            || self.external.contains(&(ip, port))
+            || (self.own_wildcard.contains(&(ip.is_ipv6(), port))
+                && (ip.is_loopback() || self.listening.iter().any(|(own, _)| *own == ip)))
+    }
+
+    /// Whether we listen on an address of `scope` now.
+    fn listens_in(&self, scope: Scope) -> bool {
+        self.listening.iter().any(|(ip, _)| ip_scope(*ip, &self.public_ranges) == scope)
     }
 
     /// The peer was seen on `scope` (connected over it, or found there by mDNS).
@@ -354,9 +384,11 @@ impl Policy {
         }
     }
 
-    /// Whether this node is itself in `scope`: a bootstrap peer there, or a connection open now.
+    /// Whether this node is itself in `scope`: a bootstrap peer there, or a connection open now
+    /// on it while we listen on it too (a public server that took one connection from a private
+    /// address, through a container's proxy say, is not on that network).
     fn in_scope(&self, scope: Scope) -> bool {
-        self.configured.contains(scope) || self.live.get(&scope).is_some_and(|n| *n > 0)
+        self.configured.contains(scope) || (self.live.get(&scope).is_some_and(|n| *n > 0) && self.listens_in(scope))
     }
 
     /// Whether `addr` (naming its peer in `/p2p/`, or `peer`) may be dialed.
@@ -496,12 +528,23 @@ mod tests {
         assert!(policy.may_dial(None, &ma("/ip4/127.0.0.1/tcp/4002")).is_ok(), "another port on this host is another node");
         // Once the listener reports the LAN address it expanded to, that address is ours too.
         assert!(policy.may_dial(Some(peer), &ma("/ip4/10.0.0.7/udp/4001/quic-v1")).is_ok());
-        policy.add_own(&ma("/ip4/10.0.0.7/udp/4001/quic-v1"));
+        policy.on_listen_addr(&ma("/ip4/10.0.0.7/udp/4001/quic-v1"), true);
         assert!(policy.may_dial(Some(peer), &ma("/ip4/10.0.0.7/udp/4001/quic-v1")).is_err());
-        // An external address (a NAT's public mapping of ours) is ours as well.
-        policy.add_own(&ma("/ip4/8.8.4.4/udp/4001/quic-v1"));
-        assert!(policy.is_own(&ma("/ip4/8.8.4.4/udp/4001/quic-v1")));
-        assert!(!policy.for_wan_dht(&ma("/ip4/8.8.4.4/udp/4001/quic-v1")));
+        // An external address (a NAT's public mapping of ours) is ours as well, exactly: another
+        // host behind the same NAT has the same IP with another port.
+        policy.on_external_addr(&ma("/ip4/8.8.4.4/udp/4002/quic-v1"), true);
+        assert!(policy.is_own(&ma("/ip4/8.8.4.4/udp/4002/quic-v1")));
+        assert!(!policy.for_wan_dht(&ma("/ip4/8.8.4.4/udp/4002/quic-v1")));
+        assert!(!policy.is_own(&ma("/ip4/8.8.4.4/udp/4001/quic-v1")), "our NAT's IP on our listen port is a neighbour");
+        // A relay reservation's circuit address names the relay, not us.
+        let relay = PeerId::random();
+        let circuit = ma(&format!("/ip4/8.8.8.8/tcp/4001/p2p/{relay}/p2p-circuit"));
+        policy.on_listen_addr(&circuit, true);
+        policy.on_external_addr(&circuit, true);
+        assert!(!policy.is_own(&ma("/ip4/8.8.8.8/tcp/4001")), "the relay stays dialable");
+        // A listener that goes away takes its addresses with it.
+        policy.on_listen_addr(&ma("/ip4/10.0.0.7/udp/4001/quic-v1"), false);
+        assert!(policy.may_dial(Some(peer), &ma("/ip4/10.0.0.7/udp/4001/quic-v1")).is_ok());
     }
 
     #[test]
@@ -530,6 +573,7 @@ mod tests {
     #[test]
     fn being_on_a_scope_opens_it_only_while_a_connection_is_there() {
         let mut policy = Policy::new(vec![], &[], &[]);
+        policy.on_listen_addr(&ma("/ip4/192.168.1.5/udp/4001/quic-v1"), true);
         let (a, b) = (PeerId::random(), PeerId::random());
         let b_lan = ma("/ip4/192.168.1.20/udp/4001/quic-v1");
         assert!(policy.may_dial(Some(b), &b_lan).is_err());
@@ -539,6 +583,15 @@ mod tests {
         assert!(policy.may_dial(Some(b), &b_lan).is_err());
         // a was seen there, and keeps that evidence.
         assert!(policy.may_dial(Some(a), &ma("/ip4/192.168.1.10/udp/4001/quic-v1")).is_ok());
+    }
+
+    #[test]
+    fn a_public_server_with_one_private_connection_is_not_on_that_network() {
+        let mut policy = Policy::new(vec![], &[], &[]);
+        policy.on_listen_addr(&ma("/ip4/8.8.8.8/udp/4001/quic-v1"), true);
+        policy.on_connection(PeerId::random(), &ma("/ip4/172.17.0.2/tcp/50000"), true);
+        let fake = ma("/ip4/192.168.7.7/tcp/22");
+        assert!(matches!(policy.may_dial(Some(PeerId::random()), &fake), Err(Refusal::OutOfScope(_, Scope::Private))));
     }
 
     #[test]

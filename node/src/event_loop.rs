@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::autorelay::{AutoRelay, RELAYS_KEY, circuit_listen_addr};
 use crate::behaviour::{AGENT, Behaviour, BehaviourEvent};
-use crate::addresses::{Policy, is_relayed, is_unspecified, without_p2p};
+use crate::addresses::{Policy, Scope, is_relayed, is_unspecified, without_p2p};
 use crate::relay::RelayStats;
 use crate::config::{Config, DhtMode, bootstrap_peer};
 use crate::control::api;
@@ -107,6 +107,8 @@ struct ConnectAttempt {
     stage: ConnectStage,
     /// DHT lookups still running (closest peers in both DHTs, providers of the peer's own key).
     lookups: u8,
+    /// Why the last dial failed, reported if the lookups find nothing better.
+    last_error: Option<String>,
     waiters: Vec<oneshot::Sender<Result<(), String>>>,
 }
 
@@ -464,7 +466,10 @@ impl EventLoop {
             attempt.waiters.push(reply);
             return;
         }
-        let known = self.dialable(peer);
+        let mut known = self.dialable(peer);
+        if let Some(state) = self.bootstrap.get(&peer) {
+            known.extend(state.addrs.iter().filter(|a| !known.contains(a)).cloned().collect::<Vec<_>>());
+        }
         let (stage, lookups) = if known.is_empty() {
             self.start_connect_lookups(peer);
             (ConnectStage::LookingUp, CONNECT_LOOKUPS)
@@ -472,7 +477,7 @@ impl EventLoop {
             let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(known).extend_addresses_through_behaviour().build());
             (ConnectStage::DialingKnown, 0)
         };
-        self.connects.insert(peer, ConnectAttempt { stage, lookups, waiters: vec![reply] });
+        self.connects.insert(peer, ConnectAttempt { stage, lookups, last_error: None, waiters: vec![reply] });
     }
 
     /// Looks a peer up four ways at once, in both DHTs: the peers closest to its id (finds DHT
@@ -517,7 +522,8 @@ impl EventLoop {
             self.remember(peer, &addrs);
             let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(addrs).extend_addresses_through_behaviour().build());
         } else if attempt.lookups == 0 && matches!(attempt.stage, ConnectStage::LookingUp) {
-            self.finish_connect(&peer, Err("the peer is not in the DHT and no address of it is known".into()));
+            let error = attempt.last_error.take();
+            self.finish_connect(&peer, Err(error.unwrap_or_else(|| "the peer is not in the DHT and no address of it is known".into())));
         }
     }
 
@@ -549,16 +555,26 @@ impl EventLoop {
                     }
                 }
             }
+            DialError::LocalPeerId { address } => {
+                // An address of ours the policy did not know (a hairpinning NAT's, say): learn
+                // it, and drop it from the peer that claimed it.
+                let addr = without_p2p(address);
+                tracing::info!(peer = %peer, %addr, "a stored address leads back to this node; forgetting it");
+                self.wrong_peer_dials += 1;
+                self.policy.lock().expect("policy lock").on_external_addr(&addr, true);
+                self.forget_address(peer, &addr);
+                if !connected && self.redial(peer) {
+                    return;
+                }
+            }
             DialError::Transport(failed) => {
                 for (addr, error) in failed {
-                    let refused = matches!(error, libp2p::TransportError::Other(e) if e.kind() == std::io::ErrorKind::PermissionDenied);
                     let addr = without_p2p(addr);
-                    if refused {
-                        if self.policy.lock().expect("policy lock").is_own(&addr) {
-                            self.forget_address(peer, &addr);
-                        }
-                    } else {
-                        self.book.update_existing(&peer, |r| r.addr_failed(&addr, now));
+                    match refusal_in(error) {
+                        Some(crate::addresses::Refusal::Own(_)) => self.forget_address(peer, &addr),
+                        // Not dialed by our own choice: says nothing about the address.
+                        Some(_) => {}
+                        None => self.book.update_existing(&peer, |r| r.addr_failed(&addr, now)),
                     }
                 }
             }
@@ -584,17 +600,26 @@ impl EventLoop {
                 attempt.lookups = CONNECT_LOOKUPS;
                 self.start_connect_lookups(peer);
             }
+            // Another lookup may still bring an address that works (a relayed one, say).
+            ConnectStage::DialingFound if attempt.lookups > 0 => {
+                attempt.stage = ConnectStage::LookingUp;
+                attempt.last_error = Some(format!("cannot reach the peer: {error}"));
+            }
             ConnectStage::DialingFound => self.finish_connect(&peer, Err(format!("cannot reach the peer: {error}"))),
             ConnectStage::LookingUp => {}
         }
     }
 
-    /// Drops an address that does not lead to `peer` from its record and from both DHTs.
+    /// Drops an address that does not lead to `peer` from its record and from both DHTs (which
+    /// may hold it with or without `/p2p/PEER`).
     fn forget_address(&mut self, peer: PeerId, addr: &Multiaddr) {
         self.book.update_existing(&peer, |r| r.forget_addr(addr));
+        let with_peer = addr.clone().with(Protocol::P2p(peer));
         let behaviour = self.swarm.behaviour_mut();
-        behaviour.kad.remove_address(&peer, addr);
-        behaviour.lan_kad.remove_address(&peer, addr);
+        for form in [addr, &with_peer] {
+            behaviour.kad.remove_address(&peer, form);
+            behaviour.lan_kad.remove_address(&peer, form);
+        }
     }
 
     /// Dials `peer` again on its remaining addresses; `false` if none is left or it was re-dialed
@@ -616,7 +641,7 @@ impl EventLoop {
             return false;
         }
         tracing::debug!(peer = %peer, addrs = addrs.len(), "dialing the remaining addresses");
-        self.swarm.dial(DialOpts::peer_id(peer).addresses(addrs).extend_addresses_through_behaviour().build()).is_ok()
+        self.swarm.dial(DialOpts::peer_id(peer).addresses(addrs).build()).is_ok()
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -633,15 +658,25 @@ impl EventLoop {
                     // carry the relay's addresses, so its listen addresses stand in.
                     self.swarm.add_external_address(address.clone());
                 }
-                self.policy.lock().expect("policy lock").add_own(&address);
-                self.listeners_pending.remove(&listener_id);
+                self.policy.lock().expect("policy lock").on_listen_addr(&address, true);
                 self.listen_addrs.push(address);
+                if self.listeners_pending.remove(&listener_id) && self.listeners_pending.is_empty() {
+                    // Every listener has reported: the first dials need not wait for the tick.
+                    self.first_dials_when_ready();
+                    self.dial_due_bootstrap_peers();
+                }
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
-                self.policy.lock().expect("policy lock").remove_own(&address);
+                self.policy.lock().expect("policy lock").on_listen_addr(&address, false);
                 self.listen_addrs.retain(|a| a != &address);
             }
             SwarmEvent::ListenerClosed { listener_id, addresses, reason } => {
+                {
+                    let mut policy = self.policy.lock().expect("policy lock");
+                    for address in &addresses {
+                        policy.on_listen_addr(address, false);
+                    }
+                }
                 self.listeners_pending.remove(&listener_id);
                 self.listen_addrs.retain(|a| !addresses.contains(a));
                 self.autorelay.on_listener_closed(listener_id, reason.map_err(|e| error_chain(&e)));
@@ -716,12 +751,12 @@ impl EventLoop {
             SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => self.on_dial_failure(peer, &error),
             SwarmEvent::ExternalAddrConfirmed { address } => {
                 tracing::info!(addr = %address, "external address confirmed");
-                self.policy.lock().expect("policy lock").add_own(&address);
+                self.policy.lock().expect("policy lock").on_external_addr(&address, true);
                 self.own_record_changed();
             }
             SwarmEvent::ExternalAddrExpired { address } => {
                 tracing::info!(addr = %address, "external address expired");
-                self.policy.lock().expect("policy lock").remove_own(&address);
+                self.policy.lock().expect("policy lock").on_external_addr(&address, false);
                 self.own_record_changed();
             }
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
@@ -758,11 +793,13 @@ impl EventLoop {
                     by_peer.entry(peer).or_default().push(addr);
                 }
                 for (peer, addrs) in by_peer {
-                    // mDNS answers only from our link: the peer is on the scopes it announced.
+                    // mDNS answers only from our link: the peer is on the LAN scopes it announced.
+                    // Never loopback: mDNS does not announce it, and a LAN host claiming it
+                    // would have us dial services on our own host.
                     {
                         let mut policy = self.policy.lock().expect("policy lock");
                         for addr in &addrs {
-                            if let Some(scope) = policy.scope(addr) {
+                            if let Some(scope @ (Scope::Private | Scope::LinkLocal)) = policy.scope(addr) {
                                 policy.note_seen(peer, scope);
                             }
                         }
@@ -1047,6 +1084,29 @@ impl EventLoop {
                     None => self.on_connect_lookup(target, addrs, true),
                 }
             }
+            kad::Event::RoutingUpdated { peer, addresses, .. } => {
+                // Kademlia adds the address a connection was dialed on to a peer already in its
+                // table, whatever its scope: take out what this DHT must not hold.
+                let unfit: Vec<Multiaddr> = {
+                    let policy = self.policy.lock().expect("policy lock");
+                    addresses
+                        .iter()
+                        .filter(|a| match dht {
+                            Dht::Wan => !policy.for_wan_dht(a),
+                            Dht::Lan => !policy.for_lan_dht(&peer, a),
+                        })
+                        .cloned()
+                        .collect()
+                };
+                let behaviour = self.swarm.behaviour_mut();
+                let kad = match dht {
+                    Dht::Wan => &mut behaviour.kad,
+                    Dht::Lan => &mut behaviour.lan_kad,
+                };
+                for addr in &unfit {
+                    kad.remove_address(&peer, addr);
+                }
+            }
             kad::Event::RoutablePeer { peer, address } => {
                 // A peer that speaks this DHT connected on `address`: the LAN DHT takes it if
                 // it is private and the WAN DHT if it is public (identify feeds the rest).
@@ -1306,6 +1366,24 @@ fn addresses_of(peer: &PeerId, found: &[kad::PeerInfo]) -> Vec<Multiaddr> {
 }
 
 
+/// The address policy's refusal inside a transport error, if that is what it is (the error
+/// arrives wrapped by the DNS, timeout and boxing layers).
+fn refusal_in(error: &libp2p::TransportError<std::io::Error>) -> Option<&crate::addresses::Refusal> {
+    let libp2p::TransportError::Other(error) = error else { return None };
+    find_refusal(error)
+}
+
+fn find_refusal<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a crate::addresses::Refusal> {
+    if let Some(refusal) = error.downcast_ref::<crate::addresses::Refusal>() {
+        return Some(refusal);
+    }
+    // An io::Error's source() skips the error it wraps; look at that one first.
+    if let Some(inner) = error.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+        return find_refusal(inner);
+    }
+    error.source().and_then(find_refusal)
+}
+
 /// An error with its causes, `outer: inner: innermost` (libp2p errors often say little on top).
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
@@ -1335,4 +1413,21 @@ pub fn transport_of(addr: &Multiaddr) -> &'static str {
         }
     }
     transport
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addresses::Refusal;
+
+    #[test]
+    fn the_policys_refusal_is_found_through_the_transport_layers() {
+        let addr: Multiaddr = "/ip4/127.0.0.1/tcp/4001".parse().unwrap();
+        // The gate's error, boxed by the swarm's transport (io::Error::other around it).
+        let gate = std::io::Error::new(std::io::ErrorKind::PermissionDenied, Refusal::Own(addr.clone()));
+        let boxed = libp2p::TransportError::Other(std::io::Error::other(gate));
+        assert_eq!(refusal_in(&boxed), Some(&Refusal::Own(addr.clone())));
+        let plain = libp2p::TransportError::Other(std::io::Error::other("connection refused"));
+        assert_eq!(refusal_in(&plain), None);
+    }
 }

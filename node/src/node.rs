@@ -134,6 +134,9 @@ fn check_port_free(addr: &Multiaddr) -> Result<(), UserError> {
     if ip.is_ipv6() {
         let _ = socket.set_only_v6(true);
     }
+    // Only where SO_REUSEADDR leaves a live listener's port refused (Linux, the BSDs, macOS);
+    // on Windows it would let the bind succeed next to one.
+    #[cfg(unix)]
     if kind == socket2::Type::STREAM {
         socket
             .set_reuse_address(true)

@@ -203,6 +203,14 @@ impl PeerBook {
         let mut book = Self { records: HashMap::new(), dirty: HashSet::new(), removed: HashSet::new(), capacity };
         for (peer, mut record) in stored {
             let before = record.addrs.len();
+            // Written before address health was kept: the peer was dialed, but which address
+            // worked is unknown. Give its addresses the benefit of the doubt (failures still
+            // age them out) rather than drop them all for not being heard of lately.
+            if let Some(ok) = record.last_dial_ok
+                && record.addrs.iter().all(|e| e.last_ok.is_none() && e.failures == 0)
+            {
+                record.addrs.iter_mut().for_each(|e| e.last_ok = Some(ok.min(e.last_seen)));
+            }
             record.tidy(now);
             if record.addrs.len() != before {
                 book.dirty.insert(peer);
@@ -392,6 +400,19 @@ mod tests {
         r.observe_addr(addr(3), 0);
         r.tidy(ADDR_UNSEEN_TTL_SECS + 1);
         assert!(r.addresses().is_empty());
+    }
+
+    #[test]
+    fn a_record_from_before_address_health_keeps_its_addresses_on_load() {
+        let old = PeerRecord {
+            addrs: vec![AddrEntry { addr: addr(1), last_seen: 100, last_ok: None, failures: 0 }],
+            last_seen: 100,
+            last_dial_ok: Some(100),
+            ..Default::default()
+        };
+        let peer = PeerId::random();
+        let book = PeerBook::new(10, vec![(peer, old)], 100 + ADDR_UNSEEN_TTL_SECS * 4);
+        assert_eq!(book.get(&peer).unwrap().addresses(), vec![addr(1)]);
     }
 
     #[test]
