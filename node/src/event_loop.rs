@@ -94,7 +94,8 @@ struct BootstrapPeer {
     addrs: Vec<Multiaddr>,
     next_attempt: Instant,
     backoff: Duration,
-    dialing: bool,
+    /// Dials in flight (one per transport).
+    dialing: usize,
 }
 
 enum ConnectStage {
@@ -208,7 +209,7 @@ impl EventLoop {
                 addrs: Vec::new(),
                 next_attempt: now,
                 backoff: BOOTSTRAP_BACKOFF_MIN,
-                dialing: false,
+                dialing: 0,
             });
             let addr = without_p2p(addr);
             if !state.addrs.contains(&addr) {
@@ -376,20 +377,29 @@ impl EventLoop {
         }
         let now = Instant::now();
         for (peer, state) in &mut self.bootstrap {
-            if state.dialing || state.next_attempt > now || self.swarm.is_connected(peer) {
+            if state.dialing > 0 || state.next_attempt > now || self.swarm.is_connected(peer) {
                 continue;
             }
-            state.dialing = true;
             tracing::info!(peer = %peer, addrs = ?state.addrs, "dialing bootstrap peer");
-            match self.swarm.dial(DialOpts::peer_id(*peer).addresses(state.addrs.clone()).build()) {
-                Ok(()) => {}
-                // Another dial of the peer is under way (a DHT query's, an mDNS find's): its
-                // outcome reaches us as this peer's connection or dial failure all the same.
-                Err(DialError::DialPeerConditionFalse(_)) => {}
-                Err(e) => {
-                    state.dialing = false;
-                    state.next_attempt = now + state.backoff;
-                    tracing::warn!(peer = %peer, error = %e, "cannot dial bootstrap peer");
+            // One connection per transport: each gives this node its observed address on that
+            // transport (what AutoNAT tests and DCUtR punches with), so a peer that speaks only
+            // TCP (UDP blocked) can still be punched to while QUIC is preferred elsewhere.
+            let mut by_transport: Vec<(&str, Vec<Multiaddr>)> = Vec::new();
+            for addr in &state.addrs {
+                let transport = transport_of(addr);
+                match by_transport.iter_mut().find(|(t, _)| *t == transport) {
+                    Some((_, addrs)) => addrs.push(addr.clone()),
+                    None => by_transport.push((transport, vec![addr.clone()])),
+                }
+            }
+            for (_, addrs) in by_transport {
+                let opts = DialOpts::peer_id(*peer).condition(libp2p::swarm::dial_opts::PeerCondition::Always);
+                match self.swarm.dial(opts.addresses(addrs).build()) {
+                    Ok(()) => state.dialing += 1,
+                    Err(e) => {
+                        state.next_attempt = now + state.backoff;
+                        tracing::warn!(peer = %peer, error = %e, "cannot dial bootstrap peer");
+                    }
                 }
             }
         }
@@ -583,12 +593,16 @@ impl EventLoop {
         if connected {
             // Another connection is up: one failed dial says nothing about reachability.
             if let Some(state) = self.bootstrap.get_mut(&peer) {
-                state.dialing = false;
+                state.dialing = state.dialing.saturating_sub(1);
             }
             return;
         }
         if let Some(state) = self.bootstrap.get_mut(&peer) {
-            state.dialing = false;
+            state.dialing = state.dialing.saturating_sub(1);
+            if state.dialing > 0 {
+                // The dial over another transport may still get through.
+                return;
+            }
             state.next_attempt = Instant::now() + state.backoff;
             tracing::warn!(peer = %peer, addrs = ?state.addrs, retry_in = ?state.backoff, error = %error, "bootstrap peer unreachable; will retry");
             state.backoff = (state.backoff * 2).min(BOOTSTRAP_BACKOFF_MAX);
@@ -715,8 +729,10 @@ impl EventLoop {
                 self.autorelay.on_connected(peer_id);
                 self.redials.remove(&peer_id);
                 if let Some(state) = self.bootstrap.get_mut(&peer_id) {
-                    state.dialing = false;
+                    state.dialing = state.dialing.saturating_sub(1);
                     state.backoff = BOOTSTRAP_BACKOFF_MIN;
+                }
+                if self.bootstrap.contains_key(&peer_id) && num_established.get() == 1 {
                     tracing::info!(peer = %peer_id, "connected to bootstrap peer; bootstrapping the DHT");
                     // Either may have no peers yet (identify feeds them next): then Kademlia
                     // bootstraps by itself once the first peer is added.

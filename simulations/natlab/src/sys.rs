@@ -78,12 +78,21 @@ pub fn route_signals_to(on_signal: impl FnOnce(i32) + Send + 'static) {
 }
 
 /// Makes a child process receive SIGKILL when the lab process dies, so no node outlives a run.
+/// The child also gets the signals [`route_signals_to`] blocked in the lab's threads unblocked
+/// again (a blocked mask survives exec): a node must stop cleanly on SIGTERM, as under systemd.
 pub fn die_with_parent(command: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
-    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the parent.
+    // SAFETY: prctl(PR_SET_PDEATHSIG), sigemptyset, sigaddset and pthread_sigmask are
+    // async-signal-safe; the sigset lives on the child's stack for the calls.
     unsafe {
         command.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::sigaddset(&mut set, sig);
+            }
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
             Ok(())
         });
     }
