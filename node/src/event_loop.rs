@@ -992,11 +992,7 @@ impl EventLoop {
             }
             self.own_record_due.remove(&dht);
             let key = peer_key(self.swarm.local_peer_id());
-            let behaviour = self.swarm.behaviour_mut();
-            let kad = match dht {
-                Dht::Wan => &mut behaviour.kad,
-                Dht::Lan => &mut behaviour.lan_kad,
-            };
+            let kad = self.kad(dht);
             if let Err(e) = kad.start_providing(key) {
                 tracing::warn!(?dht, error = %e, "cannot publish our addresses in the DHT");
             }
@@ -1114,11 +1110,7 @@ impl EventLoop {
                         .cloned()
                         .collect()
                 };
-                let behaviour = self.swarm.behaviour_mut();
-                let kad = match dht {
-                    Dht::Wan => &mut behaviour.kad,
-                    Dht::Lan => &mut behaviour.lan_kad,
-                };
+                let kad = self.kad(dht);
                 for addr in &unfit {
                     kad.remove_address(&peer, addr);
                 }
@@ -1134,11 +1126,7 @@ impl EventLoop {
                     }
                 };
                 if fits {
-                    let address = without_p2p(&address);
-                    match dht {
-                        Dht::Wan => self.swarm.behaviour_mut().kad.add_address(&peer, address),
-                        Dht::Lan => self.swarm.behaviour_mut().lan_kad.add_address(&peer, address),
-                    };
+                    self.kad(dht).add_address(&peer, without_p2p(&address));
                 }
             }
             kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetProviders(result), step, .. } => {
@@ -1194,11 +1182,7 @@ impl EventLoop {
     /// Addresses Kademlia knows for a peer: routing table and running queries.
     fn kad_addresses(&mut self, dht: Dht, peer: PeerId) -> Vec<Multiaddr> {
         use libp2p::swarm::NetworkBehaviour as _;
-        let behaviour = self.swarm.behaviour_mut();
-        let kad = match dht {
-            Dht::Wan => &mut behaviour.kad,
-            Dht::Lan => &mut behaviour.lan_kad,
-        };
+        let kad = self.kad(dht);
         kad.handle_pending_outbound_connection(
                 ConnectionId::new_unchecked(0),
                 Some(peer),
@@ -1250,11 +1234,7 @@ impl EventLoop {
 
     fn routing_table_addresses(&mut self, dht: Dht, peer: &PeerId) -> Vec<Multiaddr> {
         let mut out = Vec::new();
-        let behaviour = self.swarm.behaviour_mut();
-        let kad = match dht {
-            Dht::Wan => &mut behaviour.kad,
-            Dht::Lan => &mut behaviour.lan_kad,
-        };
+        let kad = self.kad(dht);
         for bucket in kad.kbuckets() {
             for entry in bucket.iter() {
                 if entry.node.key.preimage() == peer {
@@ -1263,6 +1243,15 @@ impl EventLoop {
             }
         }
         out
+    }
+
+    /// One of the two Kademlia behaviours.
+    fn kad(&mut self, dht: Dht) -> &mut kad::Behaviour<kad::store::MemoryStore> {
+        let behaviour = self.swarm.behaviour_mut();
+        match dht {
+            Dht::Wan => &mut behaviour.kad,
+            Dht::Lan => &mut behaviour.lan_kad,
+        }
     }
 
     /// Peers in the WAN DHT's routing table.
