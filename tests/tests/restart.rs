@@ -8,6 +8,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::netns::{Lan, skipped};
+use common::echo::expose;
 use common::{BIN, BOOTSTRAP_BIN, Node, wait_until, warren};
 
 /// Whether a TCP socket on 127.0.0.1:`port` is in TIME_WAIT (state 06 in /proc/net/tcp).
@@ -127,17 +128,8 @@ fn a_whole_network_restarted_with_its_data_dirs_reconnects_and_every_forward_wor
     // through the DHT).
     let echo1 = lan.echo_service(1);
     let echo4 = lan.echo_service(4);
-    let expose = |node: &Node, target: SocketAddr, allow: &[&Node]| {
-        let mut args = vec!["expose".to_string(), "echo".into(), target.to_string()];
-        for peer in allow {
-            args.extend(["--allow".to_string(), peer.peer_id.clone()]);
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = node.cli(&args);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    };
-    expose(&nodes[0], echo1, &[&nodes[1], &nodes[2]]);
-    expose(&nodes[3], echo4, &[&nodes[0]]);
+    expose(&nodes[0], "echo", &echo1.to_string(), &[&nodes[1].peer_id, &nodes[2].peer_id]);
+    expose(&nodes[3], "echo", &echo4.to_string(), &[&nodes[0].peer_id]);
     let mut forwards = Vec::new();
     for (client, server) in [(2usize, 1usize), (3, 1), (1, 4)] {
         let target = format!("{}/echo", nodes[server - 1].peer_id);

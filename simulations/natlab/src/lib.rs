@@ -362,8 +362,7 @@ fn restart_all(core: &mut Core, kept: &mut [Kept], cells: &mut [Cell]) -> Result
         nodes.a.restart()?;
         let started = Instant::now();
         let mut after = AfterRestart::default();
-        let left = RESTART_REACH_TIMEOUT.saturating_sub(started.elapsed());
-        let reached = wait_for(left, || transfer(&nodes.a_ns, nodes.bind, 1024, RESTART_PROBE_TIMEOUT).ok());
+        let reached = wait_for(RESTART_REACH_TIMEOUT, || transfer(&nodes.a_ns, nodes.bind, 1024, RESTART_PROBE_TIMEOUT).ok());
         if reached.is_some() {
             after.reached = true;
             after.reached_after_s = Some(started.elapsed().as_secs_f64());
