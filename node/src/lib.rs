@@ -4,6 +4,7 @@
 //! - [`cli`]: the `warren` command line, one subcommand each.
 //! - [`config`]: the TOML configuration and its defaults.
 //! - [`node`]: `warren up`, which wires everything below together and shuts it down in order.
+//! - [`ports`]: which listen ports are free (TIME_WAIT is; another node's listener is not).
 //! - [`behaviour`]: the composed libp2p behaviour and swarm.
 //! - [`event_loop`]: the one task that owns the swarm, driven through a [`event_loop::NodeHandle`].
 //! - [`store`] and [`peer_record`]: identity and peer store in sled.
@@ -31,6 +32,7 @@ pub mod metrics;
 pub mod node;
 pub mod output;
 pub mod peer_record;
+pub mod ports;
 pub mod relay;
 pub mod relay_meter;
 pub mod store;

@@ -2,11 +2,8 @@
 //! the event loop until Ctrl-C or SIGTERM, then shuts down in order (control socket first, then
 //! the swarm, then the peer store is written out).
 
-use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-
-use libp2p::{Multiaddr, multiaddr::Protocol};
 
 use crate::behaviour::build_swarm;
 use crate::addresses::Policy;
@@ -18,18 +15,12 @@ use crate::forward::Forwarding;
 use crate::peer_record::PeerBook;
 use crate::store::Store;
 
-pub async fn up(data_dir: &Path, config: Config) -> Result<(), UserError> {
+pub async fn up(data_dir: &Path, mut config: Config) -> Result<(), UserError> {
     let defaults = config.listen_is_default();
-    for addr in &config.listen {
-        if let Err(e) = check_port_free(addr) {
-            if defaults {
-                tracing::warn!(%addr, error = %e.message, "skipping a default listen address");
-            } else {
-                return Err(e);
-            }
-        }
-    }
     // Ports are checked before the store is touched, so a refused start leaves no trace on disk.
+    // From here on `config.listen` is what we really listen on (a busy default port replaced),
+    // which the address policy needs to tell our own addresses from a neighbour's.
+    config.listen = crate::ports::choose(&config.listen, defaults)?;
     let store = Store::open(data_dir)?;
     let peer_id = store.peer_id();
     if store.new_identity {
@@ -52,9 +43,9 @@ pub async fn up(data_dir: &Path, config: Config) -> Result<(), UserError> {
             }
         }
     }
-    if listeners.is_empty() && !config.listen.is_empty() {
+    if listeners.is_empty() && (defaults || !config.listen.is_empty()) {
         return Err(UserError::bad_input(
-            "none of the default listen addresses could be bound (is port 4001 in use?): pass --listen, e.g. --listen /ip4/0.0.0.0/udp/0/quic-v1",
+            "none of the default listen addresses could be bound (see the warnings above): pass --listen, e.g. --listen /ip4/0.0.0.0/udp/0/quic-v1",
         ));
     }
     if config.listen.is_empty() {
@@ -102,52 +93,4 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-}
-
-/// libp2p binds TCP listeners with SO_REUSEPORT, so a port held by another warren node would be
-/// shared silently. Bind it once ourselves, without SO_REUSEPORT, to find out.
-///
-/// A TCP port is bound with SO_REUSEADDR, as libp2p's listener is: connections of an earlier run
-/// still in TIME_WAIT (a busy relay restarted by systemd) then do not count as a user of the
-/// port, while a live listener still does (Linux refuses SO_REUSEADDR binds next to a socket in
-/// LISTEN). UDP has no TIME_WAIT, and there SO_REUSEADDR would let two sockets share the port, so
-/// a UDP port is bound plainly.
-fn check_port_free(addr: &Multiaddr) -> Result<(), UserError> {
-    let mut ip: Option<IpAddr> = None;
-    let mut target = None;
-    for p in addr.iter() {
-        match p {
-            Protocol::Ip4(a) => ip = Some(a.into()),
-            Protocol::Ip6(a) => ip = Some(a.into()),
-            Protocol::Tcp(port) => target = Some((port, socket2::Type::STREAM, socket2::Protocol::TCP)),
-            Protocol::Udp(port) => target = Some((port, socket2::Type::DGRAM, socket2::Protocol::UDP)),
-            _ => {}
-        }
-    }
-    let (Some(ip), Some((port, kind, proto))) = (ip, target) else { return Ok(()) };
-    if port == 0 {
-        return Ok(());
-    }
-    let sockaddr = SocketAddr::new(ip, port);
-    let socket = socket2::Socket::new(socket2::Domain::for_address(sockaddr), kind, Some(proto))
-        .map_err(|e| UserError::bad_input(format!("cannot listen on {addr}: {e}")))?;
-    if ip.is_ipv6() {
-        let _ = socket.set_only_v6(true);
-    }
-    // Only where SO_REUSEADDR leaves a live listener's port refused (Linux, the BSDs, macOS);
-    // on Windows it would let the bind succeed next to one.
-    #[cfg(unix)]
-    if kind == socket2::Type::STREAM {
-        socket
-            .set_reuse_address(true)
-            .map_err(|e| UserError::bad_input(format!("cannot listen on {addr}: {e}")))?;
-    }
-    socket.bind(&sockaddr.into()).map_err(|e| {
-        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
-            format!("port {port} is already in use; stop what uses it or pass --listen with another port (0 picks a free one)")
-        } else {
-            "pass a different --listen address".to_string()
-        };
-        UserError::bad_input(format!("cannot listen on {addr}: {e}; {hint}"))
-    })
 }

@@ -66,6 +66,35 @@ fn a_port_held_by_a_live_listener_is_still_refused_with_a_clear_message() {
 }
 
 #[test]
+fn two_plain_nodes_on_one_host_get_ports_of_their_own_and_reach_each_other() {
+    if skipped() {
+        return;
+    }
+    // One host (a namespace of its own, so port 4001 is free for the first node), two plain
+    // `warren up` as a user would start them: default ports, mDNS on.
+    let lan = Lan::new("twohost", 212, 1);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Node::spawn(dir_a.path(), &["up"], lan.exec(0, BIN));
+    let b = Node::spawn(dir_b.path(), &["up"], lan.exec(0, BIN));
+    let listen = |node: &Node| -> Vec<String> {
+        node.status()["listen_addrs"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect()
+    };
+    let (on_a, on_b) = (listen(&a), listen(&b));
+    for proto in ["/tcp/4001", "/udp/4001/"] {
+        assert!(on_a.iter().any(|addr| addr.contains(proto)), "the first node has the default port: {on_a:?}");
+    }
+    // libp2p's TCP listeners share ports (SO_REUSEPORT): without the port check the second node
+    // would listen on 4001 too and take half of the first node's inbound connections.
+    assert!(!on_b.iter().any(|addr| addr.contains("/4001")), "the second node gets ports of its own: {on_b:?}");
+
+    let echo = lan.echo_service(0);
+    expose(&a, "echo", &echo.to_string(), &[&b.peer_id]);
+    let info = b.json(&["forward", "127.0.0.1:0", &format!("{}/echo", a.peer_id)]).expect("forward accepted");
+    let bind: SocketAddr = info["bind"].as_str().unwrap().parse().unwrap();
+    wait_until(Duration::from_secs(30), "a forward between the two nodes of one host", || lan.echo_ok(0, bind, ECHO_BYTES));
+}
+
+#[test]
 fn a_node_with_hundreds_of_connections_is_stopped_and_started_again_at_once() {
     let port = free_port();
     let listen = format!("/ip4/127.0.0.1/tcp/{port}");
