@@ -458,6 +458,22 @@ pub fn is_relayed(addr: &Multiaddr) -> bool {
 }
 
 
+/// The transport an address uses (`quic`, `tcp` or `other`): for a relayed address, its last hop's.
+pub fn transport_of(addr: &Multiaddr) -> &'static str {
+    // A relayed address names the relay's transport first; what counts is the last one before
+    // /p2p-circuit, which is the hop we actually use.
+    let mut transport = "other";
+    for p in addr.iter() {
+        match p {
+            Protocol::QuicV1 => transport = "quic",
+            Protocol::Tcp(_) if transport != "quic" => transport = "tcp",
+            Protocol::P2pCircuit => break,
+            _ => {}
+        }
+    }
+    transport
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,9 +9,10 @@ use clap::{Args, Parser, Subcommand};
 use libp2p::{Multiaddr, PeerId};
 
 use crate::config::{self, Config, DhtMode, Overrides};
-use crate::control::{api, client::Client};
+use crate::api;
+use crate::control::client::Client;
 use crate::error::UserError;
-use crate::forward::{ExposeSpec, ForwardSpec};
+use crate::api::{ExposeSpec, ForwardSpec};
 
 const ABOUT: &str = "warren: a peer-to-peer node that finds peers on the LAN (mDNS) and across \
 the internet (Kademlia DHT), and lets you inspect it while it runs.";
@@ -77,7 +78,7 @@ pub enum Command {
         #[arg(long)]
         udp: bool,
         /// Concurrent connections (UDP sessions) served at most
-        #[arg(long, default_value_t = crate::forward::DEFAULT_MAX_CONNECTIONS)]
+        #[arg(long, default_value_t = crate::api::DEFAULT_MAX_CONNECTIONS)]
         max_connections: usize,
     },
     /// List exposed services with their live counters
@@ -97,7 +98,7 @@ pub enum Command {
         #[arg(long)]
         udp: bool,
         /// Concurrent local connections (UDP sessions) at most
-        #[arg(long, default_value_t = crate::forward::DEFAULT_MAX_CONNECTIONS)]
+        #[arg(long, default_value_t = crate::api::DEFAULT_MAX_CONNECTIONS)]
         max_connections: usize,
     },
     /// List forwards: live connections, bytes each way, path, last error

@@ -10,7 +10,7 @@ use libp2p::{Multiaddr, PeerId, multiaddr::Protocol};
 use serde::{Deserialize, Serialize};
 
 use crate::error::UserError;
-use crate::forward::{ExposeSpec, ForwardSpec};
+use crate::api::{ExposeSpec, ForwardSpec};
 
 /// The port a node listens on unless told otherwise: the conventional libp2p port.
 pub const DEFAULT_PORT: u16 = 4001;
@@ -105,7 +105,7 @@ impl Default for Config {
             rejoin_dials: 16,
             idle_connection_timeout_secs: 60,
             max_incoming_connections: 1024,
-            udp_idle_timeout_secs: crate::forward::DEFAULT_UDP_IDLE_SECS,
+            udp_idle_timeout_secs: crate::api::DEFAULT_UDP_IDLE_SECS,
             expose: Vec::new(),
             forward: Vec::new(),
             relay: false,

@@ -45,3 +45,18 @@ impl UserError {
         Self { kind: Failure::NotRunning, message: message.into() }
     }
 }
+
+/// An error with its causes, `outer: inner: innermost` (libp2p errors often say little on top).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}

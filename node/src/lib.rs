@@ -18,6 +18,7 @@
 //! - [`output`]: text rendering for people.
 
 pub mod addresses;
+pub mod api;
 pub mod autorelay;
 pub mod behaviour;
 pub mod candidates;
@@ -27,6 +28,7 @@ pub mod control;
 pub mod dial_gate;
 pub mod error;
 pub mod event_loop;
+pub mod handle;
 pub mod forward;
 pub mod metrics;
 pub mod node;

@@ -15,7 +15,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::sync::Semaphore;
 
-use crate::event_loop::{Command, NodeHandle};
+use crate::handle::{Command, NodeHandle};
 use crate::forward::Forwarding;
 
 /// Scrapes served at once; more wait in the listen backlog.

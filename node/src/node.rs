@@ -26,7 +26,7 @@ pub async fn up(data_dir: &Path, mut config: Config) -> Result<(), UserError> {
     if store.new_identity {
         tracing::info!(peer = %peer_id, "created a new identity");
     }
-    let book = PeerBook::new(config.max_stored_peers, store.load_peers(), crate::store::unix_now());
+    let book = PeerBook::new(config.max_stored_peers, store.load_peers(), crate::peer_record::unix_now());
     let policy = Arc::new(Mutex::new(Policy::new(config.public_ranges()?, &config.bootstrap, &config.listen)));
     let built = build_swarm(store.keypair.clone(), &config, policy.clone())
         .map_err(|e| UserError::operation(format!("cannot set up networking: {e}")))?;

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::control::api;
+use crate::api;
 
 pub fn status(s: &api::Status) -> String {
     let mut out = String::new();

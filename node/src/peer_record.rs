@@ -5,11 +5,22 @@
 //! the size and every bound before the record is used; a record that fails is dropped.
 
 use std::collections::{HashMap, HashSet};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 
-use crate::store::PeerWrite;
+/// One change to the peer store, handed to the store's writer.
+#[derive(Debug)]
+pub enum PeerWrite {
+    Put(PeerId, PeerRecord),
+    Delete(PeerId),
+}
+
+/// Seconds since the Unix epoch: the clock peer records keep their times in.
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
 
 pub const FORMAT_V1: u8 = 1;
 /// Addresses kept per peer; ones that never worked go first, then the least recently seen.

@@ -10,12 +10,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use libp2p::{PeerId, identity::Keypair};
 
 use crate::error::UserError;
-use crate::peer_record::PeerRecord;
+use crate::peer_record::{PeerRecord, PeerWrite, unix_now};
 
 const STORE_DIR: &str = "store";
 const IDENTITY_FILE: &str = "identity.key";
@@ -138,13 +137,6 @@ impl Store {
 
 /// How many batches may wait for the writer before the event loop holds its changes back.
 const WRITER_QUEUE: usize = 4;
-
-/// One change to the peer store.
-#[derive(Debug)]
-pub enum PeerWrite {
-    Put(PeerId, PeerRecord),
-    Delete(PeerId),
-}
 
 /// The event loop's side of the writer thread.
 pub struct PeerStoreWriter {
@@ -295,10 +287,6 @@ fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 fn storage_error(e: sled::Error) -> UserError {
     UserError::operation(format!("store error: {e}"))
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
-use super::api;
+use crate::api;
 use crate::error::UserError;
 
 /// How long the CLI waits for the daemon to accept: a running node answers in milliseconds.

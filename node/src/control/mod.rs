@@ -1,6 +1,5 @@
 //! The local control API: the running daemon serves it ([`server`]), the CLI calls it
-//! ([`client`]); [`api`] holds the JSON shapes both share.
+//! ([`client`]); [`crate::api`] holds the JSON shapes both share.
 
-pub mod api;
 pub mod client;
 pub mod server;

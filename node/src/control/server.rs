@@ -16,10 +16,11 @@ use rand::RngCore;
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 
-use super::api;
-use crate::event_loop::{Command, NodeHandle};
+use crate::api;
+use crate::handle::{Command, NodeHandle};
 use crate::error::UserError;
-use crate::forward::{ExposeSpec, ForwardSpec, Forwarding};
+use crate::api::{ExposeSpec, ForwardSpec};
+use crate::forward::Forwarding;
 
 /// Control connections served at once; more wait in the socket's backlog.
 const MAX_CONTROL_CONNECTIONS: usize = 32;

@@ -15,7 +15,7 @@ use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompat
 use warren_forward::{MAX_DATAGRAM, Request, Status, Transport};
 
 use super::{Active, Forward, Forwarding, Stats, splice, streams};
-use crate::event_loop::Command;
+use crate::handle::Command;
 
 /// Reaching the peer (dial, DHT lookup, dial) may take this long before a local connection is
 /// given up.

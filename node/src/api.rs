@@ -15,6 +15,9 @@
 //!
 //! Errors come back with a 4xx/5xx status and an [`ApiError`] body.
 
+use std::net::SocketAddr;
+
+use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
 pub const SOCKET_NAME: &str = "warren.sock";
@@ -206,4 +209,101 @@ pub struct ForwardInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ApiError {
     pub error: String,
+}
+
+// Exposes and forwards: request bodies of the API, and `[[expose]]` / `[[forward]]` entries of
+// the config file.
+
+/// Connections per forward and per exposed service unless configured: generous for a person's
+/// tools, and a bound on what one peer can make us hold open.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// How long an idle UDP session lives unless configured: longer than the 25 s keepalive of
+/// WireGuard, shorter than a typical NAT's 2-minute UDP timeout.
+pub const DEFAULT_UDP_IDLE_SECS: u64 = 60;
+
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+
+/// A service this node offers to chosen peers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExposeSpec {
+    /// The name peers ask for (`[A-Za-z0-9._-]`, at most 64 bytes).
+    pub name: String,
+    /// Where connections go: `host:port`, chosen by the owner, never by the peer.
+    pub target: String,
+    /// PeerIds allowed to use the service. Default: none (deny by default).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Allow every peer. Default: false; must be said explicitly.
+    #[serde(default)]
+    pub allow_any: bool,
+    /// A UDP service (datagrams) instead of TCP. Default: false.
+    #[serde(default)]
+    pub udp: bool,
+    /// Concurrent connections (or UDP sessions). Default: 1024.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+/// A local port forwarded to a service on a peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardSpec {
+    /// Local address to listen on, `IP:PORT` (port 0 picks one).
+    pub bind: String,
+    /// The peer that exposes the service.
+    pub peer: String,
+    /// The service's name on that peer.
+    pub service: String,
+    /// Forward UDP datagrams instead of TCP connections. Default: false.
+    #[serde(default)]
+    pub udp: bool,
+    /// Concurrent local connections (or UDP sessions). Default: 1024.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+impl ExposeSpec {
+    pub fn validate(&self) -> Result<Vec<PeerId>, String> {
+        warren_forward::validate_service_name(&self.name).map_err(|e| format!("{e} (got {:?})", self.name))?;
+        let port_ok = self.target.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+        });
+        if !port_ok {
+            return Err(format!("target {:?} must be HOST:PORT, e.g. 127.0.0.1:8080", self.target));
+        }
+        let allow = self
+            .allow
+            .iter()
+            .map(|p| p.parse::<PeerId>().map_err(|_| format!("allowed peer {p:?} is not a PeerId")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if allow.is_empty() && !self.allow_any {
+            return Err(format!(
+                "service {:?} would allow nobody: name peers with --allow PEERID, or pass --allow-any to allow every peer",
+                self.name
+            ));
+        }
+        check_max(self.max_connections)?;
+        Ok(allow)
+    }
+}
+
+impl ForwardSpec {
+    pub fn validate(&self) -> Result<(SocketAddr, PeerId), String> {
+        let bind = self.bind.parse::<SocketAddr>().map_err(|_| format!("bind address {:?} must be IP:PORT", self.bind))?;
+        let peer = self.peer.parse::<PeerId>().map_err(|_| format!("{:?} is not a PeerId", self.peer))?;
+        warren_forward::validate_service_name(&self.service).map_err(|e| format!("{e} (got {:?})", self.service))?;
+        check_max(self.max_connections)?;
+        Ok((bind, peer))
+    }
+}
+
+fn check_max(max: usize) -> Result<(), String> {
+    if (1..=65_536).contains(&max) {
+        Ok(())
+    } else {
+        Err(format!("max_connections {max} must be between 1 and 65536"))
+    }
 }

@@ -1,0 +1,327 @@
+//! The two Kademlia DHTs: the WAN DHT (public addresses only) and the LAN DHT (a private
+//! network's addresses, among peers seen on it). Finds and connect lookups run in both; our own
+//! provider record carries our addresses; the routing tables are refreshed on a timer.
+
+use std::time::{Duration, Instant};
+
+use libp2p::{Multiaddr, PeerId, autonat, kad, swarm::{ConnectionId, dial_opts::DialOpts}};
+use tokio::sync::oneshot;
+
+use super::EventLoop;
+use crate::addresses::{is_unspecified, without_p2p};
+use crate::api;
+use crate::config::DhtMode;
+
+/// Our own provider record (how peers find our relayed addresses by PeerId) is published this
+/// long after our external addresses last changed, so a burst of changes costs one publication.
+const OWN_RECORD_SETTLE: Duration = Duration::from_millis(200);
+
+/// Which of the two DHTs (see [`crate::behaviour::Behaviour::lan_kad`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Dht {
+    Wan,
+    Lan,
+}
+
+/// A DHT query: query ids count per Kademlia instance, so they are told apart by DHT.
+pub(super) type Query = (Dht, kad::QueryId);
+
+pub(super) struct PendingFind {
+    peer: PeerId,
+    started: Instant,
+    /// Lookups still running; the reply goes out when none is left.
+    lookups: u8,
+    found: bool,
+    addrs: Vec<Multiaddr>,
+    reply: oneshot::Sender<api::FindReply>,
+}
+
+impl EventLoop {
+    /// Looks `peer` up four ways at once (see `start_connect_lookups`) and answers when all
+    /// four are done. Our own PeerId is answered at once with our own addresses.
+    pub(super) fn find(&mut self, peer: PeerId, reply: oneshot::Sender<api::FindReply>) {
+        if peer == *self.swarm.local_peer_id() {
+            let _ = reply.send(api::FindReply {
+                peer_id: peer.to_string(),
+                found: true,
+                addrs: self.own_addresses().iter().map(|a| a.to_string()).collect(),
+                elapsed_ms: 0.0,
+            });
+            return;
+        }
+        let behaviour = self.swarm.behaviour_mut();
+        let closest = (Dht::Wan, behaviour.kad.get_closest_peers(peer));
+        let providers = (Dht::Wan, behaviour.kad.get_providers(peer_key(&peer)));
+        let lan = (Dht::Lan, behaviour.lan_kad.get_closest_peers(peer));
+        let lan_providers = (Dht::Lan, behaviour.lan_kad.get_providers(peer_key(&peer)));
+        let find = PendingFind { peer, started: Instant::now(), lookups: 4, found: false, addrs: Vec::new(), reply };
+        // All queries lead to the same pending find; the other ids point at the first.
+        self.finds.insert(closest, find);
+        for other in [providers, lan, lan_providers] {
+            self.find_aliases.insert(other, closest);
+        }
+    }
+
+    /// AutoNAT's verdict changed: in `--dht-mode auto` the WAN DHT serves only while we are
+    /// publicly reachable.
+    pub(super) fn on_reachability(&mut self, new: autonat::NatStatus) {
+        if self.config.dht_mode == DhtMode::Auto {
+            let mode = match new {
+                autonat::NatStatus::Public(_) => kad::Mode::Server,
+                _ => kad::Mode::Client,
+            };
+            self.swarm.behaviour_mut().kad.set_mode(Some(mode));
+        }
+    }
+
+    pub(super) fn on_kad_event(&mut self, dht: Dht, event: kad::Event) {
+        match event {
+            kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetClosestPeers(result), .. } => {
+                let id = (dht, id);
+                let peers = match result {
+                    Ok(ok) => ok.peers,
+                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                };
+                let find = self.finds.contains_key(&id).then_some(id).or_else(|| self.find_aliases.remove(&id));
+                let target = match find {
+                    Some(find) => self.finds.get(&find).map(|f| f.peer),
+                    None => self.connect_lookups.remove(&id),
+                };
+                let Some(target) = target else { return };
+                let mut addrs = addresses_of(&target, &peers);
+                let found = peers.iter().any(|p| p.peer_id == target);
+                // The lookup reports addresses that other peers returned; a target that was
+                // already in our routing table comes back without them.
+                if found {
+                    addrs.extend(self.routing_table_addresses(dht, &target));
+                }
+                let addrs = self.usable_lookup_addresses(target, addrs);
+                match find {
+                    Some(find) => self.on_find_progress(find, found, addrs, true),
+                    None => self.on_connect_lookup(target, addrs, true),
+                }
+            }
+            kad::Event::RoutingUpdated { peer, addresses, .. } => {
+                // Kademlia adds the address a connection was dialed on to a peer already in its
+                // table, whatever its scope: take out what this DHT must not hold.
+                let unfit: Vec<Multiaddr> = {
+                    let policy = self.policy.lock().expect("policy lock");
+                    addresses
+                        .iter()
+                        .filter(|a| match dht {
+                            Dht::Wan => !policy.for_wan_dht(a),
+                            Dht::Lan => !policy.for_lan_dht(&peer, a),
+                        })
+                        .cloned()
+                        .collect()
+                };
+                let kad = self.kad(dht);
+                for addr in &unfit {
+                    kad.remove_address(&peer, addr);
+                }
+            }
+            kad::Event::RoutablePeer { peer, address } => {
+                // A peer that speaks this DHT connected on `address`: the LAN DHT takes it if
+                // it is private and the WAN DHT if it is public (identify feeds the rest).
+                let fits = {
+                    let policy = self.policy.lock().expect("policy lock");
+                    match dht {
+                        Dht::Wan => policy.for_wan_dht(&address),
+                        Dht::Lan => policy.for_lan_dht(&peer, &address),
+                    }
+                };
+                if fits {
+                    self.kad(dht).add_address(&peer, without_p2p(&address));
+                }
+            }
+            kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetProviders(result), step, .. } => {
+                let providers = match result {
+                    Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => providers,
+                    _ => Default::default(),
+                };
+                let done = step.last;
+                if dht == Dht::Wan && self.relay_lookups.contains(&id) {
+                    for relay in providers {
+                        if relay != *self.swarm.local_peer_id() && !self.swarm.is_connected(&relay) {
+                            tracing::info!(relay = %relay, "found a relay in the DHT; connecting");
+                            let _ = self.swarm.dial(DialOpts::peer_id(relay).build());
+                        }
+                    }
+                    if done {
+                        self.relay_lookups.remove(&id);
+                    }
+                    return;
+                }
+                let query = (dht, id);
+                let find = self.find_aliases.get(&query).copied();
+                let target = find.and_then(|f| self.finds.get(&f)).map(|f| f.peer).or_else(|| self.connect_lookups.get(&query).copied());
+                let Some(target) = target else { return };
+                // The providers' addresses live in the running query; ask Kademlia for them the
+                // way a dial would.
+                let addrs = if providers.contains(&target) { self.kad_addresses(dht, target) } else { Vec::new() };
+                let addrs = self.usable_lookup_addresses(target, addrs);
+                if let Some(find) = find {
+                    if done {
+                        self.find_aliases.remove(&query);
+                    }
+                    self.on_find_progress(find, !addrs.is_empty(), addrs, done);
+                } else {
+                    if done {
+                        self.connect_lookups.remove(&query);
+                    }
+                    self.on_connect_lookup(target, addrs, done);
+                }
+            }
+            kad::Event::OutboundQueryProgressed { result: kad::QueryResult::Bootstrap(Ok(_)), step, .. } if step.last => {
+                let routing_table = match dht {
+                    Dht::Wan => self.table_size(Dht::Wan),
+                    Dht::Lan => self.table_size(Dht::Lan),
+                };
+                tracing::info!(?dht, routing_table, "DHT bootstrap finished");
+            }
+            kad::Event::ModeChanged { new_mode } => tracing::info!(?dht, mode = %new_mode, "DHT mode changed"),
+            _ => {}
+        }
+    }
+
+    /// Addresses Kademlia knows for a peer: routing table and running queries.
+    pub(super) fn kad_addresses(&mut self, dht: Dht, peer: PeerId) -> Vec<Multiaddr> {
+        use libp2p::swarm::NetworkBehaviour as _;
+        let kad = self.kad(dht);
+        kad.handle_pending_outbound_connection(
+                ConnectionId::new_unchecked(0),
+                Some(peer),
+                &[],
+                libp2p::core::Endpoint::Dialer,
+            )
+            .unwrap_or_default()
+    }
+
+    /// The addresses a lookup returned that the policy lets us dial: others' answers may name
+    /// a peer's loopback or LAN addresses, or ours.
+    pub(super) fn usable_lookup_addresses(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Vec<Multiaddr> {
+        let policy = self.policy.lock().expect("policy lock");
+        let mut out: Vec<Multiaddr> = Vec::new();
+        for addr in addrs.iter().map(without_p2p) {
+            if !is_unspecified(&addr) && policy.may_dial(Some(peer), &addr).is_ok() && !out.contains(&addr) {
+                out.push(addr);
+            }
+        }
+        out
+    }
+
+    pub(super) fn on_find_progress(&mut self, id: Query, found: bool, addrs: Vec<Multiaddr>, done: bool) {
+        let Some(find) = self.finds.get_mut(&id) else { return };
+        find.found |= found;
+        for addr in addrs {
+            if !find.addrs.contains(&addr) {
+                find.addrs.push(addr);
+            }
+        }
+        if done {
+            find.lookups = find.lookups.saturating_sub(1);
+        }
+        if find.lookups > 0 {
+            return;
+        }
+        let find = self.finds.remove(&id).expect("present above");
+        self.find_aliases.retain(|_, f| *f != id);
+        if !find.addrs.is_empty() {
+            self.remember(find.peer, &find.addrs);
+        }
+        let _ = find.reply.send(api::FindReply {
+            peer_id: find.peer.to_string(),
+            found: find.found,
+            addrs: find.addrs.iter().map(|a| a.to_string()).collect(),
+            elapsed_ms: find.started.elapsed().as_secs_f64() * 1000.0,
+        });
+    }
+
+    pub(super) fn routing_table_addresses(&mut self, dht: Dht, peer: &PeerId) -> Vec<Multiaddr> {
+        let mut out = Vec::new();
+        let kad = self.kad(dht);
+        for bucket in kad.kbuckets() {
+            for entry in bucket.iter() {
+                if entry.node.key.preimage() == peer {
+                    out.extend(entry.node.value.iter().cloned());
+                }
+            }
+        }
+        out
+    }
+
+    /// One of the two Kademlia behaviours.
+    pub(super) fn kad(&mut self, dht: Dht) -> &mut kad::Behaviour<kad::store::MemoryStore> {
+        let behaviour = self.swarm.behaviour_mut();
+        match dht {
+            Dht::Wan => &mut behaviour.kad,
+            Dht::Lan => &mut behaviour.lan_kad,
+        }
+    }
+
+    /// Peers in a DHT's routing table.
+    pub(super) fn table_size(&mut self, dht: Dht) -> usize {
+        self.kad(dht).kbuckets().map(|b| b.num_entries()).sum()
+    }
+
+    /// Refreshes the routing table every `bootstrap_interval_secs` once it has peers. libp2p's own
+    /// periodic bootstrap is off: on a node with no peers yet (the first of a network, say) it
+    /// warned "Failed to trigger bootstrap" every time. (libp2p still bootstraps by itself when
+    /// few peers are known, and tries once when a listen address appears.)
+    pub(super) fn refresh_dht_when_due(&mut self) {
+        if Instant::now() < self.dht_refresh_due {
+            return;
+        }
+        self.dht_refresh_due = Instant::now() + self.config.bootstrap_interval();
+        if self.table_size(Dht::Wan) > 0
+            && let Err(e) = self.swarm.behaviour_mut().kad.bootstrap()
+        {
+            tracing::debug!(error = %e, "DHT refresh not started");
+        }
+        if self.table_size(Dht::Lan) > 0
+            && let Err(e) = self.swarm.behaviour_mut().lan_kad.bootstrap()
+        {
+            tracing::debug!(error = %e, "LAN DHT refresh not started");
+        }
+    }
+
+    /// Our external addresses changed: publish our own record again in both DHTs.
+    pub(super) fn own_record_changed(&mut self) {
+        let due = Instant::now() + OWN_RECORD_SETTLE;
+        self.own_record_due.insert(Dht::Wan, due);
+        self.own_record_due.insert(Dht::Lan, due);
+    }
+
+    /// Publishes this node as provider of its own key, carrying its current external addresses
+    /// (relayed ones included): how a node behind a NAT or a relay is found by PeerId. In each
+    /// DHT once its routing table has peers to store the record.
+    pub(super) fn publish_own_record_when_due(&mut self) {
+        let now = Instant::now();
+        for dht in [Dht::Wan, Dht::Lan] {
+            let Some(due) = self.own_record_due.get(&dht).copied() else { continue };
+            let peers = match dht {
+                Dht::Wan => self.table_size(Dht::Wan),
+                Dht::Lan => self.table_size(Dht::Lan),
+            };
+            if now < due || peers == 0 {
+                continue;
+            }
+            self.own_record_due.remove(&dht);
+            let key = peer_key(self.swarm.local_peer_id());
+            let kad = self.kad(dht);
+            if let Err(e) = kad.start_providing(key) {
+                tracing::warn!(?dht, error = %e, "cannot publish our addresses in the DHT");
+            }
+        }
+    }
+}
+
+/// The DHT key under which a node publishes itself as provider (its relayed addresses).
+pub(super) fn peer_key(peer: &PeerId) -> kad::RecordKey {
+    kad::RecordKey::new(&peer.to_bytes())
+}
+
+/// The addresses a lookup returned for `peer`.
+fn addresses_of(peer: &PeerId, found: &[kad::PeerInfo]) -> Vec<Multiaddr> {
+    found.iter().filter(|p| &p.peer_id == peer).flat_map(|p| p.addrs.iter().cloned()).collect()
+}

@@ -1,0 +1,437 @@
+//! One task owns the Swarm. Everyone else holds a [`NodeHandle`](crate::handle::NodeHandle) and
+//! sends [`Command`]s with oneshot replies; the loop answers them between swarm events.
+//!
+//! This file is the loop itself: it owns the Swarm and the peer book, tracks listeners and
+//! connections, and hands each event to the room that deals with it:
+//! - [`bootstrap`]: dialing the configured bootstrap peers, with backoff;
+//! - [`connect`]: reaching a peer on demand (stored addresses, then lookups), and what a failed
+//!   dial teaches us (wrong peer, own address);
+//! - [`dht`]: the WAN and LAN Kademlia DHTs: finds, our own record, refreshes;
+//! - [`identify`] and [`mdns`]: what peers tell us about themselves, and LAN discovery;
+//! - [`holepunch`]: DCUtR outcomes, direct paths lost and punched again;
+//! - [`relays`]: the relay service we offer and the reservations we hold (AutoRelay);
+//! - [`status`]: what `warren status` and `warren peers` report.
+
+mod bootstrap;
+mod connect;
+mod dht;
+mod holepunch;
+mod identify;
+mod mdns;
+mod relays;
+mod status;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::{
+    Multiaddr, PeerId, Swarm, autonat, core::ConnectedPoint, identify as libp2p_identify, kad, multiaddr::Protocol, ping,
+    relay,
+    core::transport::ListenerId,
+    swarm::{ConnectionId, SwarmEvent, dial_opts::DialOpts},
+};
+use tokio::sync::mpsc;
+
+use crate::addresses::{Policy, is_relayed, is_unspecified, transport_of, without_p2p};
+use crate::api;
+use crate::autorelay::AutoRelay;
+use crate::behaviour::{Behaviour, BehaviourEvent};
+use crate::config::Config;
+use crate::error::error_chain;
+use crate::handle::{Command, NodeHandle};
+use crate::peer_record::{PeerBook, unix_now};
+use crate::relay::RelayStats;
+use crate::store::PeerStoreWriter;
+
+use bootstrap::Bootstrap;
+use connect::ConnectAttempt;
+use dht::{Dht, PendingFind, Query};
+use holepunch::HolePunch;
+
+/// How often pending peer-store changes are handed to the writer.
+const STORE_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// The first dials (stored peers, bootstrap peers) wait for every listener to report its
+/// addresses, so that none of them is one of our own; at most this long.
+const LISTENERS_SETTLE: Duration = Duration::from_secs(2);
+
+struct ConnInfo {
+    peer: PeerId,
+    address: Multiaddr,
+    outbound: bool,
+    since: Instant,
+    rtt: Option<Duration>,
+}
+
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    config: Config,
+    book: PeerBook,
+    writer: Option<PeerStoreWriter>,
+    bootstrap: Bootstrap,
+    conns: HashMap<ConnectionId, ConnInfo>,
+    agents: HashMap<PeerId, String>,
+    finds: HashMap<Query, PendingFind>,
+    connects: HashMap<PeerId, ConnectAttempt>,
+    connect_lookups: HashMap<Query, PeerId>,
+    find_aliases: HashMap<Query, Query>,
+    listen_addrs: Vec<Multiaddr>,
+    started: Instant,
+    /// The address policy, shared with the dial gate.
+    policy: Arc<Mutex<Policy>>,
+    /// Listeners that have not reported an address yet; the first dials wait for them.
+    listeners_pending: HashSet<ListenerId>,
+    first_dials_done: bool,
+    /// Dials that reached another peer than the one dialed (stale addresses).
+    wrong_peer_dials: u64,
+    /// Re-dials after wrong-peer answers, per peer, since it last connected.
+    redials: HashMap<PeerId, u8>,
+    autorelay: AutoRelay,
+    relay_stats: RelayStats,
+    relay_advertised: bool,
+    relay_lookups: std::collections::HashSet<kad::QueryId>,
+    /// When our own provider record is next published, per DHT.
+    own_record_due: HashMap<Dht, Instant>,
+    /// When the DHT's routing table is next refreshed (a bootstrap query).
+    dht_refresh_due: Instant,
+    relay_announced: bool,
+    hole_punch: HolePunch,
+    meter: Option<std::sync::Arc<crate::relay_meter::Meter>>,
+}
+
+impl EventLoop {
+    pub fn new(
+        swarm: Swarm<Behaviour>,
+        config: Config,
+        book: PeerBook,
+        writer: PeerStoreWriter,
+        policy: Arc<Mutex<Policy>>,
+        listeners: impl IntoIterator<Item = ListenerId>,
+    ) -> (Self, NodeHandle) {
+        let (handle, commands) = NodeHandle::new(*swarm.local_peer_id(), swarm.behaviour().stream.new_control());
+        let now = Instant::now();
+        let event_loop = Self {
+            swarm,
+            commands,
+            book,
+            writer: Some(writer),
+            bootstrap: Bootstrap::new(&config.bootstrap, now),
+            conns: HashMap::new(),
+            agents: HashMap::new(),
+            finds: HashMap::new(),
+            connects: HashMap::new(),
+            connect_lookups: HashMap::new(),
+            find_aliases: HashMap::new(),
+            listen_addrs: Vec::new(),
+            started: now,
+            policy,
+            listeners_pending: listeners.into_iter().collect(),
+            first_dials_done: false,
+            wrong_peer_dials: 0,
+            redials: HashMap::new(),
+            autorelay: AutoRelay::new(if config.relay { 0 } else { config.auto_relays }, &config.relay_via),
+            relay_stats: RelayStats::default(),
+            relay_advertised: config.relay_force,
+            relay_lookups: Default::default(),
+            own_record_due: HashMap::new(),
+            dht_refresh_due: Instant::now() + config.bootstrap_interval(),
+            relay_announced: false,
+            hole_punch: HolePunch::default(),
+            meter: None,
+            config,
+        };
+        (event_loop, handle)
+    }
+
+    /// Gives the loop the relay's byte meter (relay nodes only), for `warren status`.
+    pub fn with_meter(mut self, meter: Option<std::sync::Arc<crate::relay_meter::Meter>>) -> Self {
+        self.meter = meter;
+        self
+    }
+
+    /// Runs until `shutdown` resolves, then writes the peer store out.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        {
+            let mut policy = self.policy.lock().expect("policy lock");
+            for (peer, record) in self.book.iter() {
+                policy.seed(*peer, crate::addresses::Scopes(record.scopes));
+            }
+        }
+        let mut tick = tokio::time::interval(STORE_FLUSH_INTERVAL);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                Some(command) = self.commands.recv() => self.on_command(command),
+                _ = tick.tick() => {
+                    self.flush_store();
+                    self.first_dials_when_ready();
+                    self.dial_due_bootstrap_peers();
+                    self.connects.retain(|_, a| a.waiters.iter().any(|w| !w.is_closed()));
+                    self.manage_relays();
+                    self.publish_own_record_when_due();
+                    self.refresh_dht_when_due();
+                    self.repunch_when_due();
+                }
+                _ = &mut shutdown => break,
+            }
+        }
+        tracing::info!("shutting down; writing the peer store");
+        if let Some(writer) = self.writer.take() {
+            writer.finish(self.book.take_changes());
+        }
+    }
+
+    /// The first dials go out once every listener has reported its addresses (or after
+    /// [`LISTENERS_SETTLE`]): before that, a stored address of a peer may be one of our own.
+    fn first_dials_when_ready(&mut self) {
+        if self.first_dials_done || (!self.listeners_pending.is_empty() && self.started.elapsed() < LISTENERS_SETTLE) {
+            return;
+        }
+        self.first_dials_done = true;
+        self.rejoin_from_store();
+    }
+
+    /// Dials the most useful stored peers and feeds DHT-capable ones to Kademlia, so a node
+    /// started without bootstrap rejoins the network it knew.
+    fn rejoin_from_store(&mut self) {
+        // Bootstrap peers are dialed next, on their configured address, with their own backoff.
+        let best: Vec<PeerId> = self
+            .book
+            .best(self.config.rejoin_dials)
+            .into_iter()
+            .map(|(peer, _)| peer)
+            .filter(|peer| !self.bootstrap.contains(peer))
+            .collect();
+        if best.is_empty() {
+            return;
+        }
+        tracing::info!(peers = best.len(), stored = self.book.len(), "rejoining through stored peers");
+        for peer in best {
+            self.feed_dhts(peer);
+            let addrs = self.dialable(peer);
+            if !addrs.is_empty() {
+                let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(addrs).build());
+            }
+        }
+    }
+
+    /// A peer's stored addresses that the policy lets us dial, best first.
+    fn dialable(&self, peer: PeerId) -> Vec<Multiaddr> {
+        let policy = self.policy.lock().expect("policy lock");
+        let addrs = self.book.get(&peer).map(|r| r.addresses()).unwrap_or_default();
+        addrs.into_iter().filter(|a| policy.may_dial(Some(peer), a).is_ok()).collect()
+    }
+
+    fn flush_store(&mut self) {
+        let Some(writer) = &self.writer else { return };
+        let changes = self.book.take_changes();
+        if changes.is_empty() {
+            return;
+        }
+        if let Err(back) = writer.try_write(changes) {
+            self.book.restore(back);
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Command::Peers(reply) => {
+                let _ = reply.send(self.peers());
+            }
+            Command::Find(peer, reply) => self.find(peer, reply),
+            Command::Connect(peer, reply) => self.connect(peer, reply),
+            Command::StoreChurn(count, reply) => {
+                let now = unix_now();
+                for _ in 0..count {
+                    // Loopback port 1 (tcpmux) listens nowhere: a restarted node that dials these
+                    // synthetic peers sends nothing beyond this machine and fails at once.
+                    let addr: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().expect("valid synthetic address");
+                    self.book.update(PeerId::random(), |r| {
+                        r.observe_addr(addr, now);
+                        r.set_protocols(["/ipfs/id/1.0.0".to_string(), "/ipfs/ping/1.0.0".to_string()]);
+                    });
+                }
+                self.flush_store();
+                let _ = reply.send(api::ChurnReply { inserted: count });
+            }
+        }
+    }
+
+    /// Our own addresses, as `warren find` of our own PeerId reports them: listen addresses
+    /// (wildcards expanded by the listeners) and confirmed external ones.
+    fn own_addresses(&self) -> Vec<Multiaddr> {
+        let mut out: Vec<Multiaddr> = self.swarm.external_addresses().cloned().collect();
+        for addr in &self.listen_addrs {
+            if !is_unspecified(addr) && !out.contains(addr) {
+                out.push(addr.clone());
+            }
+        }
+        out
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { listener_id, address } => {
+                let full = address.clone().with(Protocol::P2p(*self.swarm.local_peer_id()));
+                tracing::info!(addr = %full, "listening");
+                println!("listening on {full}");
+                if self.autorelay.is_relay_listener(listener_id) {
+                    self.autorelay.on_listening(listener_id);
+                    self.own_record_changed();
+                } else if self.config.relay_force && !is_relayed(&address) && !is_unspecified(&address) {
+                    // A forced relay serves without AutoNAT's confirmation; reservations must
+                    // carry the relay's addresses, so its listen addresses stand in.
+                    self.swarm.add_external_address(address.clone());
+                }
+                self.policy.lock().expect("policy lock").on_listen_addr(&address, true);
+                self.listen_addrs.push(address);
+                if self.listeners_pending.remove(&listener_id) && self.listeners_pending.is_empty() {
+                    // Every listener has reported: the first dials need not wait for the tick.
+                    self.first_dials_when_ready();
+                    self.dial_due_bootstrap_peers();
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.policy.lock().expect("policy lock").on_listen_addr(&address, false);
+                self.listen_addrs.retain(|a| a != &address);
+            }
+            SwarmEvent::ListenerClosed { listener_id, addresses, reason } => {
+                {
+                    let mut policy = self.policy.lock().expect("policy lock");
+                    for address in &addresses {
+                        policy.on_listen_addr(address, false);
+                    }
+                }
+                self.listeners_pending.remove(&listener_id);
+                self.listen_addrs.retain(|a| !addresses.contains(a));
+                self.autorelay.on_listener_closed(listener_id, reason.map_err(|e| error_chain(&e)));
+            }
+            SwarmEvent::ListenerError { error, .. } => tracing::warn!(%error, "listener error"),
+            SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
+                let (address, outbound) = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => (address.clone(), true),
+                    // An inbound relayed connection's remote address says nothing useful; the
+                    // circuit address it arrived on names the relay and the hop's transport.
+                    ConnectedPoint::Listener { local_addr, .. } if endpoint.is_relayed() => (local_addr.clone(), false),
+                    ConnectedPoint::Listener { send_back_addr, .. } => (send_back_addr.clone(), false),
+                };
+                if num_established.get() == 1 {
+                    tracing::info!(peer = %peer_id, addr = %address, transport = transport_of(&address), "peer connected");
+                }
+                let now = unix_now();
+                let scope = {
+                    let mut policy = self.policy.lock().expect("policy lock");
+                    policy.on_connection(peer_id, &address, true);
+                    policy.scope(&address)
+                };
+                let worked = without_p2p(&address);
+                self.book.update(peer_id, |r| {
+                    r.last_seen = now;
+                    if let Some(scope) = scope {
+                        let mut scopes = crate::addresses::Scopes(r.scopes);
+                        scopes.insert(scope);
+                        r.scopes = scopes.0;
+                    }
+                    if outbound {
+                        r.last_dial_ok = Some(now);
+                        r.addr_worked(worked, now);
+                    }
+                });
+                self.autorelay.on_connected(peer_id);
+                self.redials.remove(&peer_id);
+                self.bootstrap.on_connected(&peer_id);
+                if self.bootstrap.contains(&peer_id) && num_established.get() == 1 {
+                    tracing::info!(peer = %peer_id, "connected to bootstrap peer; bootstrapping the DHT");
+                    // Either may have no peers yet (identify feeds them next): then Kademlia
+                    // bootstraps by itself once the first peer is added.
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    let _ = self.swarm.behaviour_mut().lan_kad.bootstrap();
+                }
+                if is_relayed(&address) {
+                    self.hole_punch.on_relayed_connection(peer_id, Instant::now());
+                }
+                self.conns.insert(connection_id, ConnInfo { peer: peer_id, address, outbound, since: Instant::now(), rtt: None });
+                self.finish_connect(&peer_id, Ok(()));
+            }
+            SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
+                if let Some(conn) = self.conns.remove(&connection_id) {
+                    self.policy.lock().expect("policy lock").on_connection(peer_id, &conn.address, false);
+                    if is_relayed(&conn.address) {
+                        tracing::info!(peer = %peer_id, addr = %conn.address, cause = ?cause.as_ref().map(|c| c.to_string()), "relayed connection closed");
+                    } else if num_established > 0 {
+                        self.direct_lost(peer_id);
+                    }
+                }
+                self.hole_punch.on_connection_closed(connection_id);
+                if num_established == 0 {
+                    self.hole_punch.on_disconnected(&peer_id);
+                    self.autorelay.on_disconnected(peer_id);
+                    let now = unix_now();
+                    self.book.update(peer_id, |r| r.last_seen = now);
+                    self.agents.remove(&peer_id);
+                    tracing::info!(peer = %peer_id, cause = ?cause.map(|c| c.to_string()), "peer disconnected");
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => self.on_dial_failure(peer, &error),
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!(addr = %address, "external address confirmed");
+                self.policy.lock().expect("policy lock").on_external_addr(&address, true);
+                self.own_record_changed();
+            }
+            SwarmEvent::ExternalAddrExpired { address } => {
+                tracing::info!(addr = %address, "external address expired");
+                self.policy.lock().expect("policy lock").on_external_addr(&address, false);
+                self.own_record_changed();
+            }
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Identify(libp2p_identify::Event::Received { peer_id, info, .. }) => self.on_identify(peer_id, info),
+            BehaviourEvent::Ping(ping::Event { connection, result: Ok(rtt), .. }) => {
+                if let Some(conn) = self.conns.get_mut(&connection) {
+                    conn.rtt = Some(rtt);
+                }
+            }
+            // A peer that does not speak ping is fine; only silence counts.
+            BehaviourEvent::Ping(ping::Event { result: Err(ping::Failure::Unsupported), .. }) => {}
+            BehaviourEvent::Ping(ping::Event { peer, connection, result: Err(error) }) => {
+                // Ping reports only after two failures in a row (10 s and more of silence). A
+                // connection that has gone silent is dropped when something can take its place:
+                // a relay we hold a reservation on is replaced, and a peer with another
+                // connection (a direct path that died beside a relayed one) moves its new
+                // streams there. TCP would otherwise keep a dead connection for many minutes.
+                let held_relay = self.autorelay.held().any(|h| h.relay == peer);
+                let has_other = self.conns.iter().any(|(id, c)| c.peer == peer && *id != connection);
+                if held_relay || has_other {
+                    tracing::warn!(peer = %peer, %error, "connection stopped answering pings; dropping it");
+                    self.swarm.close_connection(connection);
+                }
+            }
+            BehaviourEvent::Mdns(libp2p::mdns::Event::Discovered(found)) => self.on_mdns_discovered(found),
+            BehaviourEvent::Kad(event) => self.on_kad_event(Dht::Wan, event),
+            BehaviourEvent::LanKad(event) => self.on_kad_event(Dht::Lan, event),
+            BehaviourEvent::Autonat(autonat::Event::StatusChanged { old, new }) => {
+                tracing::info!(from = ?old, to = ?new, "reachability changed");
+                self.on_reachability(new);
+            }
+            BehaviourEvent::Relay(event) => self.on_relay_event(event),
+            BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted { relay_peer_id, renewal, .. }) => {
+                if renewal {
+                    self.autorelay.on_renewal(relay_peer_id);
+                }
+            }
+            BehaviourEvent::Dcutr(libp2p::dcutr::Event { remote_peer_id, result }) => self.on_hole_punch(remote_peer_id, result),
+            _ => {}
+        }
+    }
+}
