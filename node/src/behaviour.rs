@@ -58,8 +58,7 @@ pub struct Behaviour {
     pub relay_client: relay::client::Behaviour,
     pub relay: Toggle<relay::Behaviour>,
     pub dcutr: dcutr::Behaviour,
-    pub stream: libp2p_stream::Behaviour,
-    pub forward: crate::forward::streams::Behaviour,
+    pub forward: warren_forward::Behaviour,
 }
 
 /// Errors building the swarm.
@@ -73,13 +72,13 @@ pub enum BuildError {
     Setup(String),
 }
 
-/// The swarm, plus the two ends of the forward streams behaviour that live outside it.
+/// The swarm, plus what lives outside it: the relay's byte meter and the inbound forward streams.
 pub struct Built {
     pub swarm: Swarm<Behaviour>,
     /// Relayed bytes and the aggregate cap, when this node relays for others.
     pub meter: Option<std::sync::Arc<crate::relay_meter::Meter>>,
-    pub opener: crate::forward::streams::Opener,
-    pub inbound: tokio::sync::mpsc::Receiver<(libp2p::PeerId, libp2p::Stream)>,
+    /// Inbound forward streams, for the serving task.
+    pub inbound: warren_forward::Incoming,
 }
 
 /// The QUIC settings warren uses.
@@ -141,7 +140,7 @@ pub fn build_swarm(
     config: &Config,
     policy: Arc<Mutex<Policy>>,
 ) -> Result<Built, BuildError> {
-    let (forward, opener, inbound) = crate::forward::streams::Behaviour::new();
+    let (forward, inbound) = warren_forward::Behaviour::new();
     let mut forward = Some(forward);
     let kad_protocol = StreamProtocol::try_from_owned(config.kad_protocol.clone())
         .map_err(|_| BuildError::KadProtocol(config.kad_protocol.clone()))?;
@@ -236,7 +235,6 @@ pub fn build_swarm(
                     })
                     .into(),
                 dcutr: dcutr::Behaviour::new(peer_id),
-                stream: libp2p_stream::Behaviour::new(),
                 forward: forward.take().expect("the behaviour is built once"),
             })
         })
@@ -245,5 +243,5 @@ pub fn build_swarm(
         // would save it, but stalls protocols where the opener only reads (identify).
         .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout()))
         .build();
-    Ok(Built { swarm, meter, opener, inbound })
+    Ok(Built { swarm, meter, inbound })
 }

@@ -1,23 +1,56 @@
-//! The way into the swarm task: a cloneable [`NodeHandle`] sends [`Command`]s, each with a
-//! oneshot for its reply, to the event loop that owns the Swarm.
+//! The one way into the swarm task: a cloneable [`NodeHandle`] sends [`Command`]s, each with a
+//! oneshot for its reply, to the event loop that owns the Swarm. Streams to peers (forwarding,
+//! ping) are opened the same way.
 
-use libp2p::PeerId;
+use std::time::Duration;
+
+use libp2p::{PeerId, StreamProtocol};
 use tokio::sync::{mpsc, oneshot};
+use warren_forward::{Direct, OpenError, Opened};
 
 use crate::api;
 
-/// Commands queued for the event loop at most; senders wait beyond that.
-pub const COMMAND_QUEUE: usize = 64;
+/// Commands queued for the event loop at most; senders wait beyond that. Every new forwarded
+/// connection sends one (its stream), so this absorbs a burst of them across all forwards.
+pub const COMMAND_QUEUE: usize = 1024;
+/// How long reaching a peer that is not connected may take: stored addresses, then lookups in
+/// both DHTs, then the dial (a relayed one included).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub enum Command {
     Status(oneshot::Sender<api::Status>),
     Peers(oneshot::Sender<Vec<api::PeerEntry>>),
     /// Looks a peer up in the DHT.
     Find(PeerId, oneshot::Sender<api::FindReply>),
-    /// Makes sure we have a connection to the peer: stored addresses, then a DHT lookup.
+    /// Makes sure we have a connection to the peer: stored addresses, then a DHT lookup. The
+    /// error says why the peer could not be reached.
     Connect(PeerId, oneshot::Sender<Result<(), String>>),
+    /// Opens a stream on a connection to the peer that is already open (never dials).
+    OpenStream(PeerId, StreamProtocol, oneshot::Sender<Result<Opened, OpenError>>),
     /// Adds synthetic records to the peer store (diagnostics and crash tests).
     StoreChurn(u32, oneshot::Sender<api::ChurnReply>),
+}
+
+/// The event loop is gone: the node is shutting down.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the node is shutting down")]
+pub struct ShuttingDown;
+
+/// Why a stream to a peer could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ReachError {
+    /// The node is shutting down.
+    #[error(transparent)]
+    ShuttingDown(#[from] ShuttingDown),
+    /// Reaching the peer took longer than [`CONNECT_TIMEOUT`].
+    #[error("cannot reach {peer}: timed out after {CONNECT_TIMEOUT:?}")]
+    TimedOut { peer: PeerId },
+    /// No address of the peer led to it (the reason names the last failure).
+    #[error("cannot reach {peer}: {reason}")]
+    Unreachable { peer: PeerId, reason: String },
+    /// Connected, but the stream could not be opened.
+    #[error("cannot open a stream to {peer}: {source}")]
+    Open { peer: PeerId, source: OpenError },
 }
 
 /// A cloneable way to talk to the event loop.
@@ -25,19 +58,58 @@ pub enum Command {
 pub struct NodeHandle {
     tx: mpsc::Sender<Command>,
     pub peer_id: PeerId,
-    pub stream: libp2p_stream::Control,
+    direct: Direct,
 }
 
 impl NodeHandle {
-    /// A handle and the receiving end of its command queue, for the event loop.
-    pub fn new(peer_id: PeerId, stream: libp2p_stream::Control) -> (Self, mpsc::Receiver<Command>) {
+    /// A handle and the receiving end of its command queue, for the event loop. `direct` is
+    /// the stream behaviour's view of which peers have a direct connection.
+    pub fn new(peer_id: PeerId, direct: Direct) -> (Self, mpsc::Receiver<Command>) {
         let (tx, commands) = mpsc::channel(COMMAND_QUEUE);
-        (Self { tx, peer_id, stream }, commands)
+        (Self { tx, peer_id, direct }, commands)
     }
 
-    pub async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, String> {
+    /// Sends a command and waits for its reply.
+    pub async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, ShuttingDown> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(make(tx)).await.map_err(|_| "the node is shutting down".to_string())?;
-        rx.await.map_err(|_| "the node is shutting down".to_string())
+        self.tx.send(make(tx)).await.map_err(|_| ShuttingDown)?;
+        rx.await.map_err(|_| ShuttingDown)
+    }
+
+    /// Whether a direct (not relayed) connection to the peer is open now.
+    pub fn has_direct(&self, peer: &PeerId) -> bool {
+        self.direct.contains(peer)
+    }
+
+    /// Opens a stream on a connection already open ([`OpenError::NotConnected`] otherwise).
+    pub async fn open_stream(&self, peer: PeerId, protocol: StreamProtocol) -> Result<Opened, OpenError> {
+        match self.request(|tx| Command::OpenStream(peer, protocol, tx)).await {
+            Ok(result) => result,
+            Err(ShuttingDown) => Err(OpenError::ConnectionClosed),
+        }
+    }
+
+    /// Makes sure a connection to the peer is open, reaching it if needed (within
+    /// [`CONNECT_TIMEOUT`]).
+    pub async fn connect(&self, peer: PeerId) -> Result<(), ReachError> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.request(|tx| Command::Connect(peer, tx))).await {
+            Err(_) => Err(ReachError::TimedOut { peer }),
+            Ok(Err(e)) => Err(e.into()),
+            Ok(Ok(Err(reason))) => Err(ReachError::Unreachable { peer, reason }),
+            Ok(Ok(Ok(()))) => Ok(()),
+        }
+    }
+
+    /// A stream of `protocol` to the peer. Connected already (the usual case): opened at once.
+    /// Otherwise the peer is reached first (stored addresses, the DHT, relays).
+    pub async fn reach_and_open(&self, peer: PeerId, protocol: StreamProtocol) -> Result<Opened, ReachError> {
+        let opened = match self.open_stream(peer, protocol.clone()).await {
+            Err(OpenError::NotConnected) => {
+                self.connect(peer).await?;
+                self.open_stream(peer, protocol).await
+            }
+            other => other,
+        };
+        opened.map_err(|source| ReachError::Open { peer, source })
     }
 }

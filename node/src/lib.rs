@@ -1,21 +1,30 @@
 //! The warren node.
 //!
 //! # Layout
-//! - [`cli`]: the `warren` command line, one subcommand each.
+//! Imports flow one way (`tests/layering.rs` checks there is no circle): the binary and
+//! [`cli`] use [`node`], which wires the services together; services use the leaves below them.
+//! - [`cli`]: the `warren` command line, one subcommand each; [`output`]: text for people.
 //! - [`config`]: the TOML configuration and its defaults.
-//! - [`node`]: `warren up`, which wires everything below together and shuts it down in order.
+//! - [`node`]: `warren up`, which wires everything below together; [`shutdown`]: the order it
+//!   stops in, and the tracker every spawned task goes through.
 //! - [`ports`]: which listen ports are free (TIME_WAIT is; another node's listener is not).
-//! - [`behaviour`]: the composed libp2p behaviour and swarm.
-//! - [`event_loop`]: the one task that owns the swarm, driven through a [`event_loop::NodeHandle`].
-//! - [`store`] and [`peer_record`]: identity and peer store in sled.
-//! - [`forward`]: port forwarding over `/warren/forward/1.0.0` streams (expose and forward).
-//! - [`addresses`]: the address policy: what is public, what is ours, what is dialed, stored and
-//!   given to each DHT; [`dial_gate`] applies it to every dial.
-//! - [`relay`]: serving circuit relay v2 within operator limits.
-//! - [`autorelay`]: choosing relays and holding reservations while not publicly reachable.
+//! - [`control`]: the local HTTP+JSON API on a Unix socket, server and client; [`api`]: its
+//!   JSON shapes (and the expose/forward specs, which the config file uses too).
 //! - [`metrics`]: Prometheus text on `--metrics ADDR`.
-//! - [`control`]: the local HTTP+JSON API on a Unix socket, server and client.
-//! - [`output`]: text rendering for people.
+//! - [`handle`]: the one way into the swarm task ([`handle::NodeHandle`], [`handle::Command`]).
+//! - [`event_loop`]: the task that owns the swarm, one file per capability: `bootstrap`,
+//!   `connect`, `dht` (the WAN and LAN Kademlia DHTs), `identify`, `mdns`, `holepunch` (DCUtR
+//!   and re-punching), `relays` (the relay service and AutoRelay's reservations), `status`.
+//! - [`behaviour`]: the composed libp2p behaviour and swarm.
+//! - [`forward`]: port forwarding (expose and forward) over `/warren/forward/1.0.0` streams,
+//!   whose wire format and libp2p behaviour live in the `warren-forward` crate.
+//! - [`relay`] and [`relay_meter`]: serving circuit relay v2 within operator limits;
+//!   [`autorelay`] and [`candidates`]: choosing relays and holding reservations while not
+//!   publicly reachable.
+//! - [`addresses`]: the address policy (what is public, what is ours, what is dialed, stored
+//!   and given to each DHT); [`dial_gate`] applies it to every dial.
+//! - [`store`] and [`peer_record`]: identity and peer store in sled.
+//! - [`error`]: errors meant for the person at the terminal.
 
 pub mod addresses;
 pub mod api;
@@ -37,4 +46,5 @@ pub mod peer_record;
 pub mod ports;
 pub mod relay;
 pub mod relay_meter;
+pub mod shutdown;
 pub mod store;

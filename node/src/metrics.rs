@@ -35,8 +35,8 @@ pub async fn serve(listener: tokio::net::TcpListener, node: NodeHandle, forwardi
     loop {
         let Ok((tcp, _)) = listener.accept().await else { continue };
         let Ok(permit) = permits.clone().acquire_owned().await else { return };
-        let (node, forwarding) = (node.clone(), forwarding.clone());
-        tokio::spawn(async move {
+        let (node, tasks, forwarding) = (node.clone(), forwarding.shutdown.clone(), forwarding.clone());
+        tasks.spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let (node, forwarding) = (node.clone(), forwarding.clone());
                 async move { Ok::<_, Infallible>(answer(req, &node, &forwarding).await) }
@@ -56,7 +56,7 @@ async fn answer(req: Request<Incoming>, node: &NodeHandle, forwarding: &Forwardi
             .header("content-type", "text/plain; version=0.0.4")
             .body(Full::new(Bytes::from(text)))
             .unwrap(),
-        Err(e) => Response::builder().status(StatusCode::SERVICE_UNAVAILABLE).body(Full::new(Bytes::from(e))).unwrap(),
+        Err(e) => Response::builder().status(StatusCode::SERVICE_UNAVAILABLE).body(Full::new(Bytes::from(e.to_string()))).unwrap(),
     }
 }
 
@@ -71,7 +71,7 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str
     }
 }
 
-async fn render(node: &NodeHandle, forwarding: &Forwarding) -> Result<String, String> {
+async fn render(node: &NodeHandle, forwarding: &Forwarding) -> Result<String, crate::handle::ShuttingDown> {
     let status = node.request(Command::Status).await?;
     let peers = node.request(Command::Peers).await?;
     let mut out = String::new();

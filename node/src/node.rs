@@ -12,6 +12,7 @@ use crate::control::server;
 use crate::error::UserError;
 use crate::event_loop::EventLoop;
 use crate::forward::Forwarding;
+use crate::shutdown::Shutdown;
 use crate::peer_record::PeerBook;
 use crate::store::Store;
 
@@ -71,17 +72,31 @@ pub async fn up(data_dir: &Path, mut config: Config) -> Result<(), UserError> {
     let (exposes, forwards) = (config.expose.clone(), config.forward.clone());
     let (event_loop, handle) = EventLoop::new(swarm, config, book, writer, policy, listeners);
     let event_loop = event_loop.with_meter(built.meter);
-    let forwarding = Forwarding::new(handle.clone(), built.opener, udp_idle, store.tree("forwarding")?);
+    let shutdown = Shutdown::new();
+    let forwarding = Forwarding::new(handle.clone(), udp_idle, store.tree("forwarding")?, shutdown.clone());
     forwarding.restore(&exposes, &forwards).await.map_err(UserError::bad_input)?;
-    let serving = tokio::spawn(crate::forward::serve::run(forwarding.clone(), built.inbound));
-    let metrics = metrics.map(|l| tokio::spawn(crate::metrics::serve(l, handle.clone(), forwarding.clone())));
-    let control = tokio::spawn(server::serve(listener, handle, forwarding));
-    event_loop.run(shutdown_signal()).await;
-    control.abort();
-    serving.abort();
+    shutdown.spawn(crate::forward::serve::run(forwarding.clone(), built.inbound));
     if let Some(metrics) = metrics {
-        metrics.abort();
+        shutdown.spawn(crate::metrics::serve(metrics, handle.clone(), forwarding.clone()));
     }
+    shutdown.spawn(server::serve(listener, handle, forwarding));
+
+    // Shutdown, in the order `crate::shutdown` documents: stop accepting and end the tasks in
+    // flight while the swarm still runs, then close the swarm, which writes the peer store out.
+    let (close_swarm, swarm_closing) = tokio::sync::oneshot::channel::<()>();
+    let stop = async {
+        shutdown_signal().await;
+        tracing::info!("shutting down: accepting nothing new, ending the connections in flight");
+        let left = shutdown.stop_tasks().await;
+        if left > 0 {
+            tracing::warn!(left, grace = ?crate::shutdown::GRACE, "tasks still running after the grace period; closing the swarm anyway");
+        }
+        let _ = close_swarm.send(());
+    };
+    let run = event_loop.run(async {
+        let _ = swarm_closing.await;
+    });
+    tokio::join!(run, stop);
     let _ = std::fs::remove_file(&socket_path);
     drop(store);
     Ok(())

@@ -17,7 +17,7 @@ use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 
 use crate::api;
-use crate::handle::{Command, NodeHandle};
+use crate::handle::{Command, NodeHandle, ReachError};
 use crate::error::UserError;
 use crate::api::{ExposeSpec, ForwardSpec};
 use crate::forward::Forwarding;
@@ -26,8 +26,6 @@ use crate::forward::Forwarding;
 const MAX_CONTROL_CONNECTIONS: usize = 32;
 /// Largest request body read (an expose or forward spec is a few hundred bytes).
 const MAX_REQUEST_BODY: usize = 64 * 1024;
-/// How long a connect (dial, lookup, dial) may take before `ping` gives up.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The standard libp2p ping protocol, spoken by every libp2p node.
 const PING_PROTOCOL: StreamProtocol = StreamProtocol::new("/ipfs/ping/1.0.0");
 const PING_SIZE: usize = 32;
@@ -69,8 +67,9 @@ pub async fn serve(listener: UnixListener, handle: NodeHandle, forwarding: Arc<F
             }
         }
         let handle = handle.clone();
+        let tasks = forwarding.shutdown.clone();
         let forwarding = forwarding.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let handle = handle.clone();
                 let forwarding = forwarding.clone();
@@ -154,8 +153,8 @@ fn json<T: serde::Serialize>(value: T) -> Vec<u8> {
     serde_json::to_vec(&value).expect("API types serialise")
 }
 
-fn unavailable(e: String) -> RouteError {
-    (StatusCode::SERVICE_UNAVAILABLE, e)
+fn unavailable(e: crate::handle::ShuttingDown) -> RouteError {
+    (StatusCode::SERVICE_UNAVAILABLE, e.to_string())
 }
 
 fn respond(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
@@ -182,13 +181,11 @@ fn parse_count(query: &str) -> Result<u32, RouteError> {
 /// addresses, then the DHT), then `count` round trips of 32 random bytes.
 async fn ping(handle: &NodeHandle, peer: PeerId, count: u32) -> Result<api::PingReply, RouteError> {
     let unreachable = |e: String| (StatusCode::BAD_GATEWAY, format!("cannot reach {peer}: {e}"));
-    tokio::time::timeout(CONNECT_TIMEOUT, handle.request(|tx| Command::Connect(peer, tx)))
-        .await
-        .map_err(|_| unreachable("timed out".into()))?
-        .map_err(unavailable)?
-        .map_err(unreachable)?;
-    let mut control = handle.stream.clone();
-    let mut stream = control.open_stream(peer, PING_PROTOCOL).await.map_err(|e| unreachable(e.to_string()))?;
+    let mut stream = match handle.reach_and_open(peer, PING_PROTOCOL).await {
+        Ok(opened) => opened.stream,
+        Err(ReachError::ShuttingDown(e)) => return Err(unavailable(e)),
+        Err(e) => return Err((StatusCode::BAD_GATEWAY, e.to_string())),
+    };
     let mut rtts = Vec::new();
     for i in 0..count {
         if i > 0 {

@@ -110,7 +110,7 @@ impl EventLoop {
         policy: Arc<Mutex<Policy>>,
         listeners: impl IntoIterator<Item = ListenerId>,
     ) -> (Self, NodeHandle) {
-        let (handle, commands) = NodeHandle::new(*swarm.local_peer_id(), swarm.behaviour().stream.new_control());
+        let (handle, commands) = NodeHandle::new(*swarm.local_peer_id(), swarm.behaviour().forward.direct());
         let now = Instant::now();
         let event_loop = Self {
             swarm,
@@ -246,6 +246,7 @@ impl EventLoop {
             }
             Command::Find(peer, reply) => self.find(peer, reply),
             Command::Connect(peer, reply) => self.connect(peer, reply),
+            Command::OpenStream(peer, protocol, reply) => self.swarm.behaviour_mut().forward.open(peer, protocol, reply),
             Command::StoreChurn(count, reply) => {
                 let now = unix_now();
                 for _ in 0..count {

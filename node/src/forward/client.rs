@@ -8,18 +8,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use libp2p::{PeerId, Stream};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
-use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
-use warren_forward::{MAX_DATAGRAM, Request, Status, Transport};
+use tracing::Instrument;
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+use warren_forward::{MAX_DATAGRAM, Opened, Request, STREAM_PROTOCOL, Status, Transport};
 
-use super::{Active, Forward, Forwarding, Stats, splice, streams};
-use crate::handle::Command;
+use super::udp::{Datagrams, Source, udp_over_stream};
+use super::{Active, Forward, Forwarding, splice};
+use crate::handle::NodeHandle;
 
-/// Reaching the peer (dial, DHT lookup, dial) may take this long before a local connection is
-/// given up.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The peer must answer a request this soon.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Datagrams queued per UDP session before new ones are dropped (UDP's own answer to overload).
@@ -54,7 +52,8 @@ async fn run_tcp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, listener: T
         };
         let forwarding = forwarding.clone();
         let forward = forward.clone();
-        tokio::spawn(async move {
+        let tasks = forwarding.shutdown.clone();
+        tasks.spawn(async move {
             let _permit = permit;
             let stream = match open(&forwarding, &forward, Transport::Tcp).await {
                 Ok(stream) => stream,
@@ -74,7 +73,7 @@ async fn run_tcp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, listener: T
                     forward.stats.fail(format!("connection cut ({path} path): {e}"));
                 }
             }
-        });
+        }.in_current_span());
     }
 }
 
@@ -101,9 +100,9 @@ pub struct Spare {
 }
 
 impl Spare {
-    fn take(&self, opener: &streams::Opener, peer: &PeerId) -> Option<(Stream, bool)> {
+    fn take(&self, node: &NodeHandle, peer: &PeerId) -> Option<(Stream, bool)> {
         let (stream, relayed, opened) = self.ready.lock().unwrap().take()?;
-        (opened.elapsed() < SPARE_MAX_AGE && !(relayed && opener.has_direct(peer))).then_some((stream, relayed))
+        (opened.elapsed() < SPARE_MAX_AGE && !(relayed && node.has_direct(peer))).then_some((stream, relayed))
     }
 
     fn refill(forwarding: &Arc<Forwarding>, forward: &Arc<Forward>) {
@@ -111,12 +110,13 @@ impl Spare {
             return;
         }
         let (forwarding, forward) = (forwarding.clone(), forward.clone());
-        tokio::spawn(async move {
-            if let Ok((stream, relayed)) = forwarding.opener.open(forward.peer).await {
+        let tasks = forwarding.shutdown.clone();
+        tasks.spawn(async move {
+            if let Ok(Opened { stream, relayed }) = forwarding.node.open_stream(forward.peer, STREAM_PROTOCOL).await {
                 *forward.spare.ready.lock().unwrap() = Some((stream, relayed, Instant::now()));
             }
             forward.spare.refilling.store(false, Ordering::Release);
-        });
+        }.in_current_span());
     }
 }
 
@@ -126,7 +126,7 @@ impl Spare {
 async fn open(forwarding: &Arc<Forwarding>, forward: &Arc<Forward>, transport: Transport) -> Result<Compat<Stream>, String> {
     let peer = forward.peer;
     let request = Request::new(forward.spec.service.clone(), transport);
-    let spare = forward.spare.take(&forwarding.opener, &peer);
+    let spare = forward.spare.take(&forwarding.node, &peer);
     Spare::refill(forwarding, forward);
     // A spare whose connection has gone fails its request; a fresh stream is tried instead.
     let ready = match spare {
@@ -136,31 +136,13 @@ async fn open(forwarding: &Arc<Forwarding>, forward: &Arc<Forward>, transport: T
     let (stream, relayed) = match ready {
         Some(ready) => ready,
         None => {
-            let (mut stream, relayed) = open_fresh(forwarding, peer).await?;
+            let Opened { mut stream, relayed } = forwarding.node.reach_and_open(peer, STREAM_PROTOCOL).await.map_err(|e| e.to_string())?;
             warren_forward::write_request(&mut stream, &request).await.map_err(|e| format!("request failed: {e}"))?;
             (stream, relayed)
         }
     };
     *forward.stats.path.lock().unwrap() = Some(if relayed { "relayed" } else { "direct" }.to_string());
     Ok(stream.compat())
-}
-
-/// A new stream to the peer, and whether it is relayed. Connected already (the usual case): open
-/// at once. Otherwise reach the peer first (stored addresses, the DHT, relays) and try again.
-async fn open_fresh(forwarding: &Forwarding, peer: PeerId) -> Result<(Stream, bool), String> {
-    let opened = match forwarding.opener.open(peer).await {
-        Err(e) if e == streams::NOT_CONNECTED => {
-            let connected = tokio::time::timeout(CONNECT_TIMEOUT, forwarding.node.request(|tx| Command::Connect(peer, tx))).await;
-            match connected {
-                Err(_) => return Err(format!("cannot reach {peer}: timed out after {CONNECT_TIMEOUT:?}")),
-                Ok(Err(e)) | Ok(Ok(Err(e))) => return Err(format!("cannot reach {peer}: {e}")),
-                Ok(Ok(Ok(()))) => {}
-            }
-            forwarding.opener.open(peer).await
-        }
-        other => other,
-    };
-    opened.map_err(|e| format!("cannot open a stream to {peer}: {e}"))
 }
 
 /// Reads the peer's answer to a request: `Ok` if the service accepted, else the refusal as text.
@@ -199,7 +181,9 @@ async fn run_udp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, socket: Arc
         let _ = tx.try_send(datagram);
         sessions.lock().unwrap().insert(from, tx);
         let (forwarding, forward, socket, sessions) = (forwarding.clone(), forward.clone(), socket.clone(), sessions.clone());
-        tokio::spawn(async move {
+        let tasks = forwarding.shutdown.clone();
+        let span = tracing::info_span!("udp_session", %from);
+        tasks.spawn(async move {
             let _permit = permit;
             match open(&forwarding, &forward, Transport::Udp).await {
                 Ok(stream) => {
@@ -217,107 +201,6 @@ async fn run_udp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, socket: Arc
                 }
             }
             sessions.lock().unwrap().remove(&from);
-        });
-    }
-}
-
-/// The local end of a UDP session.
-pub struct Datagrams {
-    /// Where datagrams for the peer come from.
-    pub source: Source,
-    /// The socket replies go out of, and to whom (`None`: the socket is connected).
-    pub socket: Arc<UdpSocket>,
-    pub to: Option<SocketAddr>,
-}
-
-pub enum Source {
-    /// The exposing side: the socket connected to the service.
-    Socket,
-    /// The forwarding side: datagrams the forward's receive loop routed to this session.
-    Channel(mpsc::Receiver<Vec<u8>>),
-}
-
-/// Carries datagrams both ways between a local UDP endpoint and a stream until either side ends
-/// or nothing moves for `idle`. Each direction is its own loop, so no frame read is ever cut
-/// short by the other direction. The first datagram goes out at once, the rest after `answer`
-/// has read and judged the peer's answer (the opening side), which also comes before any
-/// datagram from the peer is passed on; a refusal ends the session with its reason.
-pub async fn udp_over_stream<S>(
-    local: Datagrams,
-    stream: S,
-    stats: &Stats,
-    idle: Duration,
-    answer: impl AsyncFnOnce(&mut Compat<tokio::io::ReadHalf<S>>) -> Result<(), String>,
-) -> Result<(), String>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    use futures::AsyncWriteExt as _;
-    let (r, w) = tokio::io::split(stream);
-    let (mut r, mut w) = (r.compat(), w.compat_write());
-    let started = tokio::time::Instant::now();
-    let last = std::sync::atomic::AtomicU64::new(0);
-    let touch = || last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-    let Datagrams { source, socket, to } = local;
-    let answered = tokio::sync::Notify::new();
-    let up = async {
-        let mut buf = vec![0u8; MAX_DATAGRAM];
-        let mut source = source;
-        // One datagram goes out ahead of the peer's answer (a DNS query, a WireGuard handshake);
-        // the rest wait for it, so early datagrams never pile up unread at the peer.
-        let mut ahead = true;
-        loop {
-            let n = match &mut source {
-                Source::Socket => match socket.recv(&mut buf).await {
-                    Ok(n) => n,
-                    Err(_) => continue,
-                },
-                Source::Channel(rx) => match rx.recv().await {
-                    Some(d) => {
-                        buf[..d.len()].copy_from_slice(&d);
-                        d.len()
-                    }
-                    None => break,
-                },
-            };
-            if warren_forward::write_datagram(&mut w, &buf[..n]).await.is_err() || w.flush().await.is_err() {
-                break;
-            }
-            stats.sent.fetch_add(n as u64, Ordering::Relaxed);
-            touch();
-            if std::mem::take(&mut ahead) {
-                answered.notified().await;
-            }
-        }
-    };
-    let down = async {
-        answer(&mut r).await?;
-        answered.notify_one();
-        let mut buf = vec![0u8; MAX_DATAGRAM];
-        while let Ok(Some(n)) = warren_forward::read_datagram(&mut r, &mut buf).await {
-            let _ = match to {
-                Some(to) => socket.send_to(&buf[..n], to).await,
-                None => socket.send(&buf[..n]).await,
-            };
-            stats.received.fetch_add(n as u64, Ordering::Relaxed);
-            touch();
-        }
-        Ok(())
-    };
-    let watchdog = async {
-        loop {
-            let idle_for = started.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
-            if idle_for >= idle {
-                break;
-            }
-            tokio::time::sleep(idle - idle_for).await;
-        }
-    };
-    tokio::pin!(down);
-    tokio::select! {
-        // The peer stopped taking datagrams: usually a refusal, whose answer says why.
-        _ = up => tokio::time::timeout(splice::ANSWER_GRACE, &mut down).await.unwrap_or(Ok(())),
-        ended = &mut down => ended,
-        _ = watchdog => Ok(()),
+        }.instrument(span));
     }
 }

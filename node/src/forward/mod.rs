@@ -1,6 +1,6 @@
 //! Port forwarding: services this node exposes to chosen peers ([`serve`]), and local ports
 //! forwarded to services on other peers ([`client`]), over `/warren/forward/1.0.0` streams
-//! ([`streams`], wire format in the `warren-forward` crate).
+//! (the `warren-forward` crate: wire format and the libp2p behaviour that carries the streams).
 //!
 //! Exposes and forwards come from the config file (`[[expose]]`, `[[forward]]`) and from the
 //! control API; those added through the API are kept in the store, so both survive restarts.
@@ -8,7 +8,7 @@
 pub mod client;
 pub mod serve;
 pub mod splice;
-pub mod streams;
+pub mod udp;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,9 +18,11 @@ use std::time::Duration;
 
 use libp2p::PeerId;
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use crate::api::{self, ExposeSpec, ForwardSpec};
 use crate::handle::NodeHandle;
+use crate::shutdown::Shutdown;
 
 /// Live counters of one expose or forward.
 #[derive(Default)]
@@ -84,8 +86,9 @@ pub struct Forward {
 /// control API.
 pub struct Forwarding {
     pub node: NodeHandle,
-    pub opener: streams::Opener,
     pub udp_idle: Duration,
+    /// Where every task of forwarding is spawned, so a shutdown ends them in order.
+    pub shutdown: Shutdown,
     exposes: Mutex<HashMap<String, Arc<Exposed>>>,
     forwards: Mutex<HashMap<SocketAddr, Arc<Forward>>>,
     saved: sled::Tree,
@@ -95,8 +98,8 @@ const EXPOSE_PREFIX: &str = "expose/";
 const FORWARD_PREFIX: &str = "forward/";
 
 impl Forwarding {
-    pub fn new(node: NodeHandle, opener: streams::Opener, udp_idle: Duration, saved: sled::Tree) -> Arc<Self> {
-        Arc::new(Self { node, opener, udp_idle, exposes: Mutex::default(), forwards: Mutex::default(), saved })
+    pub fn new(node: NodeHandle, udp_idle: Duration, saved: sled::Tree, shutdown: Shutdown) -> Arc<Self> {
+        Arc::new(Self { node, udp_idle, shutdown, exposes: Mutex::default(), forwards: Mutex::default(), saved })
     }
 
     /// Loads the config's entries, then those saved from the control API.
@@ -177,7 +180,7 @@ impl Forwarding {
         let bind_error = |e: std::io::Error| format!("cannot listen on {bind}: {e}");
         let (local, task) = if spec.udp {
             let socket = tokio::net::UdpSocket::bind(bind).await.map_err(bind_error)?;
-            splice::enlarge_udp_buffers(&socket);
+            udp::enlarge_udp_buffers(&socket);
             let local = socket.local_addr().map_err(bind_error)?;
             (local, client::Listener::Udp(socket))
         } else {
@@ -188,11 +191,15 @@ impl Forwarding {
         spec.bind = local.to_string();
         let (tx, rx) = tokio::sync::oneshot::channel::<Arc<Forward>>();
         let this = self.clone();
-        let handle = tokio::spawn(async move {
-            if let Ok(forward) = rx.await {
-                client::run(this, forward, task).await;
+        let span = tracing::info_span!("forward", %local, peer = %peer, service = %spec.service);
+        let handle = self.shutdown.spawn(
+            async move {
+                if let Ok(forward) = rx.await {
+                    client::run(this, forward, task).await;
+                }
             }
-        });
+            .instrument(span),
+        );
         let forward = Arc::new(Forward {
             permits: Arc::new(Semaphore::new(spec.max_connections)),
             spec: spec.clone(),

@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use futures::AsyncWriteExt as _;
 use libp2p::{PeerId, Stream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
+use tracing::Instrument;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 use warren_forward::{Reply, Status, Transport};
 
-use super::client::{Datagrams, Source, udp_over_stream};
+use super::udp::{self, Datagrams, Source, udp_over_stream};
 use super::{Active, Forwarding, splice};
 
 /// Forward streams served at once across all services; beyond it peers get "over capacity".
@@ -23,14 +24,16 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connecting to the exposed service may take this long.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn run(forwarding: Arc<Forwarding>, mut inbound: mpsc::Receiver<(PeerId, Stream)>) {
+pub async fn run(forwarding: Arc<Forwarding>, mut inbound: warren_forward::Incoming) {
     let permits = Arc::new(Semaphore::new(MAX_INBOUND_STREAMS));
     while let Some((peer, stream)) = inbound.recv().await {
         let permit = permits.clone().try_acquire_owned().ok();
         let forwarding = forwarding.clone();
-        tokio::spawn(async move {
+        let tasks = forwarding.shutdown.clone();
+        let span = tracing::info_span!("serve", peer = %peer);
+        tasks.spawn(async move {
             let have_capacity = permit.is_some();
-            serve(&forwarding, peer, stream, have_capacity).await;
+            serve(&forwarding, peer, stream, have_capacity).instrument(span).await;
             drop(permit);
         });
     }
@@ -118,7 +121,7 @@ async fn udp_upstream(target: &str) -> std::io::Result<tokio::net::UdpSocket> {
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address for the target"))?;
     let local: std::net::SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
     let socket = tokio::net::UdpSocket::bind(local).await?;
-    splice::enlarge_udp_buffers(&socket);
+    udp::enlarge_udp_buffers(&socket);
     socket.connect(addr).await?;
     Ok(socket)
 }

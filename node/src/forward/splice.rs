@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
-use warren_forward::{Chunk, END_OF_DATA};
+use warren_forward::{CHUNK_HEADER as HEADER, Chunk, MAX_CHUNK};
 
 /// Bytes read per direction per step: large enough for bulk throughput, small enough that 500
 /// connections cost 64 MiB at most.
 pub const BUFFER: usize = 64 * 1024;
-const HEADER: usize = 4;
+const _: () = assert!(BUFFER <= MAX_CHUNK, "one read is sent as one chunk");
 
 /// Local data a new connection may send before the peer has answered: its first flight (an
 /// HTTP request, a TLS ClientHello, an SSH banner) saves a round trip, and no more. Data sent
@@ -35,11 +35,11 @@ where
     loop {
         let n = tcp.read(&mut buf[HEADER..HEADER + limit]).await?;
         if n == 0 {
-            stream.write_all(&END_OF_DATA.to_be_bytes()).await?;
+            stream.write_all(&Chunk::End.encode()).await?;
             stream.shutdown().await?;
             return Ok(());
         }
-        buf[..HEADER].copy_from_slice(&(n as u32).to_be_bytes());
+        buf[..HEADER].copy_from_slice(&Chunk::Data(n).encode());
         stream.write_all(&buf[..HEADER + n]).await?;
         counter.fetch_add(n as u64, Ordering::Relaxed);
         if limit < BUFFER {
@@ -63,7 +63,7 @@ where
             ErrorKind::UnexpectedEof => Error::new(ErrorKind::ConnectionReset, "the peer's side was reset"),
             _ => e,
         })?;
-        let mut left = match warren_forward::decode_chunk_header(header) {
+        let mut left = match Chunk::decode(header) {
             Ok(Chunk::End) => {
                 tcp.shutdown().await?;
                 return Ok(());
@@ -176,14 +176,4 @@ pub fn listen_tcp(bind: std::net::SocketAddr) -> std::io::Result<tokio::net::Tcp
     socket.set_reuseaddr(true)?;
     socket.bind(bind)?;
     socket.listen(LISTEN_BACKLOG)
-}
-
-/// Socket buffer asked for on forwarding UDP sockets: bursts from a fast sender queue here rather
-/// than being dropped by the kernel (the kernel caps it at net.core.rmem_max).
-const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
-
-pub fn enlarge_udp_buffers(socket: &tokio::net::UdpSocket) {
-    let sock = socket2::SockRef::from(socket);
-    let _ = sock.set_recv_buffer_size(UDP_SOCKET_BUFFER);
-    let _ = sock.set_send_buffer_size(UDP_SOCKET_BUFFER);
 }

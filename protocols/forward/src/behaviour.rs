@@ -1,0 +1,193 @@
+//! The forward protocol's libp2p behaviour: inbound `/warren/forward/1.0.0` streams on every
+//! connection, queued for the node's serving task; outbound streams of any protocol opened on
+//! request on a connection already open.
+//!
+//! A small behaviour of our own rather than `libp2p-stream`, for two reasons that matter under
+//! load: `libp2p-stream` drops inbound streams its single-slot channel cannot take at once, and
+//! negotiates one outbound stream per connection at a time. Here inbound streams queue in a
+//! bounded channel (a full queue refuses the stream, which the opener sees as a reset), and any
+//! number of outbound negotiations run concurrently, each answered on its own reply channel.
+//! Opening prefers a direct connection over a relayed one.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use libp2p::{
+    Multiaddr, PeerId, Stream, StreamProtocol,
+    core::{Endpoint, transport::PortUse},
+    multiaddr::Protocol,
+    swarm::{
+        ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, NotifyHandler, THandler, THandlerInEvent,
+        THandlerOutEvent, ToSwarm,
+    },
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::handler::{Handler, Open};
+
+/// The protocol id as libp2p negotiates it.
+pub const STREAM_PROTOCOL: StreamProtocol = StreamProtocol::new(crate::PROTOCOL);
+/// Inbound streams waiting for the serving task; beyond this they are refused. Sized for a burst
+/// of new connections on every forward at once, while the serving task spawns one task each.
+pub const INBOUND_QUEUE: usize = 1024;
+
+/// Inbound forward streams, in arrival order, with the peer that opened each.
+pub type Incoming = mpsc::Receiver<(PeerId, Stream)>;
+
+/// An outbound stream, and whether it runs over a relayed connection.
+#[derive(Debug)]
+pub struct Opened {
+    pub stream: Stream,
+    pub relayed: bool,
+}
+
+/// Why a stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// No connection to the peer is open: connect first, then ask again.
+    #[error("not connected to the peer")]
+    NotConnected,
+    /// The connection closed (or the node stopped) before the stream was open.
+    #[error("the connection closed while opening the stream")]
+    ConnectionClosed,
+    /// The peer does not speak the protocol.
+    #[error("the peer does not accept {0} streams")]
+    Unsupported(StreamProtocol),
+    /// Negotiating the stream failed (timed out, or the connection failed under it).
+    #[error("opening the stream failed: {0}")]
+    Failed(String),
+}
+
+/// Where the answer to one open request goes.
+pub type Reply = oneshot::Sender<Result<Opened, OpenError>>;
+
+/// The peers that have a direct (not relayed) connection now, kept by the behaviour and read by
+/// anyone holding a clone.
+#[derive(Debug, Clone, Default)]
+pub struct Direct(Arc<Mutex<HashSet<PeerId>>>);
+
+impl Direct {
+    pub fn contains(&self, peer: &PeerId) -> bool {
+        self.0.lock().expect("direct set lock").contains(peer)
+    }
+
+    fn set(&self, peer: PeerId, direct: bool) {
+        let mut set = self.0.lock().expect("direct set lock");
+        if direct {
+            set.insert(peer);
+        } else {
+            set.remove(&peer);
+        }
+    }
+}
+
+pub struct Behaviour {
+    inbound: mpsc::Sender<(PeerId, Stream)>,
+    /// Each peer's connections, oldest first, and whether each is relayed.
+    connections: HashMap<PeerId, Vec<(ConnectionId, bool)>>,
+    direct: Direct,
+    events: VecDeque<ToSwarm<(), Open>>,
+}
+
+impl Behaviour {
+    /// The behaviour, and the queue of inbound streams it accepts.
+    pub fn new() -> (Self, Incoming) {
+        let (inbound, incoming) = mpsc::channel(INBOUND_QUEUE);
+        let behaviour = Self { inbound, connections: HashMap::new(), direct: Direct::default(), events: VecDeque::new() };
+        (behaviour, incoming)
+    }
+
+    /// Which peers have a direct connection now.
+    pub fn direct(&self) -> Direct {
+        self.direct.clone()
+    }
+
+    /// Opens a stream of `protocol` to `peer` on its newest direct connection, else its newest
+    /// relayed one; the stream (or why not) arrives on `reply`. Never dials.
+    pub fn open(&mut self, peer: PeerId, protocol: StreamProtocol, reply: Reply) {
+        let chosen = self.connections.get(&peer).and_then(|list| {
+            list.iter().rev().find(|(_, relayed)| !relayed).or_else(|| list.last()).map(|(id, _)| *id)
+        });
+        match chosen {
+            Some(connection) => self.events.push_back(ToSwarm::NotifyHandler {
+                peer_id: peer,
+                handler: NotifyHandler::One(connection),
+                event: Open { protocol, reply },
+            }),
+            None => {
+                let _ = reply.send(Err(OpenError::NotConnected));
+            }
+        }
+    }
+
+    fn add_connection(&mut self, peer: PeerId, connection: ConnectionId, addr: &Multiaddr) -> Handler {
+        let relayed = is_relayed(addr);
+        self.connections.entry(peer).or_default().push((connection, relayed));
+        self.update_direct(peer);
+        Handler::new(peer, relayed, self.inbound.clone())
+    }
+
+    fn update_direct(&self, peer: PeerId) {
+        let direct = self.connections.get(&peer).is_some_and(|list| list.iter().any(|(_, relayed)| !relayed));
+        self.direct.set(peer, direct);
+    }
+}
+
+impl NetworkBehaviour for Behaviour {
+    type ConnectionHandler = Handler;
+    type ToSwarm = ();
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        connection: ConnectionId,
+        peer: PeerId,
+        local: &Multiaddr,
+        remote: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        // An inbound relayed connection shows the circuit in its local address (the relay
+        // listener it arrived on); its remote address is just the peer's id.
+        let addr = if is_relayed(local) { local } else { remote };
+        Ok(self.add_connection(peer, connection, addr))
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        connection: ConnectionId,
+        peer: PeerId,
+        addr: &Multiaddr,
+        _role: Endpoint,
+        _port_use: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(self.add_connection(peer, connection, addr))
+    }
+
+    fn on_swarm_event(&mut self, event: FromSwarm) {
+        if let FromSwarm::ConnectionClosed(closed) = event {
+            if let Some(list) = self.connections.get_mut(&closed.peer_id) {
+                list.retain(|(id, _)| *id != closed.connection_id);
+                if list.is_empty() {
+                    self.connections.remove(&closed.peer_id);
+                }
+            }
+            self.update_direct(closed.peer_id);
+        }
+    }
+
+    fn on_connection_handler_event(&mut self, _: PeerId, _: ConnectionId, event: THandlerOutEvent<Self>) {
+        libp2p::core::util::unreachable(event)
+    }
+
+    fn poll(&mut self, _cx: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        // Requests arrive through `open`, called by the swarm's owner, who polls the swarm
+        // right after: no waker is needed.
+        match self.events.pop_front() {
+            Some(event) => Poll::Ready(event),
+            None => Poll::Pending,
+        }
+    }
+}
+
+fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}

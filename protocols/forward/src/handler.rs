@@ -1,0 +1,106 @@
+//! The per-connection half of [`crate::Behaviour`]: accepts inbound forward streams into the
+//! node's queue, and negotiates the outbound streams the behaviour asks for, each carrying its
+//! own reply channel through the negotiation.
+
+use std::collections::VecDeque;
+use std::task::{Context, Poll};
+
+use libp2p::{
+    PeerId, Stream, StreamProtocol,
+    core::upgrade::ReadyUpgrade,
+    swarm::{
+        ConnectionHandler, ConnectionHandlerEvent, StreamUpgradeError, SubstreamProtocol,
+        handler::{ConnectionEvent, DialUpgradeError, FullyNegotiatedInbound, FullyNegotiatedOutbound},
+    },
+};
+use tokio::sync::mpsc;
+
+use crate::behaviour::{INBOUND_QUEUE, OpenError, Opened, Reply, STREAM_PROTOCOL};
+
+/// A request to open one outbound stream.
+#[derive(Debug)]
+pub struct Open {
+    pub(crate) protocol: StreamProtocol,
+    pub(crate) reply: Reply,
+}
+
+pub struct Handler {
+    peer: PeerId,
+    relayed: bool,
+    inbound: mpsc::Sender<(PeerId, Stream)>,
+    /// Requests not yet handed to the connection.
+    to_open: VecDeque<Open>,
+    /// Outbound negotiations running.
+    negotiating: usize,
+}
+
+impl Handler {
+    pub(crate) fn new(peer: PeerId, relayed: bool, inbound: mpsc::Sender<(PeerId, Stream)>) -> Self {
+        Self { peer, relayed, inbound, to_open: VecDeque::new(), negotiating: 0 }
+    }
+}
+
+impl ConnectionHandler for Handler {
+    type FromBehaviour = Open;
+    type ToBehaviour = std::convert::Infallible;
+    type InboundProtocol = ReadyUpgrade<StreamProtocol>;
+    type OutboundProtocol = ReadyUpgrade<StreamProtocol>;
+    type InboundOpenInfo = ();
+    /// The request's protocol (for the error) and where its answer goes.
+    type OutboundOpenInfo = (StreamProtocol, Reply);
+
+    fn listen_protocol(&self) -> SubstreamProtocol<Self::InboundProtocol> {
+        SubstreamProtocol::new(ReadyUpgrade::new(STREAM_PROTOCOL), ())
+    }
+
+    fn connection_keep_alive(&self) -> bool {
+        !self.to_open.is_empty() || self.negotiating > 0
+    }
+
+    fn poll(
+        &mut self,
+        _cx: &mut Context<'_>,
+    ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, Self::OutboundOpenInfo, Self::ToBehaviour>> {
+        match self.to_open.pop_front() {
+            Some(Open { protocol, reply }) => {
+                self.negotiating += 1;
+                Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest {
+                    protocol: SubstreamProtocol::new(ReadyUpgrade::new(protocol.clone()), (protocol, reply)),
+                })
+            }
+            None => Poll::Pending,
+        }
+    }
+
+    fn on_behaviour_event(&mut self, open: Open) {
+        self.to_open.push_back(open);
+    }
+
+    fn on_connection_event(
+        &mut self,
+        event: ConnectionEvent<Self::InboundProtocol, Self::OutboundProtocol, (), Self::OutboundOpenInfo>,
+    ) {
+        match event {
+            ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound { protocol: stream, .. }) => {
+                if self.inbound.try_send((self.peer, stream)).is_err() {
+                    tracing::warn!(peer = %self.peer, "forward stream refused: {INBOUND_QUEUE} streams already waiting");
+                }
+            }
+            ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound { protocol: stream, info: (_, reply) }) => {
+                self.negotiating = self.negotiating.saturating_sub(1);
+                let _ = reply.send(Ok(Opened { stream, relayed: self.relayed }));
+            }
+            ConnectionEvent::DialUpgradeError(DialUpgradeError { info: (protocol, reply), error }) => {
+                self.negotiating = self.negotiating.saturating_sub(1);
+                let error = match error {
+                    StreamUpgradeError::NegotiationFailed => OpenError::Unsupported(protocol),
+                    StreamUpgradeError::Timeout => OpenError::Failed("negotiation timed out".into()),
+                    StreamUpgradeError::Io(e) => OpenError::Failed(e.to_string()),
+                    StreamUpgradeError::Apply(never) => libp2p::core::util::unreachable(never),
+                };
+                let _ = reply.send(Err(error));
+            }
+            _ => {}
+        }
+    }
+}
