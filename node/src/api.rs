@@ -265,25 +265,56 @@ pub struct ForwardSpec {
     pub max_connections: usize,
 }
 
+/// What is wrong with an expose or forward spec.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The service name breaks the protocol's rules.
+    #[error("{reason} (got {name:?})")]
+    ServiceName { name: String, reason: String },
+    /// The expose target is not `HOST:PORT` with a port from 1 to 65535.
+    #[error("target {0:?} must be HOST:PORT, e.g. 127.0.0.1:8080")]
+    Target(String),
+    /// An entry of the allow-list is not a PeerId.
+    #[error("allowed peer {0:?} is not a PeerId")]
+    AllowedPeer(String),
+    /// Neither an allow-list nor `allow_any`: the service would be useless.
+    #[error("service {0:?} would allow nobody: name peers with --allow PEERID, or pass --allow-any to allow every peer")]
+    AllowsNobody(String),
+    /// The forward's local bind address is not `IP:PORT`.
+    #[error("bind address {0:?} must be IP:PORT")]
+    Bind(String),
+    /// The forward's peer is not a PeerId.
+    #[error("{0:?} is not a PeerId")]
+    Peer(String),
+    /// `max_connections` out of range.
+    #[error("max_connections {0} must be between 1 and {MAX_CONNECTIONS_LIMIT}")]
+    MaxConnections(usize),
+}
+
+/// Largest `max_connections` of one expose or forward: each connection may hold a socket, a
+/// stream and 128 KiB of buffers.
+pub const MAX_CONNECTIONS_LIMIT: usize = 65_536;
+
+fn check_service(name: &str) -> Result<(), SpecError> {
+    warren_forward::validate_service_name(name).map_err(|reason| SpecError::ServiceName { name: name.to_string(), reason })
+}
+
 impl ExposeSpec {
-    pub fn validate(&self) -> Result<Vec<PeerId>, String> {
-        warren_forward::validate_service_name(&self.name).map_err(|e| format!("{e} (got {:?})", self.name))?;
+    pub fn validate(&self) -> Result<Vec<PeerId>, SpecError> {
+        check_service(&self.name)?;
         let port_ok = self.target.rsplit_once(':').is_some_and(|(host, port)| {
             !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
         });
         if !port_ok {
-            return Err(format!("target {:?} must be HOST:PORT, e.g. 127.0.0.1:8080", self.target));
+            return Err(SpecError::Target(self.target.clone()));
         }
         let allow = self
             .allow
             .iter()
-            .map(|p| p.parse::<PeerId>().map_err(|_| format!("allowed peer {p:?} is not a PeerId")))
+            .map(|p| p.parse::<PeerId>().map_err(|_| SpecError::AllowedPeer(p.clone())))
             .collect::<Result<Vec<_>, _>>()?;
         if allow.is_empty() && !self.allow_any {
-            return Err(format!(
-                "service {:?} would allow nobody: name peers with --allow PEERID, or pass --allow-any to allow every peer",
-                self.name
-            ));
+            return Err(SpecError::AllowsNobody(self.name.clone()));
         }
         check_max(self.max_connections)?;
         Ok(allow)
@@ -291,19 +322,15 @@ impl ExposeSpec {
 }
 
 impl ForwardSpec {
-    pub fn validate(&self) -> Result<(SocketAddr, PeerId), String> {
-        let bind = self.bind.parse::<SocketAddr>().map_err(|_| format!("bind address {:?} must be IP:PORT", self.bind))?;
-        let peer = self.peer.parse::<PeerId>().map_err(|_| format!("{:?} is not a PeerId", self.peer))?;
-        warren_forward::validate_service_name(&self.service).map_err(|e| format!("{e} (got {:?})", self.service))?;
+    pub fn validate(&self) -> Result<(SocketAddr, PeerId), SpecError> {
+        let bind = self.bind.parse::<SocketAddr>().map_err(|_| SpecError::Bind(self.bind.clone()))?;
+        let peer = self.peer.parse::<PeerId>().map_err(|_| SpecError::Peer(self.peer.clone()))?;
+        check_service(&self.service)?;
         check_max(self.max_connections)?;
         Ok((bind, peer))
     }
 }
 
-fn check_max(max: usize) -> Result<(), String> {
-    if (1..=65_536).contains(&max) {
-        Ok(())
-    } else {
-        Err(format!("max_connections {max} must be between 1 and 65536"))
-    }
+fn check_max(max: usize) -> Result<(), SpecError> {
+    if (1..=MAX_CONNECTIONS_LIMIT).contains(&max) { Ok(()) } else { Err(SpecError::MaxConnections(max)) }
 }

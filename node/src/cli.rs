@@ -325,7 +325,7 @@ async fn run(cli: Cli) -> Result<(), UserError> {
         }
         Command::Expose { name, target, allow, allow_any, udp, max_connections } => {
             let spec = ExposeSpec { name, target, allow: allow.iter().map(|p| p.to_string()).collect(), allow_any, udp, max_connections };
-            spec.validate().map_err(UserError::bad_input)?;
+            spec.validate().map_err(|e| UserError::bad_input(e.to_string()))?;
             let info: api::ExposeInfo = client.post_json("/v1/exposes", &spec, quick).await?;
             output(cli.json, &info, |i| format!("exposing {} -> {}", i.name, i.target));
             Ok(())

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 /// How a command failed, which decides its exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
+pub enum ExitKind {
     /// The operation ran and failed (peer unreachable, not found, ...). Exit code 1.
     Operation,
     /// A value the user gave is wrong (flag, config file, data dir). Exit code 2, like clap.
@@ -14,12 +14,12 @@ pub enum Failure {
     NotRunning,
 }
 
-impl Failure {
+impl ExitKind {
     pub fn exit_code(self) -> ExitCode {
         match self {
-            Failure::Operation => ExitCode::from(1),
-            Failure::BadInput => ExitCode::from(2),
-            Failure::NotRunning => ExitCode::from(3),
+            ExitKind::Operation => ExitCode::from(1),
+            ExitKind::BadInput => ExitCode::from(2),
+            ExitKind::NotRunning => ExitCode::from(3),
         }
     }
 }
@@ -28,21 +28,21 @@ impl Failure {
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct UserError {
-    pub kind: Failure,
+    pub kind: ExitKind,
     pub message: String,
 }
 
 impl UserError {
     pub fn bad_input(message: impl Into<String>) -> Self {
-        Self { kind: Failure::BadInput, message: message.into() }
+        Self { kind: ExitKind::BadInput, message: message.into() }
     }
 
     pub fn operation(message: impl Into<String>) -> Self {
-        Self { kind: Failure::Operation, message: message.into() }
+        Self { kind: ExitKind::Operation, message: message.into() }
     }
 
     pub fn not_running(message: impl Into<String>) -> Self {
-        Self { kind: Failure::NotRunning, message: message.into() }
+        Self { kind: ExitKind::NotRunning, message: message.into() }
     }
 }
 

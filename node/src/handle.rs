@@ -22,13 +22,26 @@ pub enum Command {
     Peers(oneshot::Sender<Vec<api::PeerEntry>>),
     /// Looks a peer up in the DHT.
     Find(PeerId, oneshot::Sender<api::FindReply>),
-    /// Makes sure we have a connection to the peer: stored addresses, then a DHT lookup. The
-    /// error says why the peer could not be reached.
-    Connect(PeerId, oneshot::Sender<Result<(), String>>),
+    /// Makes sure we have a connection to the peer: stored addresses, then a DHT lookup.
+    Connect(PeerId, oneshot::Sender<Result<(), ConnectError>>),
     /// Opens a stream on a connection to the peer that is already open (never dials).
     OpenStream(PeerId, StreamProtocol, oneshot::Sender<Result<Opened, OpenError>>),
     /// Adds synthetic records to the peer store (diagnostics and crash tests).
     StoreChurn(u32, oneshot::Sender<api::ChurnReply>),
+}
+
+/// Why the event loop could not connect to a peer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConnectError {
+    /// The PeerId is this node's own.
+    #[error("that is this node's own PeerId")]
+    OwnPeerId,
+    /// No lookup found the peer, and no address of it is known.
+    #[error("the peer is not in the DHT and no address of it is known")]
+    NotFound,
+    /// Every address found was dialed and failed; the text is the last dial error.
+    #[error("{0}")]
+    DialFailed(String),
 }
 
 /// The event loop is gone: the node is shutting down.
@@ -45,9 +58,9 @@ pub enum ReachError {
     /// Reaching the peer took longer than [`CONNECT_TIMEOUT`].
     #[error("cannot reach {peer}: timed out after {CONNECT_TIMEOUT:?}")]
     TimedOut { peer: PeerId },
-    /// No address of the peer led to it (the reason names the last failure).
+    /// No address of the peer led to it.
     #[error("cannot reach {peer}: {reason}")]
-    Unreachable { peer: PeerId, reason: String },
+    Unreachable { peer: PeerId, reason: ConnectError },
     /// Connected, but the stream could not be opened.
     #[error("cannot open a stream to {peer}: {source}")]
     Open { peer: PeerId, source: OpenError },
@@ -82,11 +95,8 @@ impl NodeHandle {
     }
 
     /// Opens a stream on a connection already open ([`OpenError::NotConnected`] otherwise).
-    pub async fn open_stream(&self, peer: PeerId, protocol: StreamProtocol) -> Result<Opened, OpenError> {
-        match self.request(|tx| Command::OpenStream(peer, protocol, tx)).await {
-            Ok(result) => result,
-            Err(ShuttingDown) => Err(OpenError::ConnectionClosed),
-        }
+    pub async fn open_stream(&self, peer: PeerId, protocol: StreamProtocol) -> Result<Result<Opened, OpenError>, ShuttingDown> {
+        self.request(|tx| Command::OpenStream(peer, protocol, tx)).await
     }
 
     /// Makes sure a connection to the peer is open, reaching it if needed (within
@@ -103,10 +113,10 @@ impl NodeHandle {
     /// A stream of `protocol` to the peer. Connected already (the usual case): opened at once.
     /// Otherwise the peer is reached first (stored addresses, the DHT, relays).
     pub async fn reach_and_open(&self, peer: PeerId, protocol: StreamProtocol) -> Result<Opened, ReachError> {
-        let opened = match self.open_stream(peer, protocol.clone()).await {
+        let opened = match self.open_stream(peer, protocol.clone()).await? {
             Err(OpenError::NotConnected) => {
                 self.connect(peer).await?;
-                self.open_stream(peer, protocol).await
+                self.open_stream(peer, protocol).await?
             }
             other => other,
         };

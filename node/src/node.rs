@@ -74,7 +74,7 @@ pub async fn up(data_dir: &Path, mut config: Config) -> Result<(), UserError> {
     let event_loop = event_loop.with_meter(built.meter);
     let shutdown = Shutdown::new();
     let forwarding = Forwarding::new(handle.clone(), udp_idle, store.tree("forwarding")?, shutdown.clone());
-    forwarding.restore(&exposes, &forwards).await.map_err(UserError::bad_input)?;
+    forwarding.restore(&exposes, &forwards).await.map_err(|e| UserError::bad_input(e.to_string()))?;
     shutdown.spawn(crate::forward::serve::run(forwarding.clone(), built.inbound));
     if let Some(metrics) = metrics {
         shutdown.spawn(crate::metrics::serve(metrics, handle.clone(), forwarding.clone()));

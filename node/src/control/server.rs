@@ -20,7 +20,7 @@ use crate::api;
 use crate::handle::{Command, NodeHandle, ReachError};
 use crate::error::UserError;
 use crate::api::{ExposeSpec, ForwardSpec};
-use crate::forward::Forwarding;
+use crate::forward::{Forwarding, ForwardingError};
 
 /// Control connections served at once; more wait in the socket's backlog.
 const MAX_CONTROL_CONNECTIONS: usize = 32;
@@ -96,17 +96,23 @@ async fn route(req: Request<Incoming>, handle: NodeHandle, forwarding: Arc<Forwa
         Ok(body) => body.to_bytes(),
         Err(_) => return respond(StatusCode::PAYLOAD_TOO_LARGE, json(api::ApiError { error: "request body too large".into() })),
     };
-    let bad = |e: String| (StatusCode::BAD_REQUEST, e);
+    // "No such expose/forward" is a 404; everything else wrong with a request is a 400.
+    let refused = |e: ForwardingError| {
+        let status = if e.is_not_found() { StatusCode::NOT_FOUND } else { StatusCode::BAD_REQUEST };
+        (status, e.to_string())
+    };
     let result = match (&method, segments.as_slice()) {
         (&Method::GET, ["v1", "exposes"]) => Ok(json(forwarding.exposes())),
-        (&Method::POST, ["v1", "exposes"]) => parse_body::<ExposeSpec>(&body).and_then(|spec| forwarding.expose(spec, false).map(json).map_err(bad)),
-        (&Method::DELETE, ["v1", "exposes", name]) => forwarding.unexpose(name).map(|_| json(())).map_err(|e| (StatusCode::NOT_FOUND, e)),
+        (&Method::POST, ["v1", "exposes"]) => {
+            parse_body::<ExposeSpec>(&body).and_then(|spec| forwarding.expose(spec, false).map(json).map_err(refused))
+        }
+        (&Method::DELETE, ["v1", "exposes", name]) => forwarding.unexpose(name).map(|_| json(())).map_err(refused),
         (&Method::GET, ["v1", "forwards"]) => Ok(json(forwarding.forwards())),
         (&Method::POST, ["v1", "forwards"]) => match parse_body::<ForwardSpec>(&body) {
-            Ok(spec) => forwarding.forward(spec, false).await.map(json).map_err(bad),
+            Ok(spec) => forwarding.forward(spec, false).await.map(json).map_err(refused),
             Err(e) => Err(e),
         },
-        (&Method::DELETE, ["v1", "forwards", bind]) => forwarding.unforward(bind).map(|_| json(())).map_err(|e| (StatusCode::NOT_FOUND, e)),
+        (&Method::DELETE, ["v1", "forwards", bind]) => forwarding.unforward(bind).map(|_| json(())).map_err(refused),
         (_, rest) => route_node(rest, &query, &handle).await,
     };
     match result {

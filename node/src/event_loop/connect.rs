@@ -11,6 +11,7 @@ use super::EventLoop;
 use super::dht::{Dht, peer_key};
 use crate::addresses::without_p2p;
 use crate::dial_gate::refusal_in;
+use crate::handle::ConnectError;
 use crate::peer_record::unix_now;
 
 /// Re-dials of one peer after wrong-peer answers, until it connects: each drops the address
@@ -31,18 +32,18 @@ pub(super) struct ConnectAttempt {
     /// DHT lookups still running (closest peers in both DHTs, providers of the peer's own key).
     pub(super) lookups: u8,
     /// Why the last dial failed, reported if the lookups find nothing better.
-    pub(super) last_error: Option<String>,
-    pub(super) waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    pub(super) last_error: Option<ConnectError>,
+    pub(super) waiters: Vec<oneshot::Sender<Result<(), ConnectError>>>,
 }
 
 impl EventLoop {
-    pub(super) fn connect(&mut self, peer: PeerId, reply: oneshot::Sender<Result<(), String>>) {
+    pub(super) fn connect(&mut self, peer: PeerId, reply: oneshot::Sender<Result<(), ConnectError>>) {
         if self.swarm.is_connected(&peer) {
             let _ = reply.send(Ok(()));
             return;
         }
         if peer == *self.swarm.local_peer_id() {
-            let _ = reply.send(Err("that is this node's own PeerId".into()));
+            let _ = reply.send(Err(ConnectError::OwnPeerId));
             return;
         }
         if let Some(attempt) = self.connects.get_mut(&peer) {
@@ -96,11 +97,11 @@ impl EventLoop {
             let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(addrs).extend_addresses_through_behaviour().build());
         } else if attempt.lookups == 0 && matches!(attempt.stage, ConnectStage::LookingUp) {
             let error = attempt.last_error.take();
-            self.finish_connect(&peer, Err(error.unwrap_or_else(|| "the peer is not in the DHT and no address of it is known".into())));
+            self.finish_connect(&peer, Err(error.unwrap_or(ConnectError::NotFound)));
         }
     }
 
-    pub(super) fn finish_connect(&mut self, peer: &PeerId, result: Result<(), String>) {
+    pub(super) fn finish_connect(&mut self, peer: &PeerId, result: Result<(), ConnectError>) {
         if let Some(attempt) = self.connects.remove(peer) {
             for waiter in attempt.waiters {
                 let _ = waiter.send(result.clone());
@@ -177,9 +178,9 @@ impl EventLoop {
             // Another lookup may still bring an address that works (a relayed one, say).
             ConnectStage::DialingFound if attempt.lookups > 0 => {
                 attempt.stage = ConnectStage::LookingUp;
-                attempt.last_error = Some(format!("cannot reach the peer: {error}"));
+                attempt.last_error = Some(ConnectError::DialFailed(error.to_string()));
             }
-            ConnectStage::DialingFound => self.finish_connect(&peer, Err(format!("cannot reach the peer: {error}"))),
+            ConnectStage::DialingFound => self.finish_connect(&peer, Err(ConnectError::DialFailed(error.to_string()))),
             ConnectStage::LookingUp => {}
         }
     }

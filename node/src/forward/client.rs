@@ -63,11 +63,11 @@ async fn run_tcp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, listener: T
             let answer = async |r: &mut tokio::io::ReadHalf<Compat<Stream>>| accepted(&mut r.compat()).await;
             match splice::tcp_opened(tcp, stream, &forward.stats.sent, &forward.stats.received, answer).await {
                 Ok(()) => {}
-                Err(splice::Failure::Refused(e)) => {
+                Err(splice::SpliceError::Refused(e)) => {
                     tracing::warn!(peer = %forward.peer, service = %forward.spec.service, error = %e, "forward refused");
                     forward.stats.fail(e);
                 }
-                Err(splice::Failure::Cut(e)) => {
+                Err(splice::SpliceError::Cut(e)) => {
                     let path = forward.stats.path.lock().unwrap().clone().unwrap_or_default();
                     tracing::info!(peer = %forward.peer, %path, error = %e, "forwarded connection cut");
                     forward.stats.fail(format!("connection cut ({path} path): {e}"));
@@ -112,7 +112,7 @@ impl Spare {
         let (forwarding, forward) = (forwarding.clone(), forward.clone());
         let tasks = forwarding.shutdown.clone();
         tasks.spawn(async move {
-            if let Ok(Opened { stream, relayed }) = forwarding.node.open_stream(forward.peer, STREAM_PROTOCOL).await {
+            if let Ok(Ok(Opened { stream, relayed })) = forwarding.node.open_stream(forward.peer, STREAM_PROTOCOL).await {
                 *forward.spare.ready.lock().unwrap() = Some((stream, relayed, Instant::now()));
             }
             forward.spare.refilling.store(false, Ordering::Release);

@@ -20,7 +20,7 @@ use libp2p::PeerId;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use crate::api::{self, ExposeSpec, ForwardSpec};
+use crate::api::{self, ExposeSpec, ForwardSpec, SpecError};
 use crate::handle::NodeHandle;
 use crate::shutdown::Shutdown;
 
@@ -94,6 +94,39 @@ pub struct Forwarding {
     saved: sled::Tree,
 }
 
+/// Why an expose or forward could not be added, removed or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardingError {
+    /// The spec is invalid.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// Something is forwarded from that local address already.
+    #[error("{0} is already forwarded; remove it first with `warren unforward {0}`")]
+    AlreadyForwarded(SocketAddr),
+    /// The local address cannot be bound.
+    #[error("cannot listen on {bind}: {source}")]
+    Listen { bind: SocketAddr, source: std::io::Error },
+    /// `unforward` was given something that is not `IP:PORT`.
+    #[error("{0:?} is not IP:PORT")]
+    BadAddress(String),
+    /// Nothing to remove: no such service is exposed.
+    #[error("no service named {0:?} is exposed")]
+    NotExposed(String),
+    /// Nothing to remove: nothing is forwarded from that address.
+    #[error("nothing is forwarded from {0}")]
+    NotForwarded(SocketAddr),
+    /// An entry of the config file (`[[expose]]`, `[[forward]]`) could not be set up.
+    #[error("{entry}: {source}")]
+    Config { entry: String, source: Box<ForwardingError> },
+}
+
+impl ForwardingError {
+    /// Whether the error is "there is no such thing" (rather than a bad request).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::NotExposed(_) | Self::NotForwarded(_))
+    }
+}
+
 const EXPOSE_PREFIX: &str = "expose/";
 const FORWARD_PREFIX: &str = "forward/";
 
@@ -103,24 +136,27 @@ impl Forwarding {
     }
 
     /// Loads the config's entries, then those saved from the control API.
-    pub async fn restore(self: &Arc<Self>, exposes: &[ExposeSpec], forwards: &[ForwardSpec]) -> Result<(), String> {
+    pub async fn restore(self: &Arc<Self>, exposes: &[ExposeSpec], forwards: &[ForwardSpec]) -> Result<(), ForwardingError> {
+        let config = |entry: String| move |e| ForwardingError::Config { entry, source: Box::new(e) };
         for spec in exposes {
-            self.expose(spec.clone(), true).map_err(|e| format!("[[expose]] {:?}: {e}", spec.name))?;
+            self.expose(spec.clone(), true).map_err(config(format!("[[expose]] {:?}", spec.name)))?;
         }
         for spec in forwards {
-            self.forward(spec.clone(), true).await.map_err(|e| format!("[[forward]] {:?}: {e}", spec.bind))?;
+            self.forward(spec.clone(), true).await.map_err(config(format!("[[forward]] {:?}", spec.bind)))?;
         }
         for (key, value) in self.saved.iter().flatten() {
             let key = String::from_utf8_lossy(&key).to_string();
             let restored = if key.starts_with(EXPOSE_PREFIX) {
                 match serde_json::from_slice::<ExposeSpec>(&value) {
-                    Ok(spec) if !self.exposes.lock().unwrap().contains_key(&spec.name) => self.expose(spec, false).map(|_| ()),
+                    Ok(spec) if !self.exposes.lock().unwrap().contains_key(&spec.name) => {
+                        self.expose(spec, false).map(|_| ()).map_err(|e| e.to_string())
+                    }
                     Ok(_) => Ok(()),
                     Err(e) => Err(e.to_string()),
                 }
             } else {
                 match serde_json::from_slice::<ForwardSpec>(&value) {
-                    Ok(spec) => self.forward(spec, false).await.map(|_| ()),
+                    Ok(spec) => self.forward(spec, false).await.map(|_| ()).map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
                 }
             };
@@ -131,7 +167,7 @@ impl Forwarding {
         Ok(())
     }
 
-    pub fn expose(&self, spec: ExposeSpec, from_config: bool) -> Result<api::ExposeInfo, String> {
+    pub fn expose(&self, spec: ExposeSpec, from_config: bool) -> Result<api::ExposeInfo, ForwardingError> {
         let allow = spec.validate()?;
         let exposed = Arc::new(Exposed {
             permits: Arc::new(Semaphore::new(spec.max_connections)),
@@ -150,8 +186,8 @@ impl Forwarding {
         Ok(info)
     }
 
-    pub fn unexpose(&self, name: &str) -> Result<(), String> {
-        let removed = self.exposes.lock().unwrap().remove(name).ok_or_else(|| format!("no service named {name:?} is exposed"))?;
+    pub fn unexpose(&self, name: &str) -> Result<(), ForwardingError> {
+        let removed = self.exposes.lock().unwrap().remove(name).ok_or_else(|| ForwardingError::NotExposed(name.to_string()))?;
         let _ = self.saved.remove(format!("{EXPOSE_PREFIX}{name}"));
         let _ = self.saved.flush();
         if removed.from_config {
@@ -172,12 +208,12 @@ impl Forwarding {
 
     /// Binds the local socket and starts forwarding; the spec is saved unless it came from the
     /// config file. A port-0 bind is saved with the port actually bound.
-    pub async fn forward(self: &Arc<Self>, mut spec: ForwardSpec, from_config: bool) -> Result<api::ForwardInfo, String> {
+    pub async fn forward(self: &Arc<Self>, mut spec: ForwardSpec, from_config: bool) -> Result<api::ForwardInfo, ForwardingError> {
         let (bind, peer) = spec.validate()?;
         if self.forwards.lock().unwrap().contains_key(&bind) {
-            return Err(format!("{bind} is already forwarded; remove it first with `warren unforward {bind}`"));
+            return Err(ForwardingError::AlreadyForwarded(bind));
         }
-        let bind_error = |e: std::io::Error| format!("cannot listen on {bind}: {e}");
+        let bind_error = |source: std::io::Error| ForwardingError::Listen { bind, source };
         let (local, task) = if spec.udp {
             let socket = tokio::net::UdpSocket::bind(bind).await.map_err(bind_error)?;
             udp::enlarge_udp_buffers(&socket);
@@ -221,9 +257,9 @@ impl Forwarding {
         Ok(info)
     }
 
-    pub fn unforward(&self, bind: &str) -> Result<(), String> {
-        let addr: SocketAddr = bind.parse().map_err(|_| format!("{bind:?} is not IP:PORT"))?;
-        let removed = self.forwards.lock().unwrap().remove(&addr).ok_or_else(|| format!("nothing is forwarded from {addr}"))?;
+    pub fn unforward(&self, bind: &str) -> Result<(), ForwardingError> {
+        let addr: SocketAddr = bind.parse().map_err(|_| ForwardingError::BadAddress(bind.to_string()))?;
+        let removed = self.forwards.lock().unwrap().remove(&addr).ok_or(ForwardingError::NotForwarded(addr))?;
         removed.task.abort();
         let _ = self.saved.remove(format!("{FORWARD_PREFIX}{addr}"));
         let _ = self.saved.flush();

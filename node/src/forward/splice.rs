@@ -90,7 +90,7 @@ pub const ANSWER_GRACE: std::time::Duration = std::time::Duration::from_millis(5
 
 /// How a forwarded connection failed.
 #[derive(Debug)]
-pub enum Failure {
+pub enum SpliceError {
     /// The peer refused the request (its answer, as text).
     Refused(String),
     /// The connection broke on either side after it was set up.
@@ -105,8 +105,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     tcp_opened(tcp, stream, sent, received, async |_| Ok(())).await.map_err(|failure| match failure {
-        Failure::Cut(e) => e,
-        Failure::Refused(why) => Error::other(why),
+        SpliceError::Cut(e) => e,
+        SpliceError::Refused(why) => Error::other(why),
     })
 }
 
@@ -120,7 +120,7 @@ pub async fn tcp_opened<S>(
     sent: &AtomicU64,
     received: &AtomicU64,
     answer: impl AsyncFnOnce(&mut tokio::io::ReadHalf<S>) -> Result<(), String>,
-) -> Result<(), Failure>
+) -> Result<(), SpliceError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -131,21 +131,21 @@ where
     let result = {
         let upload = to_stream(&mut tcp_r, &mut stream_w, sent, &answered);
         let download = async {
-            answer(&mut stream_r).await.map_err(Failure::Refused)?;
+            answer(&mut stream_r).await.map_err(SpliceError::Refused)?;
             answered.notify_one();
-            from_stream(&mut stream_r, &mut tcp_w, received).await.map_err(Failure::Cut)
+            from_stream(&mut stream_r, &mut tcp_w, received).await.map_err(SpliceError::Cut)
         };
         tokio::pin!(upload, download);
         tokio::select! {
             done = &mut download => match done {
-                Ok(()) => upload.await.map_err(Failure::Cut),
+                Ok(()) => upload.await.map_err(SpliceError::Cut),
                 Err(failure) => Err(failure),
             },
             done = &mut upload => match done {
                 Ok(()) => download.await,
                 Err(e) => match tokio::time::timeout(ANSWER_GRACE, &mut download).await {
-                    Ok(Err(Failure::Refused(why))) => Err(Failure::Refused(why)),
-                    _ => Err(Failure::Cut(e)),
+                    Ok(Err(SpliceError::Refused(why))) => Err(SpliceError::Refused(why)),
+                    _ => Err(SpliceError::Cut(e)),
                 },
             },
         }

@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use libp2p::{
     Multiaddr, PeerId, Stream, StreamProtocol,
@@ -88,13 +88,16 @@ pub struct Behaviour {
     connections: HashMap<PeerId, Vec<(ConnectionId, bool)>>,
     direct: Direct,
     events: VecDeque<ToSwarm<(), Open>>,
+    /// The swarm's task, woken when `open` queues a request from outside `poll`.
+    waker: Option<Waker>,
 }
 
 impl Behaviour {
     /// The behaviour, and the queue of inbound streams it accepts.
     pub fn new() -> (Self, Incoming) {
         let (inbound, incoming) = mpsc::channel(INBOUND_QUEUE);
-        let behaviour = Self { inbound, connections: HashMap::new(), direct: Direct::default(), events: VecDeque::new() };
+        let behaviour =
+            Self { inbound, connections: HashMap::new(), direct: Direct::default(), events: VecDeque::new(), waker: None };
         (behaviour, incoming)
     }
 
@@ -118,6 +121,9 @@ impl Behaviour {
             None => {
                 let _ = reply.send(Err(OpenError::NotConnected));
             }
+        }
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
         }
     }
 
@@ -178,12 +184,13 @@ impl NetworkBehaviour for Behaviour {
         libp2p::core::util::unreachable(event)
     }
 
-    fn poll(&mut self, _cx: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
-        // Requests arrive through `open`, called by the swarm's owner, who polls the swarm
-        // right after: no waker is needed.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
         match self.events.pop_front() {
             Some(event) => Poll::Ready(event),
-            None => Poll::Pending,
+            None => {
+                self.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
         }
     }
 }

@@ -82,8 +82,14 @@ impl ConnectionHandler for Handler {
     ) {
         match event {
             ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound { protocol: stream, .. }) => {
-                if self.inbound.try_send((self.peer, stream)).is_err() {
-                    tracing::warn!(peer = %self.peer, "forward stream refused: {INBOUND_QUEUE} streams already waiting");
+                match self.inbound.try_send((self.peer, stream)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        tracing::warn!(peer = %self.peer, "forward stream refused: {INBOUND_QUEUE} streams already waiting");
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        tracing::debug!(peer = %self.peer, "forward stream refused: not serving (shutting down)");
+                    }
                 }
             }
             ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound { protocol: stream, info: (_, reply) }) => {
