@@ -177,3 +177,106 @@ pub fn listen_tcp(bind: std::net::SocketAddr) -> std::io::Result<tokio::net::Tcp
     socket.bind(bind)?;
     socket.listen(LISTEN_BACKLOG)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::duplex;
+
+    fn payload(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn bytes_cross_as_chunks_and_a_clean_end_is_passed_on_as_a_half_close() {
+        let data = payload(1_000_000);
+        let (mut app, local) = duplex(64 * 1024);
+        let (wire_in, wire_out) = duplex(64 * 1024);
+        let (far_local, mut far_app) = duplex(64 * 1024);
+        let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
+        let answered = Notify::new();
+        answered.notify_one();
+        let writer = async {
+            app.write_all(&data).await.unwrap();
+            app.shutdown().await.unwrap();
+        };
+        let reader = async {
+            let mut out = Vec::new();
+            far_app.read_to_end(&mut out).await.unwrap();
+            out
+        };
+        let (_, up, down, out) = tokio::join!(
+            writer,
+            to_stream(local, wire_in, &sent, &answered),
+            from_stream(wire_out, far_local, &received),
+            reader
+        );
+        up.unwrap();
+        down.unwrap();
+        assert!(out == data, "all {} bytes arrived intact, then the end", data.len());
+        assert_eq!((sent.into_inner(), received.into_inner()), (1_000_000, 1_000_000));
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_stops_without_the_end_marker_is_a_reset_not_an_end() {
+        let mut wire = Vec::new();
+        wire.extend_from_slice(&Chunk::Data(5).encode());
+        wire.extend_from_slice(b"hello");
+        let (far_local, _far_app) = duplex(1024);
+        let error = from_stream(wire.as_slice(), far_local, &AtomicU64::new(0)).await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::ConnectionReset);
+
+        // Cut inside a chunk, too.
+        let mut wire = Vec::new();
+        wire.extend_from_slice(&Chunk::Data(10).encode());
+        wire.extend_from_slice(b"hello");
+        let (far_local, _far_app) = duplex(1024);
+        let error = from_stream(wire.as_slice(), far_local, &AtomicU64::new(0)).await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_chunk_header_ends_the_stream_before_anything_is_buffered() {
+        let wire = ((MAX_CHUNK + 1) as u32).to_be_bytes();
+        let (far_local, _far_app) = duplex(1024);
+        let error = from_stream(&wire[..], far_local, &AtomicU64::new(0)).await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::InvalidData);
+    }
+
+    #[tokio::test]
+    async fn before_the_answer_only_the_first_flight_goes_out() {
+        let (mut app, local) = duplex(256 * 1024);
+        app.write_all(&payload(100_000)).await.unwrap();
+        let (wire_in, mut wire_out) = duplex(256 * 1024);
+        let (sent, answered) = (AtomicU64::new(0), Notify::new());
+        let upload = to_stream(local, wire_in, &sent, &answered);
+        tokio::pin!(upload);
+        // Without an answer the upload sends one read of at most SEND_AHEAD and waits.
+        assert!(tokio::time::timeout(Duration::from_millis(200), &mut upload).await.is_err());
+        assert_eq!(sent.load(Ordering::Relaxed), SEND_AHEAD as u64);
+        let mut header = [0u8; HEADER];
+        wire_out.read_exact(&mut header).await.unwrap();
+        assert_eq!(Chunk::decode(header).unwrap(), Chunk::Data(SEND_AHEAD));
+        answered.notify_one();
+        drop(app);
+        let mut rest = Vec::new();
+        let (done, _) = tokio::join!(upload, wire_out.read_to_end(&mut rest));
+        done.unwrap();
+        assert_eq!(sent.load(Ordering::Relaxed), 100_000, "the rest follows the answer");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_resets_the_local_connection_and_says_why() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut app = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (local, _) = listener.accept().await.unwrap();
+        let (stream, _peer) = duplex(1024);
+        let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
+        let refused = tcp_opened(local, stream, &sent, &received, async |_| Err("not allowed".to_string())).await;
+        assert!(matches!(refused, Err(SpliceError::Refused(ref why)) if why == "not allowed"), "{refused:?}");
+        let mut buf = [0u8; 16];
+        let read = app.read(&mut buf).await;
+        assert!(read.is_err(), "the application sees a reset, not a clean end: {read:?}");
+    }
+}
