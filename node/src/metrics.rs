@@ -158,5 +158,17 @@ async fn render(node: &NodeHandle, forwarding: &Forwarding) -> Result<String, cr
             ("side=\"expose\",direction=\"out\"", served_out as f64),
         ],
     );
+    let refusals: Vec<(String, f64)> = crate::forward::serve::Refused::ALL
+        .iter()
+        .map(|r| (format!("reason=\"{}\"", r.label()), forwarding.refusals.count(*r) as f64))
+        .collect();
+    let refusals: Vec<(&str, f64)> = refusals.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+    metric(
+        &mut out,
+        "warren_forward_refusals_total",
+        "counter",
+        "Forward streams refused by the serving side, by reason (peers are told less).",
+        &refusals,
+    );
     Ok(out)
 }

@@ -179,7 +179,7 @@ async fn an_unreachable_upstream_closes_the_local_connection_within_a_second() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn refusals_name_their_reason_and_leave_other_streams_alone() {
+async fn a_peer_refused_a_service_learns_only_unknown_service_and_other_streams_go_on() {
     let (client, server) = pair();
     let echo = echo_service().await.to_string();
     expose(&server, "echo", &echo, &[&client.peer_id]);
@@ -191,7 +191,8 @@ async fn refusals_name_their_reason_and_leave_other_streams_alone() {
     let mut buf = [0u8; 6];
     open.read_exact(&mut buf).await.unwrap();
 
-    for (service, reason) in [("private", "not allowed"), ("nosuch", "unknown service")] {
+    // Not on the allow-list and no such service read the same: names are not revealed.
+    for (service, reason) in [("private", "unknown service"), ("nosuch", "unknown service")] {
         let bind = forward(&client, &format!("{}/{service}", server.peer_id));
         assert_closed_without_data(bind, Duration::from_secs(10)).await;
         wait_until(Duration::from_secs(5), "the refusal to be recorded", || {
@@ -318,20 +319,22 @@ async fn garbage_and_over_long_headers_are_refused_without_disturbing_other_stre
     use warren_forward::{Request, Status, Transport};
 
     let (client, server) = pair();
-    expose(&server, "echo", &echo_service().await.to_string(), &[&client.peer_id]);
-    let good = forward(&client, &format!("{}/echo", server.peer_id));
-    let mut open = TcpStream::connect(good).await.unwrap();
-    open.write_all(b"before").await.unwrap();
-    let mut buf = [0u8; 6];
-    open.read_exact(&mut buf).await.unwrap();
-
-    // A raw libp2p peer that speaks the protocol id but sends bad requests.
+    // A raw libp2p peer that speaks the protocol id but sends bad requests. It is on the
+    // allow-list: a stranger's requests are not even read.
     let mut swarm = libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_quic()
         .with_behaviour(|_| libp2p_stream::Behaviour::new())
         .unwrap()
         .build();
+    let raw = swarm.local_peer_id().to_string();
+    expose(&server, "echo", &echo_service().await.to_string(), &[&client.peer_id, &raw]);
+    let good = forward(&client, &format!("{}/echo", server.peer_id));
+    let mut open = TcpStream::connect(good).await.unwrap();
+    open.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    open.read_exact(&mut buf).await.unwrap();
+
     let server_id: libp2p::PeerId = server.peer_id.parse().unwrap();
     swarm.dial(server.quic_addr().parse::<libp2p::Multiaddr>().unwrap()).unwrap();
     let mut control = swarm.behaviour().new_control();
@@ -413,7 +416,7 @@ async fn a_refused_udp_session_names_its_reason_and_returns_nothing() {
     let stranger = libp2p::PeerId::random().to_string();
     let out = server.cli(&["expose", "dns", &service.local_addr().unwrap().to_string(), "--udp", "--allow", &stranger]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for (service_name, reason) in [("dns", "not allowed"), ("nosuch", "unknown service")] {
+    for (service_name, reason) in [("dns", "unknown service"), ("nosuch", "unknown service")] {
         let info = client.json(&["forward", "127.0.0.1:0", &format!("{}/{service_name}", server.peer_id), "--udp"]).unwrap();
         let bind: SocketAddr = info["bind"].as_str().unwrap().parse().unwrap();
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();

@@ -137,7 +137,14 @@ async fn open(forwarding: &Arc<Forwarding>, forward: &Arc<Forward>, transport: T
         Some(ready) => ready,
         None => {
             let Opened { mut stream, relayed } = forwarding.node.reach_and_open(peer, STREAM_PROTOCOL).await.map_err(|e| e.to_string())?;
-            warren_forward::write_request(&mut stream, &request).await.map_err(|e| format!("request failed: {e}"))?;
+            if let Err(e) = warren_forward::write_request(&mut stream, &request).await {
+                // A peer may refuse before it reads the request (a peer on none of its
+                // allow-lists, say) and stop the stream: its answer is waiting, and says why.
+                return Err(match tokio::time::timeout(splice::ANSWER_GRACE, accepted(&mut stream)).await {
+                    Ok(Err(refusal)) => refusal,
+                    _ => format!("request failed: {e}"),
+                });
+            }
             (stream, relayed)
         }
     };

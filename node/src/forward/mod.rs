@@ -89,6 +89,8 @@ pub struct Forwarding {
     pub udp_idle: Duration,
     /// Where every task of forwarding is spawned, so a shutdown ends them in order.
     pub shutdown: Shutdown,
+    /// Streams refused by the serving side, by reason (for metrics).
+    pub refusals: serve::Refusals,
     exposes: Mutex<HashMap<String, Arc<Exposed>>>,
     forwards: Mutex<HashMap<SocketAddr, Arc<Forward>>>,
     saved: sled::Tree,
@@ -132,7 +134,7 @@ const FORWARD_PREFIX: &str = "forward/";
 
 impl Forwarding {
     pub fn new(node: NodeHandle, udp_idle: Duration, saved: sled::Tree, shutdown: Shutdown) -> Arc<Self> {
-        Arc::new(Self { node, udp_idle, shutdown, exposes: Mutex::default(), forwards: Mutex::default(), saved })
+        Arc::new(Self { node, udp_idle, shutdown, refusals: Default::default(), exposes: Mutex::default(), forwards: Mutex::default(), saved })
     }
 
     /// Loads the config's entries, then those saved from the control API.
@@ -194,6 +196,11 @@ impl Forwarding {
             tracing::warn!(service = %name, "unexposed for this run; it is in the config file, remove it there too");
         }
         Ok(())
+    }
+
+    /// Whether the peer is on some exposed service's allow-list (or one allows every peer).
+    pub fn may_use_any(&self, peer: &PeerId) -> bool {
+        self.exposes.lock().unwrap().values().any(|e| e.spec.allow_any || e.allow.contains(peer))
     }
 
     pub fn exposed(&self, name: &str) -> Option<Arc<Exposed>> {

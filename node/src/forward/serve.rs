@@ -1,11 +1,20 @@
 //! The serving side: answers forward streams from peers, for services this node exposed.
+//!
+//! A peer on no allow-list costs nothing: its streams are answered "unknown service" at once,
+//! before any request is read, without a slot. A peer that may use some service gets its request
+//! read, with at most [`MAX_WAITING_PER_PEER`] of its streams waiting for their request and each
+//! for at most [`REQUEST_TIMEOUT`]; the node-wide slot is taken only once the request is
+//! authorised. Every refusal to a peer that may not use the service it named is the same
+//! "unknown service", so the names of services it may not use are not revealed.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::AsyncWriteExt as _;
 use libp2p::{PeerId, Stream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 use warren_forward::{Reply, Status, Transport};
@@ -15,6 +24,17 @@ use super::{Active, Forwarding, splice};
 
 /// Forward streams served at once across all services; beyond it peers get "over capacity".
 const MAX_INBOUND_STREAMS: usize = 8192;
+/// Streams of one peer waiting for their request. A forward keeps one stream open ahead of
+/// need, and a burst of new connections sends its requests right behind the stream's opening:
+/// 512 covers hundreds of connections opened at once by one peer, while a peer that opens
+/// streams and sends nothing holds no more than this (and no node-wide slot).
+const MAX_WAITING_PER_PEER: usize = 512;
+/// Refusal replies being written at once. A refusal is one small frame, but a peer that does
+/// not read could hold its task until [`REFUSAL_TIMEOUT`]; beyond this, streams to refuse are
+/// dropped without a reply.
+const MAX_REFUSALS_IN_FLIGHT: usize = 256;
+/// A refusal reply must be written within this.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// A peer must send its request this soon after opening the stream (openers keep a stream
 /// ready ahead of need for less than this: see `client::SPARE_MAX_AGE`). Generous, because on a
 /// connection whose flow-control window is taken by busy streams a new stream's request waits
@@ -23,31 +43,150 @@ const MAX_INBOUND_STREAMS: usize = 8192;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connecting to the exposed service may take this long.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
+/// Refusals are logged at most once per this period (with the number left unlogged), so a
+/// peer hammering the node cannot flood the log.
+const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+/// Why a stream was refused, as counted in metrics. The peer is told less: every refusal
+/// to a peer that may not use the service it named reads "unknown service".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The peer is on no service's allow-list.
+    Stranger,
+    /// No service of that name and transport.
+    UnknownService,
+    /// The service exists; the peer is not on its allow-list.
+    NotAllowed,
+    /// The peer has [`MAX_WAITING_PER_PEER`] streams waiting for their request already.
+    TooManyWaiting,
+    /// The node or the service is at its connection cap.
+    OverCapacity,
+    /// The request could not be read in time, or was malformed.
+    BadRequest,
+}
+
+impl Refused {
+    pub const ALL: [Refused; 6] =
+        [Refused::Stranger, Refused::UnknownService, Refused::NotAllowed, Refused::TooManyWaiting, Refused::OverCapacity, Refused::BadRequest];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Refused::Stranger => "stranger",
+            Refused::UnknownService => "unknown_service",
+            Refused::NotAllowed => "not_allowed",
+            Refused::TooManyWaiting => "too_many_waiting",
+            Refused::OverCapacity => "over_capacity",
+            Refused::BadRequest => "bad_request",
+        }
+    }
+
+    /// What the peer is told.
+    fn status(self) -> Status {
+        match self {
+            Refused::Stranger | Refused::UnknownService | Refused::NotAllowed => Status::UnknownService,
+            Refused::TooManyWaiting | Refused::OverCapacity => Status::OverCapacity,
+            Refused::BadRequest => Status::BadRequest,
+        }
+    }
+}
+
+/// Refusals counted by reason, and logged at a bounded rate.
+#[derive(Default)]
+pub struct Refusals {
+    counts: [AtomicU64; 6],
+    last_log: Mutex<Option<Instant>>,
+    unlogged: AtomicU64,
+}
+
+impl Refusals {
+    pub fn count(&self, reason: Refused) -> u64 {
+        self.counts[reason as usize].load(Ordering::Relaxed)
+    }
+
+    fn note(&self, reason: Refused, peer: &PeerId) {
+        self.counts[reason as usize].fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut last = self.last_log.lock().unwrap();
+        if last.is_some_and(|t| now.duration_since(t) < REFUSAL_LOG_PERIOD) {
+            self.unlogged.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *last = Some(now);
+        let unlogged = self.unlogged.swap(0, Ordering::Relaxed);
+        tracing::info!(peer = %peer, reason = reason.label(), unlogged, "refused a forward stream");
+    }
+}
+
+/// Streams waiting for their request, per peer.
+#[derive(Default, Clone)]
+struct Waiting(Arc<Mutex<HashMap<PeerId, usize>>>);
+
+/// One waiting stream; leaves the count when dropped (the request arrived, or the stream ended).
+struct WaitingGuard(Waiting, PeerId);
+
+impl Waiting {
+    fn enter(&self, peer: PeerId) -> Option<WaitingGuard> {
+        let mut map = self.0.lock().unwrap();
+        let count = map.entry(peer).or_default();
+        if *count >= MAX_WAITING_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(WaitingGuard(self.clone(), peer))
+    }
+}
+
+impl Drop for WaitingGuard {
+    fn drop(&mut self) {
+        let mut map = self.0.0.lock().unwrap();
+        if let Some(count) = map.get_mut(&self.1) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&self.1);
+            }
+        }
+    }
+}
 
 pub async fn run(forwarding: Arc<Forwarding>, mut inbound: warren_forward::Incoming) {
-    let permits = Arc::new(Semaphore::new(MAX_INBOUND_STREAMS));
+    let slots = Arc::new(Semaphore::new(MAX_INBOUND_STREAMS));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT));
+    let waiting = Waiting::default();
     while let Some((peer, stream)) = inbound.recv().await {
-        let permit = permits.clone().try_acquire_owned().ok();
-        let forwarding = forwarding.clone();
+        let admitted = if forwarding.may_use_any(&peer) {
+            waiting.enter(peer).ok_or(Refused::TooManyWaiting)
+        } else {
+            Err(Refused::Stranger)
+        };
+        let guard = match admitted {
+            Ok(guard) => guard,
+            Err(reason) => {
+                forwarding.refusals.note(reason, &peer);
+                if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                    forwarding.shutdown.spawn(async move {
+                        refuse(stream, reason.status(), None).await;
+                        drop(permit);
+                    });
+                }
+                continue;
+            }
+        };
+        let (forwarding, slots) = (forwarding.clone(), slots.clone());
         let tasks = forwarding.shutdown.clone();
         let span = tracing::info_span!("serve", peer = %peer);
-        tasks.spawn(async move {
-            let have_capacity = permit.is_some();
-            serve(&forwarding, peer, stream, have_capacity).instrument(span).await;
-            drop(permit);
-        });
+        tasks.spawn(async move { serve(&forwarding, peer, stream, guard, slots).instrument(span).await });
     }
 }
 
 async fn refuse(mut stream: Stream, status: Status, detail: Option<String>) {
-    let _ = warren_forward::write_reply(&mut stream, &Reply::new(status, detail)).await;
-    let _ = stream.close().await;
+    let reply = async {
+        let _ = warren_forward::write_reply(&mut stream, &Reply::new(status, detail)).await;
+        let _ = stream.close().await;
+    };
+    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, reply).await;
 }
 
-async fn serve(forwarding: &Forwarding, peer: PeerId, mut stream: Stream, have_capacity: bool) {
-    if !have_capacity {
-        return refuse(stream, Status::OverCapacity, None).await;
-    }
+async fn serve(forwarding: &Forwarding, peer: PeerId, mut stream: Stream, waiting: WaitingGuard, slots: Arc<Semaphore>) {
     let request = match tokio::time::timeout(REQUEST_TIMEOUT, warren_forward::read_request(&mut stream)).await {
         Ok(Ok(request)) => request,
         // A stream opened ahead of need and then dropped (or the peer went away): nothing to say.
@@ -56,22 +195,41 @@ async fn serve(forwarding: &Forwarding, peer: PeerId, mut stream: Stream, have_c
             return;
         }
         Ok(Err(e)) => {
-            tracing::info!(peer = %peer, error = %e, "refusing a malformed forward request");
+            tracing::debug!(peer = %peer, error = %e, "a malformed forward request");
+            forwarding.refusals.note(Refused::BadRequest, &peer);
             return refuse(stream, Status::BadRequest, None).await;
         }
-        Err(_) => return refuse(stream, Status::BadRequest, None).await,
+        Err(_) => {
+            forwarding.refusals.note(Refused::BadRequest, &peer);
+            return refuse(stream, Status::BadRequest, None).await;
+        }
     };
+    drop(waiting);
     let wants_udp = request.transport == Transport::Udp;
-    let Some(service) = forwarding.exposed(&request.service).filter(|s| s.spec.udp == wants_udp) else {
-        tracing::info!(peer = %peer, service = %request.service, "refusing a forward to an unknown service");
-        return refuse(stream, Status::UnknownService, None).await;
+    // The allow-list first: a peer that may not use the service learns nothing about it, not
+    // even whether the name or the transport exists.
+    let service = match forwarding.exposed(&request.service) {
+        Some(service) if !service.spec.allow_any && !service.allow.contains(&peer) => {
+            service.stats.refused.fetch_add(1, Ordering::Relaxed);
+            Err(Refused::NotAllowed)
+        }
+        Some(service) if service.spec.udp == wants_udp => Ok(service),
+        _ => Err(Refused::UnknownService),
     };
-    if !service.spec.allow_any && !service.allow.contains(&peer) {
-        tracing::info!(peer = %peer, service = %request.service, "refusing a peer not on the allow-list");
-        service.stats.fail(format!("refused {peer}: not allowed"));
-        return refuse(stream, Status::NotAllowed, None).await;
-    }
+    let service = match service {
+        Ok(service) => service,
+        Err(reason) => {
+            forwarding.refusals.note(reason, &peer);
+            return refuse(stream, reason.status(), None).await;
+        }
+    };
+    let Some(_slot): Option<OwnedSemaphorePermit> = slots.try_acquire_owned().ok() else {
+        forwarding.refusals.note(Refused::OverCapacity, &peer);
+        service.stats.fail(format!("refused {peer}: the node serves {MAX_INBOUND_STREAMS} streams already"));
+        return refuse(stream, Status::OverCapacity, None).await;
+    };
     let Ok(_permit) = service.permits.clone().try_acquire_owned() else {
+        forwarding.refusals.note(Refused::OverCapacity, &peer);
         service.stats.fail(format!("refused {peer}: at the cap of {} connections", service.spec.max_connections));
         return refuse(stream, Status::OverCapacity, None).await;
     };

@@ -1,0 +1,140 @@
+//! Peers that misbehave against a node that exposes a service: they must not cost the node
+//! what its real users need.
+
+mod common;
+
+use std::time::Duration;
+
+use common::echo::{echo_service, expose, forward};
+use common::Node;
+use futures::StreamExt as _;
+use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol, swarm::dial_opts::{DialOpts, PeerCondition}};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use warren_forward::Status;
+
+/// A raw libp2p peer speaking QUIC with `connections` connections to `server`, and a control
+/// that opens streams on them.
+fn attacker(server: &Node, connections: usize) -> (PeerId, libp2p_stream::Control) {
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_quic()
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+        .build();
+    let id = *swarm.local_peer_id();
+    let server_id: PeerId = server.peer_id.parse().unwrap();
+    let addr: Multiaddr = server.quic_addr().parse().unwrap();
+    for _ in 0..connections {
+        let opts = DialOpts::peer_id(server_id).addresses(vec![addr.clone()]).condition(PeerCondition::Always).build();
+        swarm.dial(opts).unwrap();
+    }
+    let control = swarm.behaviour().new_control();
+    tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    (id, control)
+}
+
+/// Opens up to `count` streams (a batch at a time), sending nothing on them; returns those
+/// opened. Stops early when a whole batch fails (the connections' stream limits are reached).
+async fn open_idle(control: &libp2p_stream::Control, server: PeerId, count: usize) -> Vec<Stream> {
+    let protocol = StreamProtocol::new(warren_forward::PROTOCOL);
+    let mut opened = Vec::new();
+    while opened.len() < count {
+        let batch = (count - opened.len()).min(128);
+        let before = opened.len();
+        let opens = (0..batch).map(|_| {
+            let mut control = control.clone();
+            let protocol = protocol.clone();
+            async move { tokio::time::timeout(Duration::from_secs(5), control.open_stream(server, protocol)).await }
+        });
+        for result in futures::future::join_all(opens).await {
+            if let Ok(Ok(stream)) = result {
+                opened.push(stream);
+            }
+        }
+        if opened.len() == before {
+            break;
+        }
+    }
+    opened
+}
+
+/// The status of the reply waiting on a stream, if one comes within `within`.
+async fn reply_on(stream: &mut Stream, within: Duration) -> Option<Status> {
+    match tokio::time::timeout(within, warren_forward::read_reply(stream)).await {
+        Ok(Ok(reply)) => Some(reply.status),
+        _ => None,
+    }
+}
+
+async fn echoes(bind: std::net::SocketAddr) -> bool {
+    let Ok(Ok(mut tcp)) = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(bind)).await else { return false };
+    let round = async {
+        tcp.write_all(b"still here").await?;
+        let mut buf = [0u8; 10];
+        tcp.read_exact(&mut buf).await?;
+        Ok::<_, std::io::Error>(&buf == b"still here")
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(10), round).await, Ok(Ok(true)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thousands_of_idle_streams_from_a_stranger_cost_nothing_and_an_allowed_peer_still_forwards() {
+    let server = Node::start(&[]);
+    let client = Node::start(&["--bootstrap", &server.quic_addr()]);
+    expose(&server, "echo", &echo_service().await.to_string(), &[&client.peer_id]);
+    let bind = forward(&client, &format!("{}/echo", server.peer_id));
+    assert!(echoes(bind).await, "the forward works before the attack");
+
+    // 8192 streams that never send a request, from two identities with 8 connections each
+    // (QUIC lets one connection hold 1024 streams): before, each held one of the node's 8192
+    // serving slots until its request timed out (30 s), and every real forward was refused.
+    let server_id: PeerId = server.peer_id.parse().unwrap();
+    let (_, first) = attacker(&server, 8);
+    let (_, second) = attacker(&server, 8);
+    let (a, b) = tokio::join!(open_idle(&first, server_id, 4096), open_idle(&second, server_id, 4096));
+    let mut streams: Vec<Stream> = a.into_iter().chain(b).collect();
+    eprintln!("the strangers opened {} idle streams", streams.len());
+    assert!(streams.len() >= 8000, "the attack got going: {} streams", streams.len());
+    // Several connections: the first may use the stream the forward opened ahead of the attack.
+    for i in 0..3 {
+        assert!(echoes(bind).await, "an allowed peer's new connection {i} works while the streams are held");
+    }
+
+    // The stranger learned nothing: every stream got the same answer, whatever it would ask.
+    for stream in streams.iter_mut().take(50) {
+        assert_eq!(reply_on(stream, Duration::from_secs(5)).await, Some(Status::UnknownService));
+    }
+    let metrics_free = server.json(&["exposes"]).unwrap();
+    assert_eq!(metrics_free[0]["refused"], 0, "a stranger's streams are not charged to the service");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_allowed_peer_holding_idle_streams_is_capped_and_others_still_forward() {
+    let server = Node::start(&[]);
+    let client = Node::start(&["--bootstrap", &server.quic_addr()]);
+    let echo = echo_service().await.to_string();
+    let (greedy, control) = attacker(&server, 1);
+    expose(&server, "echo", &echo, &[&client.peer_id]);
+    expose(&server, "other", &echo, &[&greedy.to_string()]);
+    let bind = forward(&client, &format!("{}/echo", server.peer_id));
+
+    let server_id: PeerId = server.peer_id.parse().unwrap();
+    let mut streams = open_idle(&control, server_id, 1000).await;
+    assert_eq!(streams.len(), 1000);
+    // 512 may wait for their request (30 s); the rest are refused at once.
+    let replies = futures::future::join_all(streams.iter_mut().map(|s| reply_on(s, Duration::from_secs(3)))).await;
+    let over_capacity = replies.iter().filter(|r| **r == Some(Status::OverCapacity)).count();
+    let unanswered = replies.iter().filter(|r| r.is_none()).count();
+    assert_eq!((over_capacity, unanswered), (1000 - 512, 512), "beyond the per-peer cap of waiting streams, streams are refused at once");
+    for i in 0..3 {
+        assert!(echoes(bind).await, "another allowed peer's connection {i} still works");
+    }
+    let exposes = server.json(&["exposes"]).unwrap();
+    assert!(exposes.as_array().unwrap().iter().all(|e| e["last_error"].is_null()), "refusals leave last_error alone: {exposes}");
+}
