@@ -35,9 +35,14 @@ const QUIC_MTU_UPPER_BOUND: u16 = 9_000;
 const KAD_QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pending inbound handshakes at once: bounds what a flood of dials can cost.
 const MAX_PENDING_INCOMING: u32 = 128;
+/// Direct inbound connections from one IP (one IPv6 /64) at once. An office or a carrier-grade
+/// NAT may put a few dozen nodes behind one address; one host holding a thousand identities
+/// must not take every incoming slot (see `ip_limits`). Loopback is not counted.
+const MAX_CONNECTIONS_PER_IP: usize = 32;
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    pub ip_limits: crate::ip_limits::Behaviour,
     pub limits: connection_limits::Behaviour,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
@@ -132,6 +137,8 @@ fn kademlia(peer_id: libp2p::PeerId, protocol: StreamProtocol) -> kad::Behaviour
     config.set_periodic_bootstrap_interval(None);
     config.set_query_timeout(KAD_QUERY_TIMEOUT);
     config.set_kbucket_inserts(kad::BucketInserts::Manual);
+    // Records from others are stored only once checked (see `event_loop::dht`).
+    config.set_record_filtering(kad::StoreInserts::FilterBoth);
     kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), config)
 }
 
@@ -198,6 +205,7 @@ pub fn build_swarm(
                 None
             };
             Ok(Behaviour {
+                ip_limits: crate::ip_limits::Behaviour::new(MAX_CONNECTIONS_PER_IP),
                 limits: connection_limits::Behaviour::new(
                     connection_limits::ConnectionLimits::default()
                         .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))

@@ -15,7 +15,8 @@
 //! - [`event_loop`]: the task that owns the swarm, one file per capability: `bootstrap`,
 //!   `connect`, `dht` (the WAN and LAN Kademlia DHTs), `identify`, `mdns`, `holepunch` (DCUtR
 //!   and re-punching), `relays` (the relay service and AutoRelay's reservations), `status`.
-//! - [`behaviour`]: the composed libp2p behaviour and swarm.
+//! - [`behaviour`]: the composed libp2p behaviour and swarm; [`ip_limits`]: inbound connections
+//!   per source IP; [`resources`]: the open-file limit and what it allows.
 //! - [`forward`]: port forwarding (expose and forward) over `/warren/forward/1.0.0` streams,
 //!   whose wire format and libp2p behaviour live in the `warren-forward` crate.
 //! - [`relay`] and [`relay_meter`]: serving circuit relay v2 within operator limits;
@@ -38,6 +39,7 @@ pub mod dial_gate;
 pub mod error;
 pub mod event_loop;
 pub mod handle;
+pub mod ip_limits;
 pub mod forward;
 pub mod metrics;
 pub mod node;
@@ -46,5 +48,6 @@ pub mod peer_record;
 pub mod ports;
 pub mod relay;
 pub mod relay_meter;
+pub mod resources;
 pub mod shutdown;
 pub mod store;

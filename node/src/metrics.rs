@@ -33,7 +33,14 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 pub async fn serve(listener: tokio::net::TcpListener, node: NodeHandle, forwarding: Arc<Forwarding>) {
     let permits = Arc::new(Semaphore::new(MAX_SCRAPES));
     loop {
-        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(crate::control::server::ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
         let Ok(permit) = permits.clone().acquire_owned().await else { return };
         let (node, tasks, forwarding) = (node.clone(), forwarding.shutdown.clone(), forwarding.clone());
         tasks.spawn(async move {
@@ -41,7 +48,11 @@ pub async fn serve(listener: tokio::net::TcpListener, node: NodeHandle, forwardi
                 let (node, forwarding) = (node.clone(), forwarding.clone());
                 async move { Ok::<_, Infallible>(answer(req, &node, &forwarding).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(crate::control::server::HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
             drop(permit);
         });
     }

@@ -22,6 +22,17 @@ pub async fn up(data_dir: &Path, mut config: Config) -> Result<(), UserError> {
     // From here on `config.listen` is what we really listen on (a busy default port replaced),
     // which the address policy needs to tell our own addresses from a neighbour's.
     config.listen = crate::ports::choose(&config.listen, defaults)?;
+    let fd_limit = crate::resources::raise_fd_limit();
+    let cap = crate::resources::incoming_cap(config.max_incoming_connections, fd_limit);
+    if cap < config.max_incoming_connections {
+        tracing::warn!(
+            fd_limit,
+            configured = config.max_incoming_connections,
+            cap,
+            "the open-file limit holds fewer incoming connections than configured; raise it (ulimit -n, LimitNOFILE=) to allow more"
+        );
+        config.max_incoming_connections = cap;
+    }
     let store = Store::open(data_dir)?;
     let peer_id = store.peer_id();
     if store.new_identity {

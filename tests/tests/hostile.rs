@@ -138,3 +138,102 @@ async fn an_allowed_peer_holding_idle_streams_is_capped_and_others_still_forward
     let exposes = server.json(&["exposes"]).unwrap();
     assert!(exposes.as_array().unwrap().iter().all(|e| e["last_error"].is_null()), "refusals leave last_error alone: {exposes}");
 }
+
+/// The soft and hard open-file limits of a process, from /proc.
+fn fd_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().to_string();
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    (cols[3].to_string(), cols[4].to_string())
+}
+
+#[test]
+fn the_open_file_limit_is_raised_to_the_hard_limit_at_start() {
+    // Started the way many systems start it: a soft limit of 1024 under a higher hard limit.
+    let mut shell = std::process::Command::new("sh");
+    shell.args(["-c", "ulimit -S -n 1024 && exec \"$0\" \"$@\"", common::BIN]);
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::spawn(dir.path(), &["up", "--no-mdns", "--listen", "/ip4/127.0.0.1/udp/0/quic-v1"], shell);
+    let (soft, hard) = fd_limits(node.pid());
+    assert_ne!(hard, "1024", "the test needs a hard limit above 1024");
+    assert_eq!(soft, hard, "soft limit raised to the hard one");
+}
+
+#[test]
+fn idle_connections_on_the_control_socket_do_not_lock_the_cli_out() {
+    let node = Node::start(&[]);
+    // Twice the control server's connection slots, none sending a request.
+    let idle: Vec<std::os::unix::net::UnixStream> =
+        (0..64).map(|_| std::os::unix::net::UnixStream::connect(node.dir.join("warren.sock")).unwrap()).collect();
+    let started = std::time::Instant::now();
+    let out = common::warren(&node.dir, &["status", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("status answered in {:.2} s beside {} idle control connections", started.elapsed().as_secs_f64(), idle.len());
+}
+
+#[test]
+fn a_flood_of_connections_from_one_host_leaves_status_and_forwards_working() {
+    use common::netns::{Lan, skipped};
+    if skipped() {
+        return;
+    }
+    let lan = Lan::new("flood", 213, 3);
+    let (server_dir, client_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let server = Node::spawn(server_dir.path(), &["up", "--no-mdns"], lan.exec(0, common::BIN));
+    let bootstrap = format!("/ip4/{}/udp/4001/quic-v1/p2p/{}", lan.ip(0), server.peer_id);
+    let client = Node::spawn(client_dir.path(), &["up", "--no-mdns", "--bootstrap", &bootstrap], lan.exec(2, common::BIN));
+    let echo = lan.echo_service(0);
+    expose(&server, "echo", &echo.to_string(), &[&client.peer_id]);
+    let info = client.json(&["forward", "127.0.0.1:0", &format!("{}/echo", server.peer_id)]).expect("forward accepted");
+    let bind: std::net::SocketAddr = info["bind"].as_str().unwrap().parse().unwrap();
+    common::wait_until(Duration::from_secs(30), "the forward to work", || lan.echo_ok(2, bind, 4096));
+
+    // 1,120 TCP connections from one host: 140 throwaway identities with 8 connections each,
+    // every one completing its handshake. Before, they took ~1,000 descriptors and incoming
+    // slots; now at most 32 per IP get in and the rest are refused before the handshake.
+    let server_tcp: Multiaddr = format!("/ip4/{}/tcp/4001", lan.ip(0)).parse().unwrap();
+    let server_id: PeerId = server.peer_id.parse().unwrap();
+    let attackers = warren_natlab::sys::in_netns(&lan.ns(1), move || {
+        // Built in the namespace: the runtime's threads (and the sockets they open) stay there.
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        runtime.block_on(async {
+            for _ in 0..140 {
+                let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+                    .with_tokio()
+                    .with_tcp(Default::default(), libp2p::noise::Config::new, libp2p::yamux::Config::default)
+                    .unwrap()
+                    .with_behaviour(|_| libp2p::swarm::dummy::Behaviour)
+                    .unwrap()
+                    .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+                    .build();
+                for _ in 0..8 {
+                    let opts = DialOpts::peer_id(server_id).addresses(vec![server_tcp.clone()]).condition(PeerCondition::Always).build();
+                    let _ = swarm.dial(opts);
+                }
+                tokio::spawn(async move {
+                    loop {
+                        swarm.select_next_some().await;
+                    }
+                });
+            }
+        });
+        Ok(runtime)
+    })
+    .unwrap();
+    // Let the dials run their course (each is answered or refused within a second on a LAN).
+    let mut peak = 0;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(250));
+        peak = peak.max(server.status()["connections"].as_u64().unwrap());
+    }
+    let started = std::time::Instant::now();
+    let status = server.status();
+    eprintln!(
+        "during the flood: status answered in {:.2} s; the node held at most {peak} connections",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(peak <= 40, "one host holds at most 32 connections (plus the client's): {peak}");
+    assert!(status["connections"].as_u64().unwrap() <= 40, "{status}");
+    assert!(lan.echo_ok(2, bind, 64 * 1024), "the existing forward keeps working during the flood");
+    drop(attackers);
+}

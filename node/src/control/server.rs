@@ -22,8 +22,16 @@ use crate::error::UserError;
 use crate::api::{ExposeSpec, ForwardSpec};
 use crate::forward::{Forwarding, ForwardingError};
 
-/// Control connections served at once; more wait in the socket's backlog.
-const MAX_CONTROL_CONNECTIONS: usize = 32;
+/// Control connections open at once; more wait in the socket's backlog. An idle one costs a
+/// descriptor and a small task for at most [`HEADER_TIMEOUT`].
+const MAX_CONTROL_CONNECTIONS: usize = 256;
+/// Requests answered at once (a ping or a connect may take seconds); more wait their turn.
+const MAX_CONTROL_REQUESTS: usize = 32;
+/// A connection must send a request's headers this soon (the CLI sends them at once), so idle
+/// connections cannot hold the slots above.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause after a failed accept (out of file descriptors, say) instead of spinning on it.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Largest request body read (an expose or forward spec is a few hundred bytes).
 const MAX_REQUEST_BODY: usize = 64 * 1024;
 /// The standard libp2p ping protocol, spoken by every libp2p node.
@@ -55,10 +63,19 @@ pub async fn bind(data_dir: &Path) -> Result<(UnixListener, PathBuf), UserError>
 
 pub async fn serve(listener: UnixListener, handle: NodeHandle, forwarding: Arc<Forwarding>) {
     let permits = Arc::new(Semaphore::new(MAX_CONTROL_CONNECTIONS));
+    let requests = Arc::new(Semaphore::new(MAX_CONTROL_REQUESTS));
     let own_uid = current_uid();
     loop {
         let permit = permits.clone().acquire_owned().await.expect("semaphore never closes");
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: pause instead of spinning on the error.
+                tracing::warn!(error = %e, "control socket accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
         match stream.peer_cred() {
             Ok(cred) if cred.uid() == own_uid || cred.uid() == 0 => {}
             other => {
@@ -69,13 +86,20 @@ pub async fn serve(listener: UnixListener, handle: NodeHandle, forwarding: Arc<F
         let handle = handle.clone();
         let tasks = forwarding.shutdown.clone();
         let forwarding = forwarding.clone();
+        let requests = requests.clone();
         tasks.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let handle = handle.clone();
-                let forwarding = forwarding.clone();
-                async move { Ok::<_, Infallible>(route(req, handle, forwarding).await) }
+                let (handle, forwarding, requests) = (handle.clone(), forwarding.clone(), requests.clone());
+                async move {
+                    let _turn = requests.acquire_owned().await.expect("semaphore never closes");
+                    Ok::<_, Infallible>(route(req, handle, forwarding).await)
+                }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
             drop(permit);
         });
     }

@@ -180,6 +180,19 @@ impl EventLoop {
                 tracing::info!(?dht, routing_table, "DHT bootstrap finished");
             }
             kad::Event::ModeChanged { new_mode } => tracing::info!(?dht, mode = %new_mode, "DHT mode changed"),
+            kad::Event::InboundRequest { request: kad::InboundRequest::AddProvider { record: Some(record) } } => {
+                if accepts_provider(&record, dht, &self.config.kad_protocol) {
+                    use kad::store::RecordStore as _;
+                    if let Err(e) = self.kad(dht).store_mut().add_provider(record) {
+                        tracing::debug!(?dht, error = %e, "provider record not stored");
+                    }
+                } else {
+                    tracing::debug!(?dht, provider = %record.provider, "refusing a provider record for a key it may not claim");
+                }
+            }
+            // Values (PUT_VALUE) are never stored: warren uses none, and storing what anyone
+            // sends would make every server a free storage service.
+            kad::Event::InboundRequest { request: kad::InboundRequest::PutRecord { .. } } => {}
             _ => {}
         }
     }
@@ -316,6 +329,16 @@ impl EventLoop {
     }
 }
 
+/// Whether a provider record from another node is kept. In warren's own DHTs a node may only
+/// provide its own key (how it is found by PeerId) and the relay key (relays announce
+/// themselves); so nobody can publish addresses under someone else's PeerId, or fill the store
+/// with keys of its choosing. A node in the IPFS DHT (`--kad-protocol /ipfs/kad/1.0.0`) serves
+/// provider records as that network expects; the store's own limits bound them.
+fn accepts_provider(record: &kad::ProviderRecord, dht: Dht, kad_protocol: &str) -> bool {
+    let foreign = dht == Dht::Wan && kad_protocol.starts_with("/ipfs/");
+    foreign || record.key == peer_key(&record.provider) || record.key.as_ref() == crate::autorelay::RELAYS_KEY
+}
+
 /// The DHT key under which a node publishes itself as provider (its relayed addresses).
 pub(super) fn peer_key(peer: &PeerId) -> kad::RecordKey {
     kad::RecordKey::new(&peer.to_bytes())
@@ -324,4 +347,27 @@ pub(super) fn peer_key(peer: &PeerId) -> kad::RecordKey {
 /// The addresses a lookup returned for `peer`.
 fn addresses_of(peer: &PeerId, found: &[kad::PeerInfo]) -> Vec<Multiaddr> {
     found.iter().filter(|p| &p.peer_id == peer).flat_map(|p| p.addrs.iter().cloned()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_may_provide_only_its_own_key_and_the_relay_key_in_warrens_dhts() {
+        let (me, other) = (PeerId::random(), PeerId::random());
+        let record = |key: kad::RecordKey| kad::ProviderRecord::new(key, me, Vec::new());
+        let own = record(peer_key(&me));
+        let relays = record(kad::RecordKey::new(&crate::autorelay::RELAYS_KEY));
+        let someone_elses = record(peer_key(&other));
+        let arbitrary = record(kad::RecordKey::new(&b"anything"));
+        for dht in [Dht::Wan, Dht::Lan] {
+            assert!(accepts_provider(&own, dht, "/warren/kad/1.0.0"));
+            assert!(accepts_provider(&relays, dht, "/warren/kad/1.0.0"));
+            assert!(!accepts_provider(&someone_elses, dht, "/warren/kad/1.0.0"), "nobody publishes under another's PeerId");
+            assert!(!accepts_provider(&arbitrary, dht, "/warren/kad/1.0.0"));
+        }
+        assert!(accepts_provider(&arbitrary, Dht::Wan, "/ipfs/kad/1.0.0"), "the IPFS DHT stores what it is for");
+        assert!(!accepts_provider(&arbitrary, Dht::Lan, "/ipfs/kad/1.0.0"));
+    }
 }
