@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
-use warren_forward::{MAX_DATAGRAM, Opened, Request, STREAM_PROTOCOL, Status, Transport};
+use warren_forward::{MAX_DATAGRAM, Opened, STREAM_PROTOCOL, Transport, opener};
 
 use super::udp::{Datagrams, Source, udp_over_stream};
 use super::{Active, Forward, Forwarding, splice};
@@ -125,19 +125,19 @@ impl Spare {
 /// the first data has gone out behind the request.
 async fn open(forwarding: &Arc<Forwarding>, forward: &Arc<Forward>, transport: Transport) -> Result<Compat<Stream>, String> {
     let peer = forward.peer;
-    let request = Request::new(forward.spec.service.clone(), transport);
+    let service = forward.spec.service.as_str();
     let spare = forward.spare.take(&forwarding.node, &peer);
     Spare::refill(forwarding, forward);
     // A spare whose connection has gone fails its request; a fresh stream is tried instead.
     let ready = match spare {
-        Some((mut stream, relayed)) => warren_forward::write_request(&mut stream, &request).await.is_ok().then_some((stream, relayed)),
+        Some((mut stream, relayed)) => opener::send_request(&mut stream, service, transport).await.is_ok().then_some((stream, relayed)),
         None => None,
     };
     let (stream, relayed) = match ready {
         Some(ready) => ready,
         None => {
             let Opened { mut stream, relayed } = forwarding.node.reach_and_open(peer, STREAM_PROTOCOL).await.map_err(|e| e.to_string())?;
-            if let Err(e) = warren_forward::write_request(&mut stream, &request).await {
+            if let Err(e) = opener::send_request(&mut stream, service, transport).await {
                 // A peer may refuse before it reads the request (a peer on none of its
                 // allow-lists, say) and stop the stream: its answer is waiting, and says why.
                 return Err(match tokio::time::timeout(splice::ANSWER_GRACE, accepted(&mut stream)).await {
@@ -154,17 +154,10 @@ async fn open(forwarding: &Arc<Forwarding>, forward: &Arc<Forward>, transport: T
 
 /// Reads the peer's answer to a request: `Ok` if the service accepted, else the refusal as text.
 async fn accepted(r: &mut (impl futures::AsyncRead + Unpin)) -> Result<(), String> {
-    let reply = tokio::time::timeout(REPLY_TIMEOUT, warren_forward::read_reply(r))
-        .await
-        .map_err(|_| "the peer did not answer".to_string())?
-        .map_err(|e| format!("the peer's answer was unreadable: {e}"))?;
-    if reply.status != Status::Accepted {
-        return Err(match reply.detail {
-            Some(detail) => format!("{}: {detail}", reply.status),
-            None => reply.status.to_string(),
-        });
+    match tokio::time::timeout(REPLY_TIMEOUT, opener::read_answer(r)).await {
+        Err(_) => Err("the peer did not answer".to_string()),
+        Ok(answer) => answer.map_err(|refusal| refusal.to_string()),
     }
-    Ok(())
 }
 
 type Sessions = Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>>;

@@ -12,12 +12,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::AsyncWriteExt as _;
 use libp2p::{PeerId, Stream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
-use warren_forward::{Reply, Status, Transport};
+use warren_forward::answerer::{self, RequestError};
+use warren_forward::{Status, Transport};
 
 use super::udp::{self, Datagrams, Source, udp_over_stream};
 use super::{Active, Forwarding, splice};
@@ -179,18 +179,13 @@ pub async fn run(forwarding: Arc<Forwarding>, mut inbound: warren_forward::Incom
 }
 
 async fn refuse(mut stream: Stream, status: Status, detail: Option<String>) {
-    let reply = async {
-        let _ = warren_forward::write_reply(&mut stream, &Reply::new(status, detail)).await;
-        let _ = stream.close().await;
-    };
-    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, reply).await;
+    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, answerer::refuse(&mut stream, status, detail)).await;
 }
 
 async fn serve(forwarding: &Forwarding, peer: PeerId, mut stream: Stream, waiting: WaitingGuard, slots: Arc<Semaphore>) {
-    let request = match tokio::time::timeout(REQUEST_TIMEOUT, warren_forward::read_request(&mut stream)).await {
+    let request = match tokio::time::timeout(REQUEST_TIMEOUT, answerer::read_request(&mut stream)).await {
         Ok(Ok(request)) => request,
-        // A stream opened ahead of need and then dropped (or the peer went away): nothing to say.
-        Ok(Err(warren_forward::FrameError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+        Ok(Err(RequestError::ClosedEarly)) => {
             tracing::debug!(peer = %peer, "a forward stream closed before its request");
             return;
         }
@@ -242,7 +237,7 @@ async fn serve(forwarding: &Forwarding, peer: PeerId, mut stream: Stream, waitin
                 return refuse(stream, Status::UpstreamUnreachable, Some(e.to_string())).await;
             }
         };
-        if warren_forward::write_reply(&mut stream, &Reply::new(Status::Accepted, None)).await.is_err() {
+        if answerer::accept(&mut stream).await.is_err() {
             return;
         }
         let _active = Active::new(&service.stats);
@@ -262,7 +257,7 @@ async fn serve(forwarding: &Forwarding, peer: PeerId, mut stream: Stream, waitin
             return refuse(stream, Status::UpstreamUnreachable, Some("connect timed out".into())).await;
         }
     };
-    if warren_forward::write_reply(&mut stream, &Reply::new(Status::Accepted, None)).await.is_err() {
+    if answerer::accept(&mut stream).await.is_err() {
         return;
     }
     let _active = Active::new(&service.stats);

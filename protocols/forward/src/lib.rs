@@ -42,11 +42,15 @@
 //!
 //! # Crate layout
 //! - [`wire`]: the frames above, as plain async functions (fuzzed and property-tested).
+//! - [`opener`] and [`answerer`]: the message flow from each side (send the request, read the
+//!   answer; read the request, accept or refuse), so neither side writes frames by hand.
 //! - [`Behaviour`] (feature `swarm`, on by default): a libp2p behaviour that accepts
 //!   `/warren/forward/1.0.0` streams on every connection into a bounded queue ([`Incoming`]) and
 //!   opens outbound streams of any protocol on request, preferring a direct connection over a
 //!   relayed one; its per-connection [`handler`] negotiates them.
 
+pub mod answerer;
+pub mod opener;
 pub mod wire;
 #[cfg(feature = "swarm")]
 mod behaviour;

@@ -86,7 +86,8 @@ pub enum Status {
     Accepted,
     /// No service of that name (or not for that transport).
     UnknownService,
-    /// The service exists but this peer is not on its allow-list.
+    /// The service exists but this peer is not on its allow-list. (warren answers such a peer
+    /// `UnknownService`, so that it learns nothing; the status stays for other implementations.)
     NotAllowed,
     /// The exposing node could not connect to the service; the detail is the OS error text.
     UpstreamUnreachable,
