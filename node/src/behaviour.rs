@@ -82,6 +82,8 @@ pub struct Built {
     pub swarm: Swarm<Behaviour>,
     /// Relayed bytes and the aggregate cap, when this node relays for others.
     pub meter: Option<std::sync::Arc<crate::relay_meter::Meter>>,
+    /// The relay's per-IP reservation table, told by the event loop when reservations end.
+    pub reservations_by_ip: Option<crate::relay::ReservationsByIp>,
     /// Inbound forward streams, for the serving task.
     pub inbound: warren_forward::Incoming,
 }
@@ -155,7 +157,10 @@ pub fn build_swarm(
         .map_err(|_| BuildError::KadProtocol(config.kad_protocol.clone()))?;
     let mdns_on = config.mdns;
     let dht_mode = config.dht_mode;
-    let relay_config = config.relay.then(|| (config.relay_limits.to_libp2p(), config.relay_force));
+    let (relay_config, reservations_by_ip) = match config.relay.then(|| config.relay_limits.to_libp2p()) {
+        Some((limits, by_ip)) => (Some((limits, config.relay_force)), Some(by_ip)),
+        None => (None, None),
+    };
     // AutoNAT only trusts globally routable addresses; with public ranges configured those
     // ranges count too, so AutoNAT must consider every address (warren filters by range).
     let autonat_only_global = config.public_ranges.is_empty();
@@ -251,5 +256,5 @@ pub fn build_swarm(
         // would save it, but stalls protocols where the opener only reads (identify).
         .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout()))
         .build();
-    Ok(Built { swarm, meter, inbound })
+    Ok(Built { swarm, meter, reservations_by_ip, inbound })
 }

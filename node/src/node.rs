@@ -82,7 +82,7 @@ pub async fn up(data_dir: &Path, mut config: Config) -> Result<(), UserError> {
     let udp_idle = std::time::Duration::from_secs(config.udp_idle_timeout_secs);
     let (exposes, forwards) = (config.expose.clone(), config.forward.clone());
     let (event_loop, handle) = EventLoop::new(swarm, config, book, writer, policy, listeners);
-    let event_loop = event_loop.with_meter(built.meter);
+    let event_loop = event_loop.with_relay(built.meter, built.reservations_by_ip);
     let shutdown = Shutdown::new();
     let forwarding = Forwarding::new(handle.clone(), udp_idle, store.tree("forwarding")?, shutdown.clone());
     forwarding.restore(&exposes, &forwards).await.map_err(|e| UserError::bad_input(e.to_string()))?;

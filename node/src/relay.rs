@@ -5,7 +5,6 @@
 //! few peers; every limit can be raised, lowered, or set to `"unlimited"` explicitly.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,6 +12,7 @@ use std::time::{Duration, Instant};
 use libp2p::{Multiaddr, PeerId, relay};
 
 use crate::addresses::ip_of;
+use crate::ip_limits::Source;
 use serde::{Deserialize, Serialize};
 
 /// A limit: a number, or `"unlimited"` said explicitly.
@@ -137,12 +137,13 @@ impl RelayLimits {
         }
     }
 
-    /// The libp2p relay configuration these limits stand for.
-    pub fn to_libp2p(&self) -> relay::Config {
+    /// The libp2p relay configuration these limits stand for, and the per-IP reservation table
+    /// it uses (the event loop tells it when reservations end).
+    pub fn to_libp2p(&self) -> (relay::Config, ReservationsByIp) {
         let lifetime = Duration::from_secs(self.reservation_duration_secs);
         let per_peer = self.max_reservations_per_peer.count();
-        let mut reservation_limiters: Vec<Box<dyn relay::RateLimiter>> =
-            vec![Box::new(PerIpReservations::new(self.max_reservations_per_ip.count(), lifetime))];
+        let by_ip = ReservationsByIp(Arc::new(Mutex::new(PerIpReservations::new(self.max_reservations_per_ip.count(), lifetime))));
+        let mut reservation_limiters: Vec<Box<dyn relay::RateLimiter>> = vec![Box::new(by_ip.clone())];
         if per_peer == 0 {
             reservation_limiters.push(Box::new(deny_all));
         }
@@ -169,7 +170,7 @@ impl RelayLimits {
                 None => config.circuit_src_rate_limiters.push(Box::new(deny_all)),
             }
         }
-        config
+        (config, by_ip)
     }
 }
 
@@ -177,26 +178,30 @@ fn deny_all(_: PeerId, _: &Multiaddr, _: Instant) -> bool {
     false
 }
 
-/// Caps how many distinct peers from one IP address hold reservations. libp2p's relay offers
-/// only rate limits per IP; this tracks reservation holders per IP until their reservation would
-/// have expired. Bounded: at most [`PER_IP_TRACKED`] addresses are remembered.
+/// Caps how many distinct peers from one IP address (one IPv6 /64) hold reservations.
+/// libp2p's relay offers only rate limits per IP; this table tracks who holds a reservation
+/// from where, and forgets a holder as soon as its reservation closes or times out (told by the
+/// event loop through [`ReservationsByIp::on_event`]), so throwaway identities behind one
+/// carrier-grade NAT address lock it out only while they hold their reservations. Entries whose
+/// reservation would have expired are dropped too, in case an event was missed. Bounded: at
+/// most [`PER_IP_TRACKED`] sources are remembered.
 struct PerIpReservations {
     max: usize,
     lifetime: Duration,
-    holders: HashMap<IpAddr, HashMap<PeerId, Instant>>,
+    holders: HashMap<Source, HashMap<PeerId, Instant>>,
+    sources: HashMap<PeerId, Source>,
 }
 
 const PER_IP_TRACKED: usize = 16_384;
 
 impl PerIpReservations {
     fn new(max: usize, lifetime: Duration) -> Self {
-        Self { max, lifetime, holders: HashMap::new() }
+        Self { max, lifetime, holders: HashMap::new(), sources: HashMap::new() }
     }
-}
 
-impl relay::RateLimiter for PerIpReservations {
     fn try_next(&mut self, peer: PeerId, addr: &Multiaddr, now: Instant) -> bool {
         let Some(ip) = ip_of(addr) else { return true };
+        let source = Source::of(ip);
         // A renewal arrives a little before expiry; keep a margin so it is not counted twice.
         let lifetime = self.lifetime + Duration::from_secs(60);
         if self.holders.len() >= PER_IP_TRACKED {
@@ -204,20 +209,57 @@ impl relay::RateLimiter for PerIpReservations {
                 peers.retain(|_, at| now.duration_since(*at) < lifetime);
                 !peers.is_empty()
             });
-            if self.holders.len() >= PER_IP_TRACKED && !self.holders.contains_key(&ip) {
+            self.sources.retain(|_, s| self.holders.contains_key(s));
+            if self.holders.len() >= PER_IP_TRACKED && !self.holders.contains_key(&source) {
                 return false;
             }
         }
-        let peers = self.holders.entry(ip).or_default();
+        let peers = self.holders.entry(source).or_default();
         peers.retain(|_, at| now.duration_since(*at) < lifetime);
         if !peers.contains_key(&peer) && peers.len() >= self.max {
             return false;
         }
         peers.insert(peer, now);
+        self.sources.insert(peer, source);
         true
+    }
+
+    fn release(&mut self, peer: &PeerId) {
+        let Some(source) = self.sources.remove(peer) else { return };
+        if let Some(peers) = self.holders.get_mut(&source) {
+            peers.remove(peer);
+            if peers.is_empty() {
+                self.holders.remove(&source);
+            }
+        }
     }
 }
 
+/// The per-IP reservation table, shared by the relay's rate limiter and the event loop.
+#[derive(Clone)]
+pub struct ReservationsByIp(Arc<Mutex<PerIpReservations>>);
+
+impl ReservationsByIp {
+    /// Forgets a holder whose reservation timed out. (libp2p also reports `ReservationClosed`
+    /// when a connection whose reservation was *denied* closes, so that event cannot tell a
+    /// holder left: [`ReservationsByIp::on_disconnected`] does.)
+    pub fn on_event(&self, event: &relay::Event) {
+        if let relay::Event::ReservationTimedOut { src_peer_id } = event {
+            self.on_disconnected(src_peer_id);
+        }
+    }
+
+    /// The peer has no connection left to us, so it holds no reservation: its place is free.
+    pub fn on_disconnected(&self, peer: &PeerId) {
+        self.0.lock().expect("reservation table lock").release(peer);
+    }
+}
+
+impl relay::RateLimiter for ReservationsByIp {
+    fn try_next(&mut self, peer: PeerId, addr: &Multiaddr, now: Instant) -> bool {
+        self.0.lock().expect("reservation table lock").try_next(peer, addr, now)
+    }
+}
 
 /// What a relay has served, for `warren status` and metrics.
 #[derive(Debug, Default)]
@@ -297,13 +339,37 @@ mod tests {
         let addr: Multiaddr = "/ip4/192.0.2.1/tcp/1".parse().unwrap();
         let now = Instant::now();
         let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
-        use relay::RateLimiter;
         assert!(limiter.try_next(a, &addr, now));
         assert!(limiter.try_next(b, &addr, now));
         assert!(!limiter.try_next(c, &addr, now), "a third peer from the same IP is denied");
         assert!(limiter.try_next(a, &addr, now), "a holder may renew");
         let other: Multiaddr = "/ip4/192.0.2.2/tcp/1".parse().unwrap();
         assert!(limiter.try_next(c, &other, now), "another IP has its own cap");
+    }
+
+    #[test]
+    fn a_closed_reservation_frees_its_place_at_once_and_ipv6_counts_per_64() {
+        let table = ReservationsByIp(Arc::new(Mutex::new(PerIpReservations::new(2, Duration::from_secs(3600)))));
+        let mut limiter = table.clone();
+        use relay::RateLimiter;
+        let now = Instant::now();
+        let addr: Multiaddr = "/ip4/192.0.2.1/tcp/1".parse().unwrap();
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        assert!(limiter.try_next(a, &addr, now) && limiter.try_next(b, &addr, now));
+        assert!(!limiter.try_next(c, &addr, now));
+        table.on_event(&relay::Event::ReservationClosed { src_peer_id: a });
+        assert!(!limiter.try_next(c, &addr, now), "libp2p says closed for denied connections too: not enough");
+        table.on_disconnected(&a);
+        assert!(limiter.try_next(c, &addr, now), "the place is free as soon as the holder left, not an hour later");
+        table.on_event(&relay::Event::ReservationTimedOut { src_peer_id: b });
+        assert!(limiter.try_next(a, &addr, now), "a reservation that timed out frees its place too");
+
+        let v6 = |s: &str| -> Multiaddr { format!("/ip6/{s}/udp/1/quic-v1").parse().unwrap() };
+        let (d, e, f) = (PeerId::random(), PeerId::random(), PeerId::random());
+        assert!(limiter.try_next(d, &v6("2001:db8:0:1::1"), now));
+        assert!(limiter.try_next(e, &v6("2001:db8:0:1::2"), now));
+        assert!(!limiter.try_next(f, &v6("2001:db8:0:1:ffff::3"), now), "one /64 is one source");
+        assert!(limiter.try_next(f, &v6("2001:db8:0:2::1"), now));
     }
 
     #[test]

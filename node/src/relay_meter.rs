@@ -2,10 +2,13 @@
 //!
 //! libp2p's relay copies circuit data between two streams inside its handler and reports neither
 //! byte counts nor offers a rate limit. A relay node's connections are therefore wrapped: every
-//! substream watches its first bytes for the relay protocol ids (the multistream-select header
-//! names `/libp2p/circuit/relay/0.2.0/hop` or `/stop`), and the bytes *read* on such streams are
-//! the relayed traffic (each relayed byte is read once, on the source's stream, then written to the
-//! destination's). Reads on them draw from one token bucket, so the aggregate rate stays within
+//! substream follows the multistream-select negotiation *this node writes* and learns which
+//! protocol was agreed: on a stream the peer opened, the protocol this node echoes back (after
+//! any number of `na` answers to proposals it does not speak); on a stream this node opened, the
+//! protocol it proposes (its own choice). Streams agreed on `/libp2p/circuit/relay/0.2.0/hop` or
+//! `/stop` carry relayed traffic, and the bytes *read* on them are counted (each relayed byte is
+//! read once, on the source's stream, then written to the destination's). What a peer sends
+//! cannot hide a relay stream: only the agreement counts, wherever it falls in the stream. Reads on them draw from one token bucket, so the aggregate rate stays within
 //! the operator's cap: a full bucket makes the relay read slower, and flow control slows the
 //! senders. Other streams are not touched beyond the first bytes.
 
@@ -19,9 +22,14 @@ use std::time::{Duration, Instant};
 use futures::{AsyncRead, AsyncWrite};
 use libp2p::core::muxing::{StreamMuxer, StreamMuxerEvent};
 
-/// Bytes of a substream's start examined for a relay protocol id.
-const SNIFF_BYTES: usize = 128;
+/// Negotiation bytes this node may write on one stream before the stream counts as relayed
+/// anyway: an honest negotiation is a few dozen bytes; a peer that keeps it going (bogus
+/// proposals answered `na`) gets metered rather than ignored.
+const MAX_NEGOTIATION_BYTES: usize = 16 * 1024;
 const RELAY_PROTOCOL_PREFIX: &[u8] = b"/libp2p/circuit/relay/0.2.0/";
+/// The multistream-select header and answer, which are not agreements.
+const MULTISTREAM_HEADER: &[u8] = b"/multistream/1.0.0";
+const NOT_AVAILABLE: &[u8] = b"na";
 
 /// The relay's shared counter and (optional) rate cap.
 pub struct Meter {
@@ -109,26 +117,40 @@ pub struct MeteredStream<S> {
     inner: S,
     meter: std::sync::Arc<Meter>,
     kind: Kind,
+    /// Negotiation bytes written and not yet parsed into whole messages.
     seen: Vec<u8>,
+    written_total: usize,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S> MeteredStream<S> {
     fn new(inner: S, meter: std::sync::Arc<Meter>) -> Self {
-        MeteredStream { inner, meter, kind: Kind::Unknown, seen: Vec::new(), sleep: None }
+        MeteredStream { inner, meter, kind: Kind::Unknown, seen: Vec::new(), written_total: 0, sleep: None }
     }
 
-    fn sniff(&mut self, bytes: &[u8]) {
+    /// Follows the negotiation messages this node writes until one is an agreement.
+    fn written(&mut self, bytes: &[u8]) {
         if self.kind != Kind::Unknown {
             return;
         }
-        let room = SNIFF_BYTES - self.seen.len();
-        self.seen.extend_from_slice(&bytes[..bytes.len().min(room)]);
-        if self.seen.windows(RELAY_PROTOCOL_PREFIX.len()).any(|w| w == RELAY_PROTOCOL_PREFIX) {
-            self.kind = Kind::Relay;
+        self.seen.extend_from_slice(bytes);
+        self.written_total += bytes.len();
+        let mut at = 0;
+        while let Some((message, len)) = next_message(&self.seen[at..]) {
+            at += len;
+            let protocol = message.strip_suffix(b"\n").unwrap_or(message);
+            // The header, `na`, and the answer to `ls` (a list, not a protocol id) agree on
+            // nothing; an agreement echoes one protocol id, which starts with '/'.
+            if protocol == MULTISTREAM_HEADER || protocol == NOT_AVAILABLE || !protocol.starts_with(b"/") {
+                continue;
+            }
+            self.kind = if protocol.starts_with(RELAY_PROTOCOL_PREFIX) { Kind::Relay } else { Kind::Other };
             self.seen = Vec::new();
-        } else if self.seen.len() >= SNIFF_BYTES {
-            self.kind = Kind::Other;
+            return;
+        }
+        self.seen.drain(..at);
+        if self.written_total > MAX_NEGOTIATION_BYTES {
+            self.kind = Kind::Relay;
             self.seen = Vec::new();
         }
     }
@@ -151,10 +173,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for MeteredStream<S> {
             }
         }
         let n = futures::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-        match this.kind {
-            Kind::Relay => this.meter.took(n),
-            Kind::Unknown => this.sniff(&buf[..n]),
-            Kind::Other => {}
+        if this.kind == Kind::Relay {
+            this.meter.took(n);
         }
         Poll::Ready(Ok(n))
     }
@@ -164,7 +184,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for MeteredStream<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let n = futures::ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
-        this.sniff(&buf[..n]);
+        this.written(&buf[..n]);
         Poll::Ready(Ok(n))
     }
 
@@ -175,6 +195,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for MeteredStream<S> {
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_close(cx)
     }
+}
+
+/// The first multistream-select message in `bytes` (an unsigned-varint length, then that many
+/// bytes) and the bytes it takes, if it is all there.
+fn next_message(bytes: &[u8]) -> Option<(&[u8], usize)> {
+    let (len, rest) = unsigned_varint::decode::usize(bytes).ok()?;
+    let body = rest.get(..len)?;
+    Some((body, bytes.len() - rest.len() + len))
 }
 
 #[cfg(test)]
@@ -192,15 +220,64 @@ mod tests {
         assert_eq!(Meter::new(None).wait(), Duration::ZERO);
     }
 
+    fn message(protocol: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        let body = format!("{protocol}\n");
+        out.extend(unsigned_varint::encode::usize(body.len(), &mut unsigned_varint::encode::usize_buffer()));
+        out.extend(body.as_bytes());
+        out
+    }
+
     #[test]
-    fn relay_streams_are_recognised_by_their_protocol_id() {
+    fn relay_streams_are_recognised_by_the_protocol_agreed() {
         let meter = std::sync::Arc::new(Meter::new(None));
         let mut s = MeteredStream::new((), meter.clone());
-        s.sniff(b"\x13/multistream/1.0.0\n\x20/libp2p/circuit/relay/0.2.0/hop\n");
+        s.written(&message("/multistream/1.0.0"));
+        s.written(&message("/libp2p/circuit/relay/0.2.0/hop"));
         assert_eq!(s.kind, Kind::Relay);
-        let mut s = MeteredStream::new((), meter);
-        s.sniff(b"\x13/multistream/1.0.0\n\x16/warren/forward/1.0.0\n");
-        s.sniff(&[0u8; 200]);
+        let mut s = MeteredStream::new((), meter.clone());
+        s.written(&message("/multistream/1.0.0"));
+        s.written(&message("/warren/forward/1.0.0"));
         assert_eq!(s.kind, Kind::Other);
+        // A message split across writes is put together first.
+        let mut s = MeteredStream::new((), meter);
+        let hop = [message("/multistream/1.0.0"), message("/libp2p/circuit/relay/0.2.0/stop")].concat();
+        for byte in hop.chunks(3) {
+            s.written(byte);
+        }
+        assert_eq!(s.kind, Kind::Relay);
+    }
+
+    #[test]
+    fn a_long_bogus_proposal_answered_na_does_not_hide_the_hop_protocol_agreed_after_it() {
+        // The bypass: the client proposes 500 bytes of nonsense first; this node answers `na`,
+        // then echoes the hop protocol well past the first 128 bytes of the stream.
+        let meter = std::sync::Arc::new(Meter::new(None));
+        let mut s = MeteredStream::new((), meter);
+        s.written(&message("/multistream/1.0.0"));
+        for _ in 0..20 {
+            s.written(&message("na"));
+        }
+        // An `ls` answer (a list of varint-prefixed ids) is not an agreement either.
+        let list = [message("/ipfs/id/1.0.0"), message("/libp2p/circuit/relay/0.2.0/hop")].concat();
+        let mut ls = Vec::new();
+        ls.extend(unsigned_varint::encode::usize(list.len() + 1, &mut unsigned_varint::encode::usize_buffer()));
+        ls.extend(list);
+        ls.push(b'\n');
+        s.written(&ls);
+        assert_eq!(s.kind, Kind::Unknown, "nothing agreed yet");
+        s.written(&message("/libp2p/circuit/relay/0.2.0/hop"));
+        assert_eq!(s.kind, Kind::Relay);
+    }
+
+    #[test]
+    fn a_negotiation_that_never_ends_is_metered() {
+        let meter = std::sync::Arc::new(Meter::new(None));
+        let mut s = MeteredStream::new((), meter);
+        s.written(&message("/multistream/1.0.0"));
+        while s.kind == Kind::Unknown && s.written_total <= MAX_NEGOTIATION_BYTES {
+            s.written(&message("na"));
+        }
+        assert_eq!(s.kind, Kind::Relay);
     }
 }

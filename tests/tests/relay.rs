@@ -223,15 +223,16 @@ fn relay_limits_deny_with_the_relay_status_code_and_serve_allowed_peers() {
     let relay_addr: libp2p::Multiaddr = r.quic_addr().parse().unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (first, _first_swarm) = runtime.block_on(reserve_as(key.clone(), relay_addr.clone()));
-    let (second, _second_swarm) = runtime.block_on(reserve_as(key.clone(), relay_addr));
+    let (second, _second_swarm) = runtime.block_on(reserve_as(key.clone(), relay_addr.clone()));
     assert!(first && !second, "one reservation per peer: first {first}, second {second}");
     let denial = format!("{}: ResourceLimitExceeded", key.public().to_peer_id());
     wait_until(Duration::from_secs(5), "the relay's record of the denial", || {
         r.status()["relay"]["last_denial"].as_str().is_some_and(|d| d.contains(&denial))
     });
-    drop((_first_swarm, _second_swarm));
+    drop(_second_swarm);
 
-    // A third peer from the same IP is over the per-IP cap: denied with RESOURCE_LIMIT_EXCEEDED.
+    // A fourth peer from the same IP (B, C and the first one hold reservations) is over the
+    // per-IP cap: denied with RESOURCE_LIMIT_EXCEEDED.
     let d = behind(&r);
     wait_until(Duration::from_secs(20), "D's reservation denied", || {
         d.status()["relay_last_error"].as_str().is_some_and(|e| e.contains("resource limit exceeded"))
@@ -239,6 +240,17 @@ fn relay_limits_deny_with_the_relay_status_code_and_serve_allowed_peers() {
     let status = r.status();
     assert!(status["relay"]["reservations_denied"].as_u64().unwrap() >= 1, "{status}");
     assert!(status["relay"]["last_denial"].as_str().unwrap().contains("ResourceLimitExceeded"), "{status}");
+    drop(d);
+
+    // A holder that leaves frees its place at once (it used to stay taken for an hour): once
+    // the first peer is gone, a new peer from the same IP gets a reservation.
+    drop(_first_swarm);
+    let mut swarms = Vec::new();
+    wait_until(Duration::from_secs(20), "a new peer reserved in the place the first one left", || {
+        let (reserved, swarm) = runtime.block_on(reserve_as(libp2p::identity::Keypair::generate_ed25519(), relay_addr.clone()));
+        swarms.push(swarm);
+        reserved
+    });
 
     // A (no direct address either, so no hole punching replaces the circuit) opens one circuit
     // to B; a second circuit from A (to C) is over the per-peer circuit cap.

@@ -90,6 +90,7 @@ pub struct EventLoop {
     redials: HashMap<PeerId, u8>,
     autorelay: AutoRelay,
     relay_stats: RelayStats,
+    reservations_by_ip: Option<crate::relay::ReservationsByIp>,
     relay_advertised: bool,
     relay_lookups: std::collections::HashSet<kad::QueryId>,
     /// When our own provider record is next published, per DHT.
@@ -133,6 +134,7 @@ impl EventLoop {
             redials: HashMap::new(),
             autorelay: AutoRelay::new(if config.relay { 0 } else { config.auto_relays }, &config.relay_via),
             relay_stats: RelayStats::default(),
+            reservations_by_ip: None,
             relay_advertised: config.relay_force,
             relay_lookups: Default::default(),
             own_record_due: HashMap::new(),
@@ -145,9 +147,15 @@ impl EventLoop {
         (event_loop, handle)
     }
 
-    /// Gives the loop the relay's byte meter (relay nodes only), for `warren status`.
-    pub fn with_meter(mut self, meter: Option<std::sync::Arc<crate::relay_meter::Meter>>) -> Self {
+    /// Gives the loop what the relay service shares with it (relay nodes only): the byte meter,
+    /// for `warren status`, and the per-IP reservation table, told when reservations end.
+    pub fn with_relay(
+        mut self,
+        meter: Option<std::sync::Arc<crate::relay_meter::Meter>>,
+        by_ip: Option<crate::relay::ReservationsByIp>,
+    ) -> Self {
         self.meter = meter;
+        self.reservations_by_ip = by_ip;
         self
     }
 
@@ -372,6 +380,9 @@ impl EventLoop {
                 self.hole_punch.on_connection_closed(connection_id);
                 if num_established == 0 {
                     self.hole_punch.on_disconnected(&peer_id);
+                    if let Some(by_ip) = &self.reservations_by_ip {
+                        by_ip.on_disconnected(&peer_id);
+                    }
                     self.autorelay.on_disconnected(peer_id);
                     let now = unix_now();
                     self.book.update(peer_id, |r| r.last_seen = now);

@@ -28,6 +28,9 @@ impl EventLoop {
             _ => {}
         }
         self.relay_stats.on_event(&event);
+        if let Some(by_ip) = &self.reservations_by_ip {
+            by_ip.on_event(&event);
+        }
     }
 
     /// Tells the DHT this node relays, so nodes without candidates can find it. Once per
