@@ -43,6 +43,9 @@ pub(super) struct HolePunch {
     punched: HashMap<ConnectionId, Duration>,
     stats: HolePunchStats,
     repunch: HashMap<PeerId, Repunch>,
+    /// Re-punches made since the peer was last punched to (or connected afresh): the schedule
+    /// goes on from here, and ends, whatever started it.
+    tried: HashMap<PeerId, usize>,
 }
 
 impl HolePunch {
@@ -56,6 +59,23 @@ impl HolePunch {
 
     pub(super) fn on_disconnected(&mut self, peer: &PeerId) {
         self.relayed_since.remove(peer);
+        self.tried.remove(peer);
+    }
+
+    /// We dialed the peer through a relay (`circuit`) and have no direct connection to it. The
+    /// peer's DCUtR tries to punch now; should that fail (the direct path may be down just
+    /// then, and only the peer hears of the failure), a re-punch follows on the schedule, from
+    /// its second step. Without this, a direct path that died after the relayed connection had
+    /// closed as idle was never punched again.
+    pub(super) fn on_relayed_dial(&mut self, peer: PeerId, circuit: Multiaddr, now: Instant) {
+        self.relayed_since.entry(peer).or_insert(now);
+        if self.repunch.contains_key(&peer) {
+            return;
+        }
+        let attempt = self.tried.get(&peer).copied().unwrap_or(0).max(1);
+        if let Some(wait) = REPUNCH_BACKOFF.get(attempt) {
+            self.repunch.insert(peer, Repunch { circuit, due: now + *wait, attempt });
+        }
     }
 
     /// The peer's last direct connection closed while relayed ones remain. A later punch is
@@ -81,6 +101,7 @@ impl HolePunch {
     pub(super) fn repunched(&mut self, peer: PeerId, mut r: Repunch, now: Instant) -> usize {
         r.attempt += 1;
         let attempt = r.attempt;
+        self.tried.insert(peer, attempt);
         if let Some(wait) = REPUNCH_BACKOFF.get(r.attempt) {
             r.due = now + *wait;
             self.repunch.insert(peer, r);
@@ -98,6 +119,7 @@ impl HolePunch {
         let after = self.relayed_since.get(&peer).map(|t| now.saturating_duration_since(*t)).unwrap_or_default();
         self.punched.insert(connection, after);
         self.repunch.remove(&peer);
+        self.tried.remove(&peer);
         after
     }
 
@@ -194,6 +216,22 @@ mod tests {
         assert!(punch.take_due(now).is_empty(), "not before the first wait");
         assert_eq!(repunch_times(&mut punch, peer, now), [1000, 6000, 11000, 21000, 41000, 101000]);
         assert!(punch.repunch.is_empty(), "the schedule is used up");
+    }
+
+    #[test]
+    fn a_relayed_dial_without_a_direct_path_is_followed_by_re_punches_that_end() {
+        let (mut punch, peer, now) = (HolePunch::default(), PeerId::random(), Instant::now());
+        punch.on_relayed_dial(peer, circuit(), now);
+        assert!(punch.take_due(now + Duration::from_millis(4900)).is_empty(), "the peer's own DCUtR goes first");
+        let times = repunch_times(&mut punch, peer, now);
+        assert_eq!(times, [5000, 10000, 20000, 40000, 100000]);
+        // Each re-punch is a relayed dial too: it neither restarts nor prolongs the schedule.
+        punch.on_relayed_dial(peer, circuit(), now + Duration::from_secs(200));
+        assert!(punch.take_due(now + Duration::from_secs(1000)).is_empty(), "the schedule ended");
+        // A fresh connection after the peer was gone starts it again.
+        punch.on_disconnected(&peer);
+        punch.on_relayed_dial(peer, circuit(), now + Duration::from_secs(300));
+        assert_eq!(punch.take_due(now + Duration::from_secs(305)).len(), 1);
     }
 
     #[test]

@@ -363,7 +363,12 @@ impl EventLoop {
                     let _ = self.swarm.behaviour_mut().lan_kad.bootstrap();
                 }
                 if is_relayed(&address) {
-                    self.hole_punch.on_relayed_connection(peer_id, Instant::now());
+                    let direct = self.conns.values().any(|c| c.peer == peer_id && !is_relayed(&c.address));
+                    if outbound && !direct {
+                        self.hole_punch.on_relayed_dial(peer_id, address.clone(), Instant::now());
+                    } else {
+                        self.hole_punch.on_relayed_connection(peer_id, Instant::now());
+                    }
                 }
                 self.conns.insert(connection_id, ConnInfo { peer: peer_id, address, outbound, since: Instant::now(), rtt: None });
                 self.finish_connect(&peer_id, Ok(()));
