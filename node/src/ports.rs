@@ -19,6 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use libp2p::{Multiaddr, multiaddr::Protocol};
 
+use crate::addresses::ip_of;
 use crate::error::UserError;
 
 /// What a bind of the address by us found.
@@ -71,12 +72,7 @@ pub fn choose(listen: &[Multiaddr], defaults: bool) -> Result<Vec<Multiaddr>, Us
 
 /// Binds the address's port once, without sharing it, to see whether anyone else holds it.
 pub fn check(addr: &Multiaddr) -> PortCheck {
-    let ip = addr.iter().find_map(|p| match p {
-        Protocol::Ip4(a) => Some(IpAddr::from(a)),
-        Protocol::Ip6(a) => Some(IpAddr::from(a)),
-        _ => None,
-    });
-    let (Some(ip), Some((port, tcp))) = (ip, port_of(addr)) else { return PortCheck::Free };
+    let (Some(ip), Some((port, tcp))) = (ip_of(addr), port_of(addr)) else { return PortCheck::Free };
     if port == 0 {
         return PortCheck::Free;
     }

@@ -93,7 +93,7 @@ impl Refused {
 /// Refusals counted by reason, and logged at a bounded rate.
 #[derive(Default)]
 pub struct Refusals {
-    counts: [AtomicU64; 6],
+    counts: [AtomicU64; Refused::ALL.len()],
     last_log: Mutex<Option<Instant>>,
     unlogged: AtomicU64,
 }
