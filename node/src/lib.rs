@@ -24,7 +24,8 @@
 //!   publicly reachable.
 //! - [`addresses`]: the address policy (what is public, what is ours, what is dialed, stored
 //!   and given to each DHT); [`dial_gate`] applies it to every dial.
-//! - [`store`] and [`peer_record`]: identity and peer store in sled.
+//! - [`store`] and [`peer_record`]: identity and peer store in sled; [`private_files`]: the
+//!   data dir, the key file and the control socket kept to the node's owner.
 //! - [`error`]: errors meant for the person at the terminal.
 
 pub mod addresses;
@@ -46,6 +47,7 @@ pub mod node;
 pub mod output;
 pub mod peer_record;
 pub mod ports;
+pub mod private_files;
 pub mod relay;
 pub mod relay_meter;
 pub mod resources;

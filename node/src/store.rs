@@ -1,11 +1,17 @@
-//! What a node keeps across runs, in one sled database under `<data dir>/store`:
-//! its identity (tree `meta`) and its peer store (tree `peers`).
+//! What a node keeps across runs: its private key in `<data dir>/identity.key` (one file, mode
+//! 0600, created exclusively: see [`crate::private_files`]), and in one sled database under
+//! `<data dir>/store` the PeerId that key belongs to (tree `meta`) and the peer store (tree
+//! `peers`).
 //!
 //! Crash safety: sled is log-structured and recovers to its last flushed state after `kill -9`;
-//! the writer thread flushes after every batch. The identity is additionally mirrored to
-//! `<data dir>/identity.key` (written atomically, mode 0600) so that a store which cannot be
-//! opened can be set aside without ever replacing the identity: when neither copy is readable
-//! the node refuses to start.
+//! the writer thread flushes after every batch. A store that sled reports as corrupt is set aside
+//! (renamed, never deleted) and a fresh one started, loudly; any other failure to open it (no
+//! space, no permission, a lock) stops the start with the reason, leaving the store as it is.
+//! The node never starts as a different peer by accident: a store whose PeerId does not match
+//! the key file, or a missing key file beside a store that names a PeerId, stops the start.
+//!
+//! Stores written before the key moved out of sled held it in `meta` under `identity`; opening one
+//! writes the key file from it (if missing) and removes it from the store.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,7 +24,10 @@ use crate::peer_record::{PeerRecord, PeerWrite, unix_now};
 
 const STORE_DIR: &str = "store";
 const IDENTITY_FILE: &str = "identity.key";
-const IDENTITY_KEY: &[u8] = b"identity";
+/// Where stores written before the key file was the only copy kept the key itself.
+const LEGACY_IDENTITY_KEY: &[u8] = b"identity";
+/// The PeerId of the key this store belongs to.
+const PEER_ID_KEY: &[u8] = b"peer_id";
 const PEERS_TREE: &str = "peers";
 const META_TREE: &str = "meta";
 /// Flushes sled's write-ahead log at least this often even between our own explicit flushes.
@@ -28,8 +37,10 @@ const FLUSH_EVERY_MS: u64 = 500;
 pub struct Store {
     db: sled::Db,
     peers: sled::Tree,
-    /// Set when the previous store could not be opened and was moved here.
+    /// Set when the previous store was corrupt and was moved here.
     pub set_aside: Option<PathBuf>,
+    /// Set when the data dir was open to other users and has been closed.
+    pub dir_warning: Option<String>,
     pub keypair: Keypair,
     /// Whether the identity was created by this start.
     pub new_identity: bool,
@@ -39,7 +50,12 @@ impl Store {
     /// Opens (or creates) the store in `data_dir`, recovering from a broken store as the module
     /// docs describe.
     pub fn open(data_dir: &Path) -> Result<Self, UserError> {
-        prepare_data_dir(data_dir)?;
+        let dir_warning = crate::private_files::prepare_data_dir(data_dir)?;
+        if let Some(warning) = &dir_warning {
+            tracing::warn!("{warning}");
+            eprintln!("warning: {warning}");
+        }
+        probe_writable(data_dir)?;
         let store_path = data_dir.join(STORE_DIR);
         let (db, set_aside) = match open_db(&store_path) {
             Ok(db) => (db, None),
@@ -49,7 +65,13 @@ impl Store {
                     data_dir.display()
                 )));
             }
-            Err(OpenError::Broken(reason)) => {
+            Err(OpenError::Failed(reason)) => {
+                return Err(UserError::operation(format!(
+                    "cannot open the store {} ({reason}); it was left as it is",
+                    store_path.display()
+                )));
+            }
+            Err(OpenError::Corrupt(reason)) => {
                 let aside = data_dir.join(format!("{STORE_DIR}.broken-{}", unix_now()));
                 std::fs::rename(&store_path, &aside).map_err(|e| {
                     UserError::operation(format!(
@@ -59,7 +81,12 @@ impl Store {
                 })?;
                 tracing::error!(
                     store = %store_path.display(), kept = %aside.display(), %reason,
-                    "the peer store could not be opened; it was kept aside and a fresh one started"
+                    "the store is corrupt; it was kept aside and a fresh one started: the peers it knew are forgotten"
+                );
+                eprintln!(
+                    "warning: the store {} is corrupt ({reason}); it was moved to {} and a fresh one started",
+                    store_path.display(),
+                    aside.display()
                 );
                 let db = open_db(&store_path).map_err(|e| {
                     UserError::operation(format!("cannot create a fresh store at {}: {e}", store_path.display()))
@@ -71,7 +98,7 @@ impl Store {
         let peers = db.open_tree(PEERS_TREE).map_err(storage_error)?;
         let (keypair, new_identity) = load_identity(data_dir, &meta, set_aside.as_deref())?;
         db.flush().map_err(storage_error)?;
-        Ok(Self { db, peers, set_aside, keypair, new_identity })
+        Ok(Self { db, peers, set_aside, dir_warning, keypair, new_identity })
     }
 
     /// A named tree of the store, for other parts of the node (forwarding keeps its entries here).
@@ -166,14 +193,17 @@ impl PeerStoreWriter {
 
 enum OpenError {
     Locked,
-    Broken(String),
+    /// Sled found its files damaged: the only case where the store is set aside.
+    Corrupt(String),
+    /// Anything else (no space, no permission, an unsupported format): the store is left alone.
+    Failed(String),
 }
 
 impl std::fmt::Display for OpenError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             OpenError::Locked => f.write_str("locked by another process"),
-            OpenError::Broken(reason) => f.write_str(reason),
+            OpenError::Corrupt(reason) | OpenError::Failed(reason) => f.write_str(reason),
         }
     }
 }
@@ -188,28 +218,20 @@ fn open_db(path: &Path) -> Result<sled::Db, OpenError> {
         sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => {
             OpenError::Locked
         }
-        other => OpenError::Broken(other.to_string()),
+        sled::Error::Corruption { .. } => OpenError::Corrupt(e.to_string()),
+        // Sled reads a damaged log as data that ends early or makes no sense.
+        sled::Error::Io(io) if matches!(io.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData) => {
+            OpenError::Corrupt(e.to_string())
+        }
+        // Sled's answer to a `conf` file that is not text. Warren stores were always written by
+        // sled 0.34, so here it means the file was damaged, not that it is from an older sled.
+        sled::Error::Unsupported(why) if why.contains("earlier than 0.29") => OpenError::Corrupt(e.to_string()),
+        other => OpenError::Failed(other.to_string()),
     })
 }
 
-/// Creates the data dir (mode 0700) or checks the existing one is a writable directory.
-fn prepare_data_dir(dir: &Path) -> Result<(), UserError> {
-    use std::os::unix::fs::DirBuilderExt;
-    if dir.exists() && !dir.is_dir() {
-        return Err(UserError::bad_input(format!(
-            "data dir {} is not a directory: pass --data-dir with a directory path",
-            dir.display()
-        )));
-    }
-    if !dir.exists() {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| {
-            UserError::bad_input(format!(
-                "cannot create data dir {} ({e}): pass --data-dir with a writable location",
-                dir.display()
-            ))
-        })?;
-    }
-    // Permission bits do not stop root, so probe by writing.
+/// Checks the data dir takes writes (permission bits do not stop root, so it writes).
+fn probe_writable(dir: &Path) -> Result<(), UserError> {
     let probe = dir.join(".write-probe");
     std::fs::write(&probe, b"").and_then(|_| std::fs::remove_file(&probe)).map_err(|e| {
         UserError::bad_input(format!(
@@ -222,24 +244,30 @@ fn prepare_data_dir(dir: &Path) -> Result<(), UserError> {
 /// The identity rules of the module docs.
 fn load_identity(data_dir: &Path, meta: &sled::Tree, set_aside: Option<&Path>) -> Result<(Keypair, bool), UserError> {
     let file = data_dir.join(IDENTITY_FILE);
-    let from_file = match std::fs::read(&file) {
-        Ok(bytes) => Some(Keypair::from_protobuf_encoding(&bytes).map_err(|e| {
+    let decode = |bytes: &[u8], what: &str| {
+        Keypair::from_protobuf_encoding(bytes).map_err(|e| {
             UserError::operation(format!(
-                "identity file {} is unreadable ({e}); restore it from a backup, or remove it and the store to start as a new peer",
+                "{what} is unreadable ({e}); restore {} from a backup, or remove it and the store to start as a new peer",
                 file.display()
             ))
-        })?),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(UserError::operation(format!("cannot read identity file {}: {e}", file.display()))),
+        })
     };
-    let from_store = match meta.get(IDENTITY_KEY).map_err(storage_error)? {
-        Some(bytes) => Some(Keypair::from_protobuf_encoding(&bytes).map_err(|e| {
-            UserError::operation(format!("the identity in the store is unreadable ({e}); restore {} from a backup", file.display()))
+    let from_file = match crate::private_files::read_private(&file)? {
+        Some(bytes) => Some(decode(&bytes, &format!("identity file {}", file.display()))?),
+        None => None,
+    };
+    let legacy = match meta.get(LEGACY_IDENTITY_KEY).map_err(storage_error)? {
+        Some(bytes) => Some(decode(&bytes, "the key kept in the store by an older warren")?),
+        None => None,
+    };
+    let recorded = match meta.get(PEER_ID_KEY).map_err(storage_error)? {
+        Some(bytes) => Some(PeerId::from_bytes(&bytes).map_err(|e| {
+            UserError::operation(format!("the store's PeerId is unreadable ({e}); remove {} to start afresh", data_dir.join(STORE_DIR).display()))
         })?),
         None => None,
     };
-    let (keypair, new) = match (from_store, from_file) {
-        (Some(stored), Some(filed)) if stored.public() != filed.public() => {
+    let (keypair, new) = match (from_file, legacy) {
+        (Some(filed), Some(stored)) if stored.public() != filed.public() => {
             return Err(UserError::operation(format!(
                 "the identity in the store ({}) differs from {} ({}); keep the one you want and remove the other",
                 stored.public().to_peer_id(),
@@ -247,9 +275,20 @@ fn load_identity(data_dir: &Path, meta: &sled::Tree, set_aside: Option<&Path>) -
                 filed.public().to_peer_id()
             )));
         }
-        (Some(stored), _) => (stored, false),
-        (None, Some(filed)) => (filed, false),
+        (Some(filed), _) => (filed, false),
+        (None, Some(stored)) => {
+            write_key_file(&file, &stored)?;
+            (stored, false)
+        }
         (None, None) => {
+            if let Some(peer) = recorded {
+                return Err(UserError::operation(format!(
+                    "{} is missing, and the store belongs to peer {peer}: restore the file from a backup, \
+                     or remove {} to start as a new peer",
+                    file.display(),
+                    data_dir.join(STORE_DIR).display()
+                )));
+            }
             if let Some(aside) = set_aside {
                 return Err(UserError::operation(format!(
                     "the store was broken (kept at {}) and there is no {IDENTITY_FILE} to recover the identity from; \
@@ -258,31 +297,29 @@ fn load_identity(data_dir: &Path, meta: &sled::Tree, set_aside: Option<&Path>) -
                     aside.display()
                 )));
             }
-            (Keypair::generate_ed25519(), true)
+            let generated = Keypair::generate_ed25519();
+            write_key_file(&file, &generated)?;
+            (generated, true)
         }
     };
-    let encoded = keypair.to_protobuf_encoding().expect("ed25519 keys encode");
-    meta.insert(IDENTITY_KEY, encoded.clone()).map_err(storage_error)?;
-    if !file.exists() {
-        write_private_file(&file, &encoded)
-            .map_err(|e| UserError::operation(format!("cannot write identity file {}: {e}", file.display())))?;
+    let peer = keypair.public().to_peer_id();
+    if let Some(recorded) = recorded.filter(|recorded| *recorded != peer) {
+        return Err(UserError::operation(format!(
+            "{} holds the key of peer {peer}, but the store belongs to peer {recorded}: \
+             put that peer's key file back, or remove {} to use this key with a fresh store",
+            file.display(),
+            data_dir.join(STORE_DIR).display()
+        )));
     }
+    meta.insert(PEER_ID_KEY, peer.to_bytes()).map_err(storage_error)?;
+    meta.remove(LEGACY_IDENTITY_KEY).map_err(storage_error)?;
     Ok((keypair, new))
 }
 
-/// Writes a file atomically (temp file, fsync, rename) with mode 0600.
-fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+fn write_key_file(file: &Path, keypair: &Keypair) -> Result<(), UserError> {
+    let encoded = keypair.to_protobuf_encoding().expect("ed25519 keys encode");
+    crate::private_files::create_private(file, &encoded)
+        .map_err(|e| UserError::operation(format!("cannot write identity file {}: {e}", file.display())))
 }
 
 fn storage_error(e: sled::Error) -> UserError {
@@ -336,6 +373,65 @@ mod tests {
         }
         let err = Store::open(dir.path()).err().expect("must refuse");
         assert!(err.message.contains("refusing to start"), "{}", err.message);
+    }
+
+    #[test]
+    fn the_key_lives_only_in_its_file_and_the_store_names_its_peer() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let id = store.peer_id();
+        assert_eq!(store.db.open_tree(META_TREE).unwrap().get(LEGACY_IDENTITY_KEY).unwrap(), None);
+        assert_eq!(store.db.open_tree(META_TREE).unwrap().get(PEER_ID_KEY).unwrap().unwrap().to_vec(), id.to_bytes());
+        assert_eq!(std::fs::metadata(dir.path().join(IDENTITY_FILE)).unwrap().mode() & 0o777, 0o600);
+        drop(store);
+
+        // The key file gone beside a store that names a peer: refuse rather than become another.
+        let key = std::fs::read(dir.path().join(IDENTITY_FILE)).unwrap();
+        std::fs::remove_file(dir.path().join(IDENTITY_FILE)).unwrap();
+        let err = Store::open(dir.path()).err().expect("must refuse");
+        assert!(err.message.contains("is missing") && err.message.contains(&id.to_string()), "{}", err.message);
+
+        // Another peer's key beside it: refuse too.
+        let other = Keypair::generate_ed25519().to_protobuf_encoding().unwrap();
+        std::fs::write(dir.path().join(IDENTITY_FILE), other).unwrap();
+        let err = Store::open(dir.path()).err().expect("must refuse");
+        assert!(err.message.contains("belongs to peer"), "{}", err.message);
+
+        std::fs::write(dir.path().join(IDENTITY_FILE), key).unwrap();
+        assert_eq!(Store::open(dir.path()).unwrap().peer_id(), id);
+    }
+
+    #[test]
+    fn a_store_that_kept_the_key_is_migrated_to_the_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let keypair = Keypair::generate_ed25519();
+        {
+            let db = open_db(&dir.path().join(STORE_DIR)).ok().unwrap();
+            let meta = db.open_tree(META_TREE).unwrap();
+            meta.insert(LEGACY_IDENTITY_KEY, keypair.to_protobuf_encoding().unwrap()).unwrap();
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.peer_id(), keypair.public().to_peer_id());
+        assert!(!store.new_identity);
+        assert_eq!(store.db.open_tree(META_TREE).unwrap().get(LEGACY_IDENTITY_KEY).unwrap(), None);
+        let filed = Keypair::from_protobuf_encoding(&std::fs::read(dir.path().join(IDENTITY_FILE)).unwrap()).unwrap();
+        assert_eq!(filed.public(), keypair.public());
+    }
+
+    #[test]
+    fn a_store_that_cannot_be_opened_for_another_reason_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        Store::open(dir.path()).unwrap();
+        let store = dir.path().join(STORE_DIR);
+        std::fs::remove_dir_all(&store).unwrap();
+        std::fs::write(&store, b"not a directory").unwrap();
+        let err = Store::open(dir.path()).err().expect("must refuse");
+        assert!(err.message.contains("left as it is"), "{}", err.message);
+        assert_eq!(std::fs::read(&store).unwrap(), b"not a directory");
+        let entries = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok());
+        assert!(!entries.into_iter().any(|e| e.file_name().to_string_lossy().contains("broken")));
     }
 
     #[test]

@@ -139,3 +139,67 @@ fn a_second_node_on_the_same_data_dir_is_refused() {
 fn is_root() -> bool {
     std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
 }
+
+/// The uid tests use for "another local user".
+const OTHER_USER: u32 = 65534;
+
+#[test]
+fn a_data_dir_open_to_other_users_is_closed_and_the_key_kept_private() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shared");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut node = Node::start_in(&dir, &[]);
+    node.stop();
+    assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+    assert_eq!(std::fs::metadata(dir.join("identity.key")).unwrap().mode() & 0o777, 0o600);
+}
+
+#[test]
+fn a_data_dir_of_another_user_is_refused() {
+    // Only root can hand a directory to another user; CI runs as root.
+    assert!(is_root(), "this test needs root (chown)");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("theirs");
+    std::fs::create_dir(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(OTHER_USER), Some(OTHER_USER)).unwrap();
+    assert_refused(&up(&dir, &["--listen", "/ip4/127.0.0.1/tcp/0"]), BAD_INPUT, &[dir.to_str().unwrap(), "belongs to user 65534"]);
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "a refused start must leave the dir untouched");
+}
+
+#[test]
+fn the_cli_talks_only_to_a_node_run_by_its_own_user() {
+    assert!(is_root(), "this test needs root (to run a node as another user)");
+    let tmp = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(tmp.path(), Some(OTHER_USER), Some(OTHER_USER)).unwrap();
+    let dir = tmp.path();
+    // The node of another user, on a data dir of theirs.
+    let mut theirs = std::process::Command::new("setpriv")
+        .args(["--reuid", &OTHER_USER.to_string(), "--regid", &OTHER_USER.to_string(), "--clear-groups"])
+        .arg(common::BIN)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["up", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("setpriv runs the node as another user");
+    let as_them = |args: &[&str]| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid", &OTHER_USER.to_string(), "--regid", &OTHER_USER.to_string(), "--clear-groups"])
+            .arg(common::BIN)
+            .arg("--data-dir")
+            .arg(dir)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    common::wait_until(Duration::from_secs(20), "the other user's node to answer them", || as_them(&["id"]).status.success());
+    // Root's CLI does not hand commands to another user's process.
+    let out = warren(dir, &["status"]);
+    let _ = theirs.kill();
+    let _ = theirs.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("served by user 65534") && stderr.contains("refusing"), "{stderr}");
+}

@@ -56,6 +56,7 @@ impl Client {
             Ok(Ok(stream)) => stream,
             Ok(Err(_)) | Err(_) => return Err(not_running()),
         };
+        crate::private_files::check_socket_peer(&stream, &self.socket)?;
         let exchange = async {
             let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
             tokio::spawn(connection);

@@ -64,7 +64,7 @@ pub async fn bind(data_dir: &Path) -> Result<(UnixListener, PathBuf), UserError>
 pub async fn serve(listener: UnixListener, handle: NodeHandle, forwarding: Arc<Forwarding>) {
     let permits = Arc::new(Semaphore::new(MAX_CONTROL_CONNECTIONS));
     let requests = Arc::new(Semaphore::new(MAX_CONTROL_REQUESTS));
-    let own_uid = current_uid();
+    let own_uid = crate::private_files::effective_uid();
     loop {
         let permit = permits.clone().acquire_owned().await.expect("semaphore never closes");
         let stream = match listener.accept().await {
@@ -106,11 +106,6 @@ pub async fn serve(listener: UnixListener, handle: NodeHandle, forwarding: Arc<F
 }
 
 /// The effective uid of this process: the owner of /proc/self (no unsafe libc call needed).
-fn current_uid() -> u32 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
-}
-
 async fn route(req: Request<Incoming>, handle: NodeHandle, forwarding: Arc<Forwarding>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
