@@ -8,13 +8,21 @@
 //! libp2p renews reservations before they expire and confirms the circuit address as an external
 //! address (so identify and the DHT advertise it); this module decides *which* relays, replaces
 //! lost ones, and pins `--relay-via` relays.
+//!
+//! Choice: a relay that could attract every NATed node near it (a ground PeerId, a burst of
+//! connections, a fleet of relays in one network) would see who talks to whom and could drop them
+//! all at once. So candidates are ordered by, in turn: not sharing a network (an IPv4 /16, an IPv6
+//! /32) with a relay already held or just chosen; how they served us before (held our
+//! reservations for a while without dropping them; never tried; dropped us); a round trip that is
+//! short enough (one under [`NEAR_RTT`] is as good as another); and then chance.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId, core::transport::ListenerId, multiaddr::Protocol};
 
-use crate::addresses::without_p2p;
+use crate::addresses::{ip_of, without_p2p};
 
 /// The DHT key relays provide, so nodes can find relays they are not connected to.
 pub const RELAYS_KEY: &[u8] = b"/warren/relays/1";
@@ -24,6 +32,60 @@ const RETRY_AFTER: Duration = Duration::from_secs(30);
 const LOOKUP_EVERY: Duration = Duration::from_secs(30);
 /// A relay being dialed is not dialed again for this long.
 const DIAL_WAIT: Duration = Duration::from_secs(5);
+/// A relay that has held our reservations this long in all, dropping them at most once an hour,
+/// has served us well (ten minutes: a reservation renewed a few times).
+const GOOD_AFTER: Duration = Duration::from_secs(10 * 60);
+/// Round trips below this count as equally good: traffic through a relay is a detour anyway, and
+/// preferring the very nearest would hand the choice to whoever sits closest.
+pub const NEAR_RTT: Duration = Duration::from_millis(150);
+/// How many relays' histories are kept (oldest forgotten first): a bound on what a stream of
+/// short-lived candidates can make us remember.
+const MAX_TRACKED: usize = 1024;
+
+/// What the event loop knows of a candidate right now.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Seen {
+    pub connected: bool,
+    /// The last ping round trip on a connection to it.
+    pub rtt: Option<Duration>,
+}
+
+/// How a relay served us while this node has run.
+#[derive(Debug, Clone, Copy)]
+struct Track {
+    /// Time our reservations on it were held, closed ones summed.
+    held_for: Duration,
+    /// Reservations it refused or dropped.
+    lost: u32,
+    last_used: Instant,
+}
+
+impl Track {
+    /// 0: served well, 1: untried, 2: dropped us (more than once an hour of service).
+    fn class(track: Option<&Track>) -> u8 {
+        match track {
+            None => 1,
+            Some(t) if t.held_for >= GOOD_AFTER && u64::from(t.lost) <= t.held_for.as_secs() / 3600 => 0,
+            Some(t) if t.lost == 0 => 1,
+            Some(_) => 2,
+        }
+    }
+}
+
+/// The network a relay is in, for spreading reservations: IPv4 /16, IPv6 /32 (the usual size of
+/// one provider's allocation).
+fn network(addr: &Multiaddr) -> Option<(bool, [u8; 4])> {
+    match ip_of(addr)? {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            Some((false, [o[0], o[1], 0, 0]))
+        }
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            Some((true, [o[0], o[1], o[2], o[3]]))
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Held {
@@ -46,6 +108,8 @@ pub struct AutoRelay {
     retry_after: HashMap<PeerId, Instant>,
     /// Relays being dialed (a reservation is asked for once connected), not dialed again until then.
     dialing: HashMap<PeerId, Instant>,
+    /// How each relay we used served us.
+    tracks: HashMap<PeerId, Track>,
     last_lookup: Option<Instant>,
     pub last_error: Option<String>,
 }
@@ -79,6 +143,7 @@ impl AutoRelay {
             held: HashMap::new(),
             retry_after: HashMap::new(),
             dialing: HashMap::new(),
+            tracks: HashMap::new(),
             last_lookup: None,
             last_error: None,
         }
@@ -119,10 +184,24 @@ impl AutoRelay {
     /// A relay listener closed: the reservation was refused, expired, or the relay went away.
     pub fn on_listener_closed(&mut self, id: ListenerId, reason: Result<(), String>) {
         let Some(held) = self.held.remove(&id) else { return };
+        self.track(held.relay, held.accepted_at.map(|at| at.elapsed()).unwrap_or_default(), true);
         let why = reason.err().unwrap_or_else(|| "closed".into());
         tracing::warn!(relay = %held.relay, reason = %why, "relay reservation lost; picking another relay");
         self.last_error = Some(format!("{}: {why}", held.relay));
         self.retry_after.insert(held.relay, Instant::now() + RETRY_AFTER);
+    }
+
+    /// Adds to a relay's history (`lost`: it refused or dropped a reservation).
+    fn track(&mut self, relay: PeerId, held_for: Duration, lost: bool) {
+        if self.tracks.len() >= MAX_TRACKED && !self.tracks.contains_key(&relay)
+            && let Some(oldest) = self.tracks.iter().min_by_key(|(_, t)| t.last_used).map(|(p, _)| *p)
+        {
+            self.tracks.remove(&oldest);
+        }
+        let track = self.tracks.entry(relay).or_insert(Track { held_for: Duration::ZERO, lost: 0, last_used: Instant::now() });
+        track.held_for += held_for;
+        track.lost += u32::from(lost);
+        track.last_used = Instant::now();
     }
 
     /// A connection to `peer` is up: a relay we were dialing can be asked at once.
@@ -142,7 +221,8 @@ impl AutoRelay {
     /// Decides which reservations to add or drop. `wanted` is false while the node is publicly
     /// reachable (pinned relays are kept regardless).
     /// `can_look_up`: whether the DHT can be asked now (it has peers).
-    pub fn tick(&mut self, wanted: bool, can_look_up: bool, connected: impl Fn(&PeerId) -> bool) -> Actions {
+    pub fn tick(&mut self, wanted: bool, can_look_up: bool, seen: impl Fn(&PeerId) -> Seen) -> Actions {
+        let connected = |peer: &PeerId| seen(peer).connected;
         let now = Instant::now();
         self.retry_after.retain(|_, until| *until > now);
         self.dialing.retain(|_, until| *until > now);
@@ -161,7 +241,13 @@ impl AutoRelay {
             }
         }
         if !wanted {
+            // Released by us, not lost: out of `held` now, so their closing counts against nobody.
             actions.release = self.held.iter().filter(|(_, h)| !h.pinned).map(|(id, _)| *id).collect();
+            for id in &actions.release {
+                if let Some(held) = self.held.remove(id) {
+                    self.track(held.relay, held.accepted_at.map(|at| at.elapsed()).unwrap_or_default(), false);
+                }
+            }
             return actions;
         }
         let automatic = self.held.values().filter(|h| !h.pinned).count();
@@ -169,19 +255,29 @@ impl AutoRelay {
         if missing == 0 {
             return actions;
         }
-        // Connected candidates first (no dial needed), then the rest; stable order by PeerId.
-        let mut choices: Vec<(PeerId, Multiaddr)> = self
+        // The module docs' order: spread over networks, served well, near enough, then chance.
+        let mut choices: Vec<(PeerId, Multiaddr, (u8, u8, u64))> = self
             .candidates
             .iter()
             .filter(|(peer, _)| !holds(&self.held, peer) && !waiting(self, peer))
             .filter(|(peer, _)| !self.pinned.iter().any(|(p, _)| p == *peer))
-            .map(|(peer, addrs)| (*peer, addrs[0].clone()))
+            .map(|(peer, addrs)| {
+                // Only a slow round trip counts against a relay: favouring the ones we happen to
+                // be connected to would favour whoever connects to everybody.
+                let rtt_class = u8::from(seen(peer).rtt.is_some_and(|rtt| rtt >= NEAR_RTT));
+                (*peer, addrs[0].clone(), (Track::class(self.tracks.get(peer)), rtt_class, rand::random::<u64>()))
+            })
             .collect();
-        choices.sort_by_key(|(peer, _)| (!connected(peer), peer.to_bytes()));
-        for (peer, addr) in choices {
-            if missing == 0 {
-                break;
-            }
+        choices.sort_by_key(|(_, _, key)| *key);
+        let mut networks: HashSet<_> = self.held.values().filter_map(|h| network(&h.relay_addr)).collect();
+        while missing > 0 && !choices.is_empty() {
+            // The best candidate in a network not used yet; failing that, the best one.
+            let at = choices
+                .iter()
+                .position(|(_, addr, _)| network(addr).is_none_or(|n| !networks.contains(&n)))
+                .unwrap_or(0);
+            let (peer, addr, _) = choices.remove(at);
+            networks.extend(network(&addr));
             if connected(&peer) {
                 actions.reserve.push((peer, addr, false));
             } else {
@@ -219,6 +315,8 @@ pub fn circuit_listen_addr(relay: PeerId, relay_addr: &Multiaddr) -> Multiaddr {
 mod tests {
     use super::*;
 
+    const CONNECTED: Seen = Seen { connected: true, rtt: None };
+
     fn addr(port: u16) -> Multiaddr {
         format!("/ip4/192.0.2.1/udp/{port}/quic-v1").parse().unwrap()
     }
@@ -230,7 +328,7 @@ mod tests {
         for (i, r) in relays.iter().enumerate() {
             auto.on_identify(*r, vec![addr(4000 + i as u16)]);
         }
-        let actions = auto.tick(true, true, |_| true);
+        let actions = auto.tick(true, true, |_| CONNECTED);
         assert_eq!(actions.reserve.len(), 2);
         let mut ids = Vec::new();
         for (i, (peer, addr, pinned)) in actions.reserve.into_iter().enumerate() {
@@ -239,16 +337,16 @@ mod tests {
             auto.on_listening(id);
             ids.push((id, i));
         }
-        assert!(auto.tick(true, true, |_| true).reserve.is_empty(), "two held: nothing more to do");
+        assert!(auto.tick(true, true, |_| CONNECTED).reserve.is_empty(), "two held: nothing more to do");
         // Lose one: the third relay is chosen, not the lost one.
         let (lost_id, _) = ids[0];
         let lost = auto.held.get(&lost_id).unwrap().relay;
         auto.on_listener_closed(lost_id, Err("connection closed".into()));
-        let actions = auto.tick(true, true, |_| true);
+        let actions = auto.tick(true, true, |_| CONNECTED);
         assert_eq!(actions.reserve.len(), 1);
         assert_ne!(actions.reserve[0].0, lost);
         // Publicly reachable: automatic reservations are released.
-        let actions = auto.tick(false, true, |_| true);
+        let actions = auto.tick(false, true, |_| CONNECTED);
         assert_eq!(actions.release.len(), 1);
     }
 
@@ -257,11 +355,94 @@ mod tests {
         let relay = PeerId::random();
         let via = addr(4001).with(Protocol::P2p(relay));
         let mut auto = AutoRelay::new(0, std::slice::from_ref(&via));
-        let actions = auto.tick(false, true, |_| false);
+        let actions = auto.tick(false, true, |_| Seen::default());
         assert_eq!(actions.dial, vec![(relay, via.clone())], "dialed first");
         assert!(actions.reserve.is_empty());
         auto.on_connected(relay);
-        let actions = auto.tick(false, true, |_| true);
+        let actions = auto.tick(false, true, |_| CONNECTED);
         assert_eq!(actions.reserve, vec![(relay, addr(4001), true)], "reserved once connected");
+    }
+
+    /// `count` candidates, relay `i` at 198.51.`i`.1 (each in a network of its own unless
+    /// `same_network`, then all in 203.0.0.0/16).
+    fn candidates(auto: &mut AutoRelay, count: u8, same_network: bool) -> Vec<PeerId> {
+        (0..count)
+            .map(|i| {
+                let peer = PeerId::random();
+                let ip = if same_network { format!("203.0.{i}.1") } else { format!("198.{}.0.1", 10 + i) };
+                auto.on_identify(peer, vec![format!("/ip4/{ip}/udp/4001/quic-v1").parse().unwrap()]);
+                peer
+            })
+            .collect()
+    }
+
+    fn chosen(actions: &Actions) -> Vec<PeerId> {
+        actions.reserve.iter().map(|(p, _, _)| *p).collect()
+    }
+
+    #[test]
+    fn the_choice_is_random_not_by_peer_id() {
+        let mut lowest_first = 0;
+        let mut firsts = HashSet::new();
+        for _ in 0..200 {
+            let mut auto = AutoRelay::new(1, &[]);
+            let peers = candidates(&mut auto, 10, false);
+            let lowest = *peers.iter().min_by_key(|p| p.to_bytes()).unwrap();
+            let picked = chosen(&auto.tick(true, true, |_| CONNECTED))[0];
+            lowest_first += usize::from(picked == lowest);
+            firsts.insert(peers.iter().position(|p| *p == picked).unwrap());
+        }
+        // One in ten on average; sorting by PeerId picked it every time.
+        assert!(lowest_first < 60, "the lowest PeerId was picked {lowest_first} times in 200");
+        assert!(firsts.len() >= 8, "picks spread over the candidates: {firsts:?}");
+    }
+
+    #[test]
+    fn reservations_spread_over_networks() {
+        for _ in 0..50 {
+            let mut auto = AutoRelay::new(2, &[]);
+            // Eight relays in one /16 and one elsewhere: the lone one is always taken.
+            let crowd = candidates(&mut auto, 8, true);
+            let lone = candidates(&mut auto, 1, false)[0];
+            let picked = chosen(&auto.tick(true, true, |_| CONNECTED));
+            assert_eq!(picked.len(), 2);
+            assert!(picked.contains(&lone), "{picked:?}");
+            assert!(picked.iter().any(|p| crowd.contains(p)), "the second comes from the crowd when nothing else is left");
+        }
+    }
+
+    #[test]
+    fn relays_that_served_well_come_first_and_ones_that_dropped_us_last() {
+        for _ in 0..20 {
+            let mut auto = AutoRelay::new(1, &[]);
+            let peers = candidates(&mut auto, 6, false);
+            auto.track(peers[0], Duration::from_secs(3600), true);
+            auto.track(peers[1], Duration::from_secs(60), true);
+            assert_eq!(chosen(&auto.tick(true, true, |_| CONNECTED)), vec![peers[0]], "held an hour, dropped once");
+            // Without it, any untried relay beats the one that dropped us after a minute.
+            auto.candidates.remove(&peers[0]);
+            let picked = chosen(&auto.tick(true, true, |_| CONNECTED))[0];
+            assert!(picked != peers[1], "a relay that dropped us is taken last");
+            // A slow relay only when nothing else is left.
+            let mut auto = AutoRelay::new(1, &[]);
+            let peers = candidates(&mut auto, 2, false);
+            let slow = peers[0];
+            let seen = |p: &PeerId| Seen { connected: true, rtt: Some(if *p == slow { NEAR_RTT * 2 } else { NEAR_RTT / 2 }) };
+            assert_eq!(chosen(&auto.tick(true, true, seen)), vec![peers[1]]);
+        }
+    }
+
+    #[test]
+    fn a_release_is_not_held_against_the_relay() {
+        let mut auto = AutoRelay::new(1, &[]);
+        let peer = candidates(&mut auto, 1, false)[0];
+        let (relay, addr, pinned) = auto.tick(true, true, |_| CONNECTED).reserve.remove(0);
+        let id = ListenerId::next();
+        auto.reserving(id, relay, addr, pinned);
+        auto.on_listening(id);
+        assert_eq!(auto.tick(false, true, |_| CONNECTED).release, vec![id]);
+        auto.on_listener_closed(id, Ok(()));
+        assert_eq!(auto.tracks[&peer].lost, 0);
+        assert!(auto.retry_after.is_empty(), "free to be used again at once");
     }
 }

@@ -237,3 +237,55 @@ fn a_flood_of_connections_from_one_host_leaves_status_and_forwards_working() {
     assert!(lan.echo_ok(2, bind, 64 * 1024), "the existing forward keeps working during the flood");
     drop(attackers);
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_udp_flood_towards_a_peer_that_never_answers_is_bounded_in_memory() {
+    let client = Node::start(&[]);
+    // A peer that takes forward streams and never answers on them: the UDP sessions towards it
+    // queue every datagram after the first.
+    let (peer, control) = attacker(&client, 1);
+    let mut incoming = control.clone().accept(StreamProtocol::new(warren_forward::PROTOCOL)).unwrap();
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some((_, stream)) = incoming.next().await {
+            held.push(stream);
+        }
+    });
+    let info = client.json(&["forward", "--udp", "127.0.0.1:0", &format!("{peer}/dns")]).expect("forward accepted");
+    let bind: std::net::SocketAddr = info["bind"].as_str().unwrap().parse().unwrap();
+
+    // 64 source ports, each sending 300 datagrams of 60 KiB (1.1 GiB in all). Before, each session
+    // queued up to 1024 datagrams, so the node held everything its receive loop took in.
+    let before = rss_kib(client.pid());
+    let mut peak = before;
+    let datagram = vec![0x5Au8; 60 * 1024];
+    let mut sockets = Vec::new();
+    for _ in 0..64 {
+        sockets.push(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    }
+    for round in 0..300 {
+        for socket in &sockets {
+            let _ = socket.send_to(&datagram, bind).await;
+        }
+        if round % 10 == 9 {
+            // Let the node's receive loop take what the socket buffer holds.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            peak = peak.max(rss_kib(client.pid()));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    peak = peak.max(rss_kib(client.pid()));
+    let grown_mib = peak.saturating_sub(before) / 1024;
+    eprintln!("UDP flood of 1.1 GiB towards a silent peer: RSS {} MiB before, {} MiB at peak (+{grown_mib} MiB)", before / 1024, peak / 1024);
+    assert!(grown_mib < 64, "the queued datagrams are bounded (16 MiB per forward): grew {grown_mib} MiB");
+    let status = client.status();
+    assert!(status["peer_id"].is_string(), "the node still answers");
+    held.abort();
+}

@@ -5,7 +5,7 @@ use libp2p::{autonat, kad, relay, swarm::dial_opts::DialOpts};
 
 use super::EventLoop;
 use super::dht::Dht;
-use crate::autorelay::{RELAYS_KEY, circuit_listen_addr};
+use crate::autorelay::{RELAYS_KEY, Seen, circuit_listen_addr};
 
 impl EventLoop {
     pub(super) fn on_relay_event(&mut self, event: relay::Event) {
@@ -49,8 +49,11 @@ impl EventLoop {
     pub(super) fn manage_relays(&mut self) {
         let public = matches!(self.swarm.behaviour().autonat.nat_status(), autonat::NatStatus::Public(_));
         let can_look_up = self.table_size(Dht::Wan) > 0;
-        let swarm = &self.swarm;
-        let actions = self.autorelay.tick(!public, can_look_up, |peer| swarm.is_connected(peer));
+        let (swarm, conns) = (&self.swarm, &self.conns);
+        let actions = self.autorelay.tick(!public, can_look_up, |peer| Seen {
+            connected: swarm.is_connected(peer),
+            rtt: conns.values().filter(|c| c.peer == *peer).filter_map(|c| c.rtt).min(),
+        });
         for (relay, addr) in actions.dial {
             let _ = self.swarm.dial(DialOpts::peer_id(relay).addresses(vec![addr]).build());
         }

@@ -9,19 +9,16 @@ use std::time::{Duration, Instant};
 
 use libp2p::{PeerId, Stream};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::mpsc;
 use tracing::Instrument;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 use warren_forward::{MAX_DATAGRAM, Opened, STREAM_PROTOCOL, Transport, opener};
 
-use super::udp::{Datagrams, Source, udp_over_stream};
+use super::udp::{Datagrams, ForwardQueued, QueueTx, Source, session_queue, udp_over_stream};
 use super::{Active, Forward, Forwarding, splice};
 use crate::handle::NodeHandle;
 
 /// The peer must answer a request this soon.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
-/// Datagrams queued per UDP session before new ones are dropped (UDP's own answer to overload).
-const UDP_SESSION_QUEUE: usize = 1024;
 
 pub enum Listener {
     Tcp(TcpListener),
@@ -160,26 +157,27 @@ async fn accepted(r: &mut (impl futures::AsyncRead + Unpin)) -> Result<(), Strin
     }
 }
 
-type Sessions = Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>>;
+type Sessions = Arc<Mutex<HashMap<SocketAddr, Arc<QueueTx>>>>;
 
 async fn run_udp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, socket: Arc<UdpSocket>) {
     let sessions: Sessions = Arc::default();
+    let queued = ForwardQueued::default();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let Ok((n, from)) = socket.recv_from(&mut buf).await else { continue };
         let datagram = buf[..n].to_vec();
         let existing = sessions.lock().unwrap().get(&from).cloned();
         if let Some(tx) = existing {
-            let _ = tx.try_send(datagram);
+            tx.offer(datagram);
             continue;
         }
         let Ok(permit) = forward.permits.clone().try_acquire_owned() else {
             forward.stats.fail(format!("UDP session from {from} dropped: at the cap of {}", forward.spec.max_connections));
             continue;
         };
-        let (tx, rx) = mpsc::channel(UDP_SESSION_QUEUE);
-        let _ = tx.try_send(datagram);
-        sessions.lock().unwrap().insert(from, tx);
+        let (tx, rx) = session_queue(&queued);
+        tx.offer(datagram);
+        sessions.lock().unwrap().insert(from, Arc::new(tx));
         let (forwarding, forward, socket, sessions) = (forwarding.clone(), forward.clone(), socket.clone(), sessions.clone());
         let tasks = forwarding.shutdown.clone();
         let span = tracing::info_span!("udp_session", %from);
@@ -188,7 +186,7 @@ async fn run_udp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, socket: Arc
             match open(&forwarding, &forward, Transport::Udp).await {
                 Ok(stream) => {
                     let _active = Active::new(&forward.stats);
-                    let local = Datagrams { source: Source::Channel(rx), socket, to: Some(from) };
+                    let local = Datagrams { source: Source::Queue(rx), socket, to: Some(from) };
                     let answer = async |r: &mut Compat<tokio::io::ReadHalf<Compat<Stream>>>| accepted(r).await;
                     if let Err(e) = udp_over_stream(local, stream, &forward.stats, forwarding.udp_idle, answer).await {
                         tracing::warn!(peer = %forward.peer, service = %forward.spec.service, error = %e, "UDP forward refused");
