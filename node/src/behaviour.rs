@@ -44,7 +44,7 @@ const MAX_CONNECTIONS_PER_IP: usize = 32;
 pub struct Behaviour {
     pub ip_limits: crate::ip_limits::Behaviour,
     pub limits: connection_limits::Behaviour,
-    pub identify: identify::Behaviour,
+    pub identify: crate::identify_scope::Behaviour,
     pub ping: ping::Behaviour,
     /// The WAN DHT (the configured protocol): public addresses only.
     pub kad: kad::Behaviour<kad::store::MemoryStore>,
@@ -217,10 +217,13 @@ pub fn build_swarm(
                         .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
                         .with_max_established_incoming(Some(max_incoming)),
                 ),
-                identify: identify::Behaviour::new(
-                    identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
-                        .with_agent_version(AGENT.to_string())
-                        .with_push_listen_addr_updates(true),
+                identify: crate::identify_scope::Behaviour::new(
+                    identify::Behaviour::new(
+                        identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
+                            .with_agent_version(AGENT.to_string())
+                            .with_push_listen_addr_updates(true),
+                    ),
+                    public_ranges.clone(),
                 ),
                 // Every 5 s: cheap, keeps RTTs fresh, and also notices dead TCP connections
                 // (QUIC's own keep-alive and idle timeout cover QUIC).

@@ -15,7 +15,8 @@
 //! - [`event_loop`]: the task that owns the swarm, one file per capability: `bootstrap`,
 //!   `connect`, `dht` (the WAN and LAN Kademlia DHTs), `identify`, `mdns`, `holepunch` (DCUtR
 //!   and re-punching), `relays` (the relay service and AutoRelay's reservations), `status`.
-//! - [`behaviour`]: the composed libp2p behaviour and swarm; [`ip_limits`]: inbound connections
+//! - [`behaviour`]: the composed libp2p behaviour and swarm; [`identify_scope`]: identify
+//!   showing each peer only the addresses of its scope; [`ip_limits`]: inbound connections
 //!   per source IP; [`resources`]: the open-file limit and what it allows.
 //! - [`forward`]: port forwarding (expose and forward) over `/warren/forward/1.0.0` streams,
 //!   whose wire format and libp2p behaviour live in the `warren-forward` crate.
@@ -40,6 +41,7 @@ pub mod dial_gate;
 pub mod error;
 pub mod event_loop;
 pub mod handle;
+pub mod identify_scope;
 pub mod ip_limits;
 pub mod forward;
 pub mod metrics;

@@ -289,3 +289,46 @@ async fn a_udp_flood_towards_a_peer_that_never_answers_is_bounded_in_memory() {
     assert!(status["peer_id"].is_string(), "the node still answers");
     held.abort();
 }
+
+#[test]
+fn a_peer_across_the_internet_is_not_told_our_loopback_or_private_addresses() {
+    use common::netns::{Lan, skipped};
+    if skipped() {
+        return;
+    }
+    // Host 0 stands for a public node: its LAN is configured public, so host 1 reaches it the way
+    // a stranger on the internet would. Its default listeners also cover its loopback.
+    let lan = Lan::new("ident", 214, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::spawn(dir.path(), &["up", "--no-mdns", "--public-ranges", "10.214.0.0/24"], lan.exec(0, common::BIN));
+    let listening: Vec<String> = node.status()["listen_addrs"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect();
+    assert!(listening.iter().any(|a| a.contains("/127.0.0.1/")), "the node listens on loopback too: {listening:?}");
+
+    let addr: Multiaddr = format!("/ip4/{}/udp/4001/quic-v1", lan.ip(0)).parse().unwrap();
+    let told = warren_natlab::sys::in_netns(&lan.ns(1), move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let told = runtime.block_on(async {
+            let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+                .with_tokio()
+                .with_quic()
+                .with_behaviour(|key| libp2p::identify::Behaviour::new(libp2p::identify::Config::new("/observer/1".into(), key.public())))
+                .unwrap()
+                .build();
+            swarm.dial(addr).unwrap();
+            let received = async {
+                loop {
+                    if let libp2p::swarm::SwarmEvent::Behaviour(libp2p::identify::Event::Received { info, .. }) = swarm.select_next_some().await {
+                        return info.listen_addrs;
+                    }
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(20), received).await.expect("identify answered")
+        });
+        Ok(told)
+    })
+    .unwrap();
+    let told: Vec<String> = told.iter().map(|a| a.to_string()).collect();
+    eprintln!("a stranger was told {told:?}; the node listens on {listening:?}");
+    assert!(told.iter().any(|a| a.contains(&format!("/{}/", lan.ip(0)))), "the public address is told: {told:?}");
+    assert!(!told.iter().any(|a| a.contains("/127.0.0.1/")), "loopback is not told to a stranger: {told:?}");
+}
