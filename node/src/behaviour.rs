@@ -83,7 +83,7 @@ pub struct Built {
     /// Relayed bytes and the aggregate cap, when this node relays for others.
     pub meter: Option<std::sync::Arc<crate::relay_meter::Meter>>,
     /// The relay's per-IP reservation table, told by the event loop when reservations end.
-    pub reservations_by_ip: Option<crate::relay::ReservationsByIp>,
+    pub reservations_by_ip: Option<crate::relay::RelayByIp>,
     /// Inbound forward streams, for the serving task.
     pub inbound: warren_forward::Incoming,
 }

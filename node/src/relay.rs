@@ -4,7 +4,7 @@
 //! signaling only (128 KiB and 2 minutes per circuit). warren's defaults carry real traffic for a
 //! few peers; every limit can be raised, lowered, or set to `"unlimited"` explicitly.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -85,8 +85,13 @@ pub struct RelayLimits {
     pub reservation_duration_secs: u64,
     /// Circuits relayed at once. Default: 64.
     pub max_circuits: Limit,
-    /// Circuits one peer takes part in at once, as source or destination. Default: 8.
+    /// Circuits a peer may take part in (as source or destination) and still open another as
+    /// source. libp2p checks only the peer opening a circuit; circuits towards one destination are
+    /// bounded by `max_circuits` and `max_circuits_per_ip` of their sources. Default: 8.
     pub max_circuits_per_peer: Limit,
+    /// Circuits open (or opening) at once from one source IP address (one IPv6 /64), all its
+    /// peers together. Default: 16.
+    pub max_circuits_per_ip: Limit,
     /// A circuit is cut after this many seconds. Default: 3600.
     pub max_circuit_duration_secs: Limit,
     /// A circuit is cut after carrying this many bytes. Default: 1 GiB.
@@ -107,6 +112,7 @@ impl Default for RelayLimits {
             reservation_duration_secs: 3600,
             max_circuits: Limit::At(64),
             max_circuits_per_peer: Limit::At(8),
+            max_circuits_per_ip: Limit::At(16),
             max_circuit_duration_secs: Limit::At(3600),
             max_circuit_bytes: Limit::At(1 << 30),
             circuits_per_peer_per_minute: Limit::At(60),
@@ -139,11 +145,14 @@ impl RelayLimits {
 
     /// The libp2p relay configuration these limits stand for, and the per-IP reservation table
     /// it uses (the event loop tells it when reservations end).
-    pub fn to_libp2p(&self) -> (relay::Config, ReservationsByIp) {
+    pub fn to_libp2p(&self) -> (relay::Config, RelayByIp) {
         let lifetime = Duration::from_secs(self.reservation_duration_secs);
         let per_peer = self.max_reservations_per_peer.count();
-        let by_ip = ReservationsByIp(Arc::new(Mutex::new(PerIpReservations::new(self.max_reservations_per_ip.count(), lifetime))));
-        let mut reservation_limiters: Vec<Box<dyn relay::RateLimiter>> = vec![Box::new(by_ip.clone())];
+        let by_ip = RelayByIp {
+            reservations: Arc::new(Mutex::new(PerIpReservations::new(self.max_reservations_per_ip.count(), lifetime))),
+            circuits: Arc::new(Mutex::new(PerIpCircuits::new(self.max_circuits_per_ip.count()))),
+        };
+        let mut reservation_limiters: Vec<Box<dyn relay::RateLimiter>> = vec![Box::new(ReservationLimiter(by_ip.clone()))];
         if per_peer == 0 {
             reservation_limiters.push(Box::new(deny_all));
         }
@@ -159,7 +168,9 @@ impl RelayLimits {
             max_circuits_per_peer: self.max_circuits_per_peer.count().saturating_sub(1),
             max_circuit_duration: self.max_circuit_duration_secs.secs(),
             max_circuit_bytes: self.max_circuit_bytes.bytes(),
-            circuit_src_rate_limiters: Vec::new(),
+            // Ours first: libp2p stops at the first limiter that denies, and ours must see
+            // every request it is to count.
+            circuit_src_rate_limiters: vec![Box::new(CircuitLimiter(by_ip.clone()))],
         };
         if self.max_circuits_per_peer == Limit::At(0) {
             config.circuit_src_rate_limiters.push(Box::new(deny_all));
@@ -181,7 +192,7 @@ fn deny_all(_: PeerId, _: &Multiaddr, _: Instant) -> bool {
 /// Caps how many distinct peers from one IP address (one IPv6 /64) hold reservations.
 /// libp2p's relay offers only rate limits per IP; this table tracks who holds a reservation
 /// from where, and forgets a holder as soon as its reservation closes or times out (told by the
-/// event loop through [`ReservationsByIp::on_event`]), so throwaway identities behind one
+/// event loop through [`RelayByIp::on_event`]), so throwaway identities behind one
 /// carrier-grade NAT address lock it out only while they hold their reservations. Entries whose
 /// reservation would have expired are dropped too, in case an event was missed. Bounded: at
 /// most [`PER_IP_TRACKED`] sources are remembered.
@@ -235,29 +246,143 @@ impl PerIpReservations {
     }
 }
 
-/// The per-IP reservation table, shared by the relay's rate limiter and the event loop.
-#[derive(Clone)]
-pub struct ReservationsByIp(Arc<Mutex<PerIpReservations>>);
+/// How long a circuit request counted by [`PerIpCircuits`] may stay unresolved before its place
+/// is given back anyway (libp2p's own circuit negotiation gives up well before).
+const CIRCUIT_PENDING_TIMEOUT: Duration = Duration::from_secs(60);
 
-impl ReservationsByIp {
-    /// Forgets a holder whose reservation timed out. (libp2p also reports `ReservationClosed`
-    /// when a connection whose reservation was *denied* closes, so that event cannot tell a
-    /// holder left: [`ReservationsByIp::on_disconnected`] does.)
+/// Caps the circuits open or opening from one source IP (one IPv6 /64), all its peers together:
+/// libp2p's relay caps circuits per peer and in all, so throwaway identities from one address
+/// could take every circuit. A request is counted when the limiter admits it and given back when
+/// libp2p reports it denied or failed, or when its circuit closes. (A denial that libp2p decided
+/// before asking the limiters gives back an admitted request of the same peer still in flight, if
+/// any, so the count can briefly fall short by one; never over.)
+struct PerIpCircuits {
+    max: usize,
+    open: HashMap<Source, usize>,
+    /// Admitted requests not yet accepted or denied, per source peer: where from, and when.
+    pending: HashMap<PeerId, VecDeque<(Source, Instant)>>,
+    /// Accepted circuits still open, per (source, destination), with their source IP.
+    circuits: HashMap<(PeerId, PeerId), Vec<Source>>,
+}
+
+impl PerIpCircuits {
+    fn new(max: usize) -> Self {
+        Self { max, open: HashMap::new(), pending: HashMap::new(), circuits: HashMap::new() }
+    }
+
+    fn give_back(&mut self, source: Source) {
+        if let Some(n) = self.open.get_mut(&source) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.open.remove(&source);
+            }
+        }
+    }
+
+    fn try_next(&mut self, peer: PeerId, addr: &Multiaddr, now: Instant) -> bool {
+        let Some(ip) = ip_of(addr) else { return true };
+        let source = Source::of(ip);
+        // Requests whose outcome was never reported give their place back.
+        let mut expired = Vec::new();
+        self.pending.retain(|_, waiting| {
+            while waiting.front().is_some_and(|(_, at)| now.duration_since(*at) >= CIRCUIT_PENDING_TIMEOUT) {
+                expired.extend(waiting.pop_front().map(|(s, _)| s));
+            }
+            !waiting.is_empty()
+        });
+        for source in expired {
+            self.give_back(source);
+        }
+        let open = self.open.entry(source).or_default();
+        if *open >= self.max {
+            return false;
+        }
+        *open += 1;
+        self.pending.entry(peer).or_default().push_back((source, now));
+        true
+    }
+
+    fn on_event(&mut self, event: &relay::Event) {
+        use relay::Event as E;
+        #[allow(deprecated)]
+        match event {
+            E::CircuitReqAccepted { src_peer_id, dst_peer_id } => {
+                if let Some(source) = self.take_pending(src_peer_id) {
+                    self.circuits.entry((*src_peer_id, *dst_peer_id)).or_default().push(source);
+                }
+            }
+            E::CircuitReqDenied { src_peer_id, .. }
+            | E::CircuitReqDenyFailed { src_peer_id, .. }
+            | E::CircuitReqOutboundConnectFailed { src_peer_id, .. }
+            | E::CircuitReqAcceptFailed { src_peer_id, .. } => {
+                if let Some(source) = self.take_pending(src_peer_id) {
+                    self.give_back(source);
+                }
+            }
+            E::CircuitClosed { src_peer_id, dst_peer_id, .. } => {
+                let key = (*src_peer_id, *dst_peer_id);
+                if let Some(sources) = self.circuits.get_mut(&key) {
+                    let source = sources.pop();
+                    if sources.is_empty() {
+                        self.circuits.remove(&key);
+                    }
+                    if let Some(source) = source {
+                        self.give_back(source);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn take_pending(&mut self, peer: &PeerId) -> Option<Source> {
+        let waiting = self.pending.get_mut(peer)?;
+        let (source, _) = waiting.pop_front()?;
+        if waiting.is_empty() {
+            self.pending.remove(peer);
+        }
+        Some(source)
+    }
+}
+
+/// The relay's per-IP tables, shared by its rate limiters and the event loop (which tells them
+/// when reservations and circuits end).
+#[derive(Clone)]
+pub struct RelayByIp {
+    reservations: Arc<Mutex<PerIpReservations>>,
+    circuits: Arc<Mutex<PerIpCircuits>>,
+}
+
+impl RelayByIp {
+    /// Forgets a holder whose reservation timed out, and follows circuits. (libp2p also reports
+    /// `ReservationClosed` when a connection whose reservation was *denied* closes, so that event
+    /// cannot tell a holder left: [`RelayByIp::on_disconnected`] does.)
     pub fn on_event(&self, event: &relay::Event) {
         if let relay::Event::ReservationTimedOut { src_peer_id } = event {
             self.on_disconnected(src_peer_id);
         }
+        self.circuits.lock().expect("circuit table lock").on_event(event);
     }
 
     /// The peer has no connection left to us, so it holds no reservation: its place is free.
     pub fn on_disconnected(&self, peer: &PeerId) {
-        self.0.lock().expect("reservation table lock").release(peer);
+        self.reservations.lock().expect("reservation table lock").release(peer);
     }
 }
 
-impl relay::RateLimiter for ReservationsByIp {
+struct ReservationLimiter(RelayByIp);
+
+impl relay::RateLimiter for ReservationLimiter {
     fn try_next(&mut self, peer: PeerId, addr: &Multiaddr, now: Instant) -> bool {
-        self.0.lock().expect("reservation table lock").try_next(peer, addr, now)
+        self.0.reservations.lock().expect("reservation table lock").try_next(peer, addr, now)
+    }
+}
+
+struct CircuitLimiter(RelayByIp);
+
+impl relay::RateLimiter for CircuitLimiter {
+    fn try_next(&mut self, peer: PeerId, addr: &Multiaddr, now: Instant) -> bool {
+        self.0.circuits.lock().expect("circuit table lock").try_next(peer, addr, now)
     }
 }
 
@@ -334,6 +459,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn circuits_from_one_ip_are_capped_whatever_the_identities_and_freed_when_they_end() {
+        use relay::Event as E;
+        let mut table = PerIpCircuits::new(3);
+        let cgnat: Multiaddr = "/ip4/100.64.0.1/udp/4001/quic-v1".parse().unwrap();
+        let other: Multiaddr = "/ip6/2001:db8:1:2::9/udp/4001/quic-v1".parse().unwrap();
+        let same_64: Multiaddr = "/ip6/2001:db8:1:2::77/udp/4001/quic-v1".parse().unwrap();
+        let now = Instant::now();
+        let dst = PeerId::random();
+        let throwaways: Vec<PeerId> = (0..5).map(|_| PeerId::random()).collect();
+        let admitted: Vec<bool> = throwaways.iter().map(|p| table.try_next(*p, &cgnat, now)).collect();
+        assert_eq!(admitted, vec![true, true, true, false, false], "requests in flight count too");
+        assert!(table.try_next(PeerId::random(), &other, now), "another address is not affected");
+        // One is denied downstream (no reservation at the destination): its place comes back.
+        table.on_event(&E::CircuitReqDenied { src_peer_id: throwaways[0], dst_peer_id: dst, status: relay::StatusCode::NoReservation });
+        assert!(table.try_next(throwaways[3], &cgnat, now));
+        // Two are accepted and so stay counted while open.
+        for p in [throwaways[1], throwaways[2], throwaways[3]] {
+            table.on_event(&E::CircuitReqAccepted { src_peer_id: p, dst_peer_id: dst });
+        }
+        assert!(!table.try_next(throwaways[4], &cgnat, now), "three open circuits fill the address");
+        table.on_event(&E::CircuitClosed { src_peer_id: throwaways[1], dst_peer_id: dst, error: None });
+        assert!(table.try_next(throwaways[4], &cgnat, now), "a closed circuit frees its place");
+        // An IPv6 /64 is one source.
+        let v6: Vec<bool> = (0..3).map(|_| table.try_next(PeerId::random(), &same_64, now)).collect();
+        assert_eq!(v6, vec![true, true, false]);
+        // A request whose outcome was never reported gives its place back after the timeout.
+        assert!(table.try_next(PeerId::random(), &same_64, now + CIRCUIT_PENDING_TIMEOUT));
+    }
+
+    #[test]
     fn per_ip_reservations_are_capped_and_peers_may_renew() {
         let mut limiter = PerIpReservations::new(2, Duration::from_secs(3600));
         let addr: Multiaddr = "/ip4/192.0.2.1/tcp/1".parse().unwrap();
@@ -349,8 +504,11 @@ mod tests {
 
     #[test]
     fn a_closed_reservation_frees_its_place_at_once_and_ipv6_counts_per_64() {
-        let table = ReservationsByIp(Arc::new(Mutex::new(PerIpReservations::new(2, Duration::from_secs(3600)))));
-        let mut limiter = table.clone();
+        let table = RelayByIp {
+            reservations: Arc::new(Mutex::new(PerIpReservations::new(2, Duration::from_secs(3600)))),
+            circuits: Arc::new(Mutex::new(PerIpCircuits::new(16))),
+        };
+        let mut limiter = ReservationLimiter(table.clone());
         use relay::RateLimiter;
         let now = Instant::now();
         let addr: Multiaddr = "/ip4/192.0.2.1/tcp/1".parse().unwrap();

@@ -8,16 +8,22 @@
 //! protocol it proposes (its own choice). Streams agreed on `/libp2p/circuit/relay/0.2.0/hop` or
 //! `/stop` carry relayed traffic, and the bytes *read* on them are counted (each relayed byte is
 //! read once, on the source's stream, then written to the destination's). What a peer sends
-//! cannot hide a relay stream: only the agreement counts, wherever it falls in the stream. Reads on them draw from one token bucket, so the aggregate rate stays within
-//! the operator's cap: a full bucket makes the relay read slower, and flow control slows the
-//! senders. Other streams are not touched beyond the first bytes.
+//! cannot hide a relay stream: only the agreement counts, wherever it falls in the stream.
+//!
+//! Under a cap, reads on relay streams are scheduled so the aggregate rate stays within the
+//! operator's cap and circuits share it fairly: a stream asks for one [`QUANTUM`] at a time and
+//! is given the next free slot of the shared schedule (the link is booked `QUANTUM / rate`
+//! seconds per grant, with up to a second banked for bursts), so waiting circuits take turns in
+//! the order they asked, one quantum each, whatever their read buffers. What a grant did not use
+//! is given back. The relay then reads slower, and flow control slows the senders. Other streams
+//! are not touched beyond the first bytes.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::{AsyncRead, AsyncWrite};
 use libp2p::core::muxing::{StreamMuxer, StreamMuxerEvent};
@@ -30,17 +36,25 @@ const RELAY_PROTOCOL_PREFIX: &[u8] = b"/libp2p/circuit/relay/0.2.0/";
 /// The multistream-select header and answer, which are not agreements.
 const MULTISTREAM_HEADER: &[u8] = b"/multistream/1.0.0";
 const NOT_AVAILABLE: &[u8] = b"na";
+/// The most one relay stream reads per grant under a cap: small enough that circuits interleave
+/// finely (16 KiB is 1.6 ms of a 10 MiB/s cap), large enough that grants stay cheap.
+pub const QUANTUM: usize = 16 * 1024;
+/// How much unused capacity is banked for a burst.
+const BURST: Duration = Duration::from_secs(1);
 
 /// The relay's shared counter and (optional) rate cap.
 pub struct Meter {
     relayed: AtomicU64,
-    /// Bytes per second, and the bucket: (tokens, last refill).
-    cap: Option<(u64, Mutex<(f64, Instant)>)>,
+    /// Bytes per second, and when the capped link is next free (tokio's clock).
+    cap: Option<(u64, Mutex<tokio::time::Instant>)>,
 }
 
 impl Meter {
     pub fn new(bytes_per_sec: Option<u64>) -> Meter {
-        Meter { relayed: AtomicU64::new(0), cap: bytes_per_sec.map(|rate| (rate, Mutex::new((rate as f64, Instant::now())))) }
+        Meter {
+            relayed: AtomicU64::new(0),
+            cap: bytes_per_sec.map(|rate| (rate.max(1), Mutex::new(tokio::time::Instant::now()))),
+        }
     }
 
     /// Bytes relayed so far (both directions).
@@ -48,21 +62,27 @@ impl Meter {
         self.relayed.load(Ordering::Relaxed)
     }
 
-    /// How long to wait before reading more relayed data (zero: go ahead).
-    fn wait(&self) -> Duration {
-        let Some((rate, bucket)) = &self.cap else { return Duration::ZERO };
-        let mut bucket = bucket.lock().unwrap();
-        let now = Instant::now();
-        // Refill; at most one second's worth is banked (the burst).
-        bucket.0 = (bucket.0 + now.duration_since(bucket.1).as_secs_f64() * *rate as f64).min(*rate as f64);
-        bucket.1 = now;
-        if bucket.0 > 0.0 { Duration::ZERO } else { Duration::from_secs_f64((-bucket.0 + 1.0) / *rate as f64) }
+    fn link_time(rate: u64, bytes: usize) -> Duration {
+        Duration::from_secs_f64(bytes as f64 / rate as f64)
     }
 
-    fn took(&self, n: usize) {
+    /// Books the next [`QUANTUM`] of the link; returns when it may be read (`None`: uncapped).
+    fn book(&self) -> Option<tokio::time::Instant> {
+        let (rate, next_free) = self.cap.as_ref()?;
+        let mut next_free = next_free.lock().unwrap();
+        let now = tokio::time::Instant::now();
+        let slot = (*next_free).max(now.checked_sub(BURST).unwrap_or(now));
+        *next_free = slot + Self::link_time(*rate, QUANTUM);
+        Some(slot)
+    }
+
+    /// Counts `n` bytes read on a grant of one [`QUANTUM`], giving back what it did not use.
+    fn took(&self, n: usize, granted: bool) {
         self.relayed.fetch_add(n as u64, Ordering::Relaxed);
-        if let Some((_, bucket)) = &self.cap {
-            bucket.lock().unwrap().0 -= n as f64;
+        if let (Some((rate, next_free)), true) = (&self.cap, granted) {
+            let unused = Self::link_time(*rate, QUANTUM.saturating_sub(n));
+            let mut next_free = next_free.lock().unwrap();
+            *next_free = next_free.checked_sub(unused).unwrap_or(*next_free);
         }
     }
 }
@@ -120,12 +140,15 @@ pub struct MeteredStream<S> {
     /// Negotiation bytes written and not yet parsed into whole messages.
     seen: Vec<u8>,
     written_total: usize,
+    /// Waiting for a booked slot of the capped link.
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A slot was booked and reached: the next read may take one quantum.
+    granted: bool,
 }
 
 impl<S> MeteredStream<S> {
     fn new(inner: S, meter: std::sync::Arc<Meter>) -> Self {
-        MeteredStream { inner, meter, kind: Kind::Unknown, seen: Vec::new(), written_total: 0, sleep: None }
+        MeteredStream { inner, meter, kind: Kind::Unknown, seen: Vec::new(), written_total: 0, sleep: None, granted: false }
     }
 
     /// Follows the negotiation messages this node writes until one is an agreement.
@@ -159,23 +182,28 @@ impl<S> MeteredStream<S> {
 impl<S: AsyncRead + Unpin> AsyncRead for MeteredStream<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        if this.kind == Kind::Relay {
-            loop {
-                if let Some(sleep) = &mut this.sleep {
-                    futures::ready!(sleep.as_mut().poll(cx));
-                    this.sleep = None;
+        if this.kind != Kind::Relay {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        if !this.granted && this.sleep.is_none() {
+            match this.meter.book() {
+                Some(slot) => this.sleep = Some(Box::pin(tokio::time::sleep_until(slot))),
+                None => {
+                    let n = futures::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+                    this.meter.took(n, false);
+                    return Poll::Ready(Ok(n));
                 }
-                let wait = this.meter.wait();
-                if wait.is_zero() {
-                    break;
-                }
-                this.sleep = Some(Box::pin(tokio::time::sleep(wait)));
             }
         }
-        let n = futures::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-        if this.kind == Kind::Relay {
-            this.meter.took(n);
+        if let Some(sleep) = &mut this.sleep {
+            futures::ready!(sleep.as_mut().poll(cx));
+            this.sleep = None;
+            this.granted = true;
         }
+        let limit = buf.len().min(QUANTUM);
+        let n = futures::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut buf[..limit]))?;
+        this.granted = false;
+        this.meter.took(n, true);
         Poll::Ready(Ok(n))
     }
 }
@@ -209,15 +237,60 @@ fn next_message(bytes: &[u8]) -> Option<(&[u8], usize)> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_capped_meter_makes_readers_wait_once_the_second_is_spent() {
-        let meter = Meter::new(Some(1000));
-        assert_eq!(meter.wait(), Duration::ZERO);
-        meter.took(1500);
-        let wait = meter.wait();
-        assert!(wait > Duration::from_millis(400) && wait < Duration::from_millis(600), "{wait:?}");
-        assert_eq!(meter.relayed(), 1500);
-        assert_eq!(Meter::new(None).wait(), Duration::ZERO);
+    /// A relay stream over an endless source, reading with `buffer`-sized reads.
+    fn relay_reader(meter: &std::sync::Arc<Meter>) -> MeteredStream<futures::io::Repeat> {
+        let mut stream = MeteredStream::new(futures::io::repeat(7), meter.clone());
+        stream.kind = Kind::Relay;
+        stream
+    }
+
+    /// Reads from `stream` until `until`, with `buffer`-sized reads; returns the bytes read.
+    async fn read_until(mut stream: MeteredStream<futures::io::Repeat>, buffer: usize, until: tokio::time::Instant) -> u64 {
+        use futures::AsyncReadExt as _;
+        let mut buf = vec![0u8; buffer];
+        let mut total = 0;
+        while tokio::time::Instant::now() < until {
+            total += stream.read(&mut buf).await.unwrap() as u64;
+        }
+        total
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_capped_meter_holds_the_rate_and_circuits_share_it_fairly() {
+        const RATE: u64 = 1024 * 1024;
+        let meter = std::sync::Arc::new(Meter::new(Some(RATE)));
+        let start = tokio::time::Instant::now();
+        // A greedy circuit with big reads starts first; a second with small reads joins a second
+        // later, a third later still.
+        let until = start + Duration::from_secs(10);
+        let greedy = tokio::spawn(read_until(relay_reader(&meter), 256 * 1024, until));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let small = tokio::spawn(read_until(relay_reader(&meter), 4 * 1024, until));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let third = tokio::spawn(read_until(relay_reader(&meter), 64 * 1024, until));
+        let (greedy, small, third) = (greedy.await.unwrap(), small.await.unwrap(), third.await.unwrap());
+        let total = greedy + small + third;
+        eprintln!("10 s at 1 MiB/s: greedy (from 0 s, 256 KiB reads) {greedy}, small (from 1 s, 4 KiB reads) {small}, third (from 2 s) {third}");
+        // Ten seconds at the rate, plus the first second's burst and one quantum per circuit.
+        assert!(total <= 11 * RATE + 3 * QUANTUM as u64, "over the cap: {total}");
+        assert!(total >= 9 * RATE, "the cap is used: {total}");
+        // The first two seconds are the greedy's and then shared by two; the last eight by three.
+        // The small reader reads 4 KiB per grant, so it gets a quarter of the third's share.
+        assert!(third > 2 * RATE, "a late circuit still gets its share: third {third}, greedy {greedy}");
+        assert!(greedy < 6 * RATE, "the first circuit does not keep the link: {greedy}");
+        assert_eq!(meter.relayed(), total);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_uncapped_meter_only_counts() {
+        let meter = std::sync::Arc::new(Meter::new(None));
+        let read = read_until(relay_reader(&meter), 1024, tokio::time::Instant::now()).await;
+        assert_eq!(read, 0);
+        use futures::AsyncReadExt as _;
+        let mut stream = relay_reader(&meter);
+        let mut buf = vec![0u8; 100_000];
+        assert_eq!(stream.read(&mut buf).await.unwrap(), 100_000, "no quantum without a cap");
+        assert_eq!(meter.relayed(), 100_000);
     }
 
     fn message(protocol: &str) -> Vec<u8> {

@@ -90,7 +90,7 @@ pub struct EventLoop {
     redials: HashMap<PeerId, u8>,
     autorelay: AutoRelay,
     relay_stats: RelayStats,
-    reservations_by_ip: Option<crate::relay::ReservationsByIp>,
+    reservations_by_ip: Option<crate::relay::RelayByIp>,
     relay_advertised: bool,
     relay_lookups: std::collections::HashSet<kad::QueryId>,
     /// When our own provider record is next published, per DHT.
@@ -152,7 +152,7 @@ impl EventLoop {
     pub fn with_relay(
         mut self,
         meter: Option<std::sync::Arc<crate::relay_meter::Meter>>,
-        by_ip: Option<crate::relay::ReservationsByIp>,
+        by_ip: Option<crate::relay::RelayByIp>,
     ) -> Self {
         self.meter = meter;
         self.reservations_by_ip = by_ip;
