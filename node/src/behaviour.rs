@@ -51,7 +51,7 @@ pub struct Behaviour {
     /// The LAN DHT (`/…/lan/kad/…`), always serving: peers on loopback, link-local and private
     /// addresses, so nodes of one private network find each other with no public address
     /// confirmed (kubo runs the same pair).
-    pub lan_kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub lan_kad: crate::lan_dht::Behaviour,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     pub autonat: autonat::Behaviour,
     /// AutoNAT v2 tests each candidate address on its own and confirms every one that a peer
@@ -231,7 +231,7 @@ pub fn build_swarm(
                     ping::Config::new().with_interval(Duration::from_secs(5)).with_timeout(Duration::from_secs(5)),
                 ),
                 kad,
-                lan_kad,
+                lan_kad: crate::lan_dht::Behaviour::new(lan_kad, public_ranges.clone()),
                 mdns: mdns.into(),
                 autonat: autonat::Behaviour::new(
                     peer_id,

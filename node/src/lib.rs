@@ -13,7 +13,8 @@
 //! - [`metrics`]: Prometheus text on `--metrics ADDR`.
 //! - [`handle`]: the one way into the swarm task ([`handle::NodeHandle`], [`handle::Command`]).
 //! - [`event_loop`]: the task that owns the swarm, one file per capability: `bootstrap`,
-//!   `connect`, `dht` (the WAN and LAN Kademlia DHTs), `identify`, `mdns`, `holepunch` (DCUtR
+//!   `connect`, `dht` (the WAN and LAN Kademlia DHTs; [`lan_dht`] serves the LAN one only to
+//!   peers on a private network), `identify`, `mdns`, `holepunch` (DCUtR
 //!   and re-punching), `relays` (the relay service and AutoRelay's reservations), `status`.
 //! - [`behaviour`]: the composed libp2p behaviour and swarm; [`identify_scope`]: identify
 //!   showing each peer only the addresses of its scope; [`ip_limits`]: inbound connections
@@ -43,6 +44,7 @@ pub mod event_loop;
 pub mod handle;
 pub mod identify_scope;
 pub mod ip_limits;
+pub mod lan_dht;
 pub mod forward;
 pub mod metrics;
 pub mod node;

@@ -290,8 +290,38 @@ async fn a_udp_flood_towards_a_peer_that_never_answers_is_bounded_in_memory() {
     held.abort();
 }
 
+/// Whether a peer in namespace `ns` that dials `addr` (a node's) may open `protocol` on it.
+fn may_open_in(ns: &str, addr: Multiaddr, peer: PeerId, protocol: &'static str) -> bool {
+    warren_natlab::sys::in_netns(ns, move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let opened = runtime.block_on(async {
+            let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+                .with_tokio()
+                .with_quic()
+                .with_behaviour(|_| libp2p_stream::Behaviour::new())
+                .unwrap()
+                .build();
+            let mut control = swarm.behaviour().new_control();
+            swarm.dial(DialOpts::peer_id(peer).addresses(vec![addr]).build()).unwrap();
+            tokio::spawn(async move {
+                loop {
+                    swarm.select_next_some().await;
+                }
+            });
+            let open = control.open_stream(peer, StreamProtocol::new(protocol));
+            match tokio::time::timeout(Duration::from_secs(20), open).await.expect("the stream opens or is refused") {
+                Ok(_) => true,
+                Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_)) => false,
+                Err(e) => panic!("opening {protocol} failed for another reason: {e}"),
+            }
+        });
+        Ok(opened)
+    })
+    .unwrap()
+}
+
 #[test]
-fn a_peer_across_the_internet_is_not_told_our_loopback_or_private_addresses() {
+fn a_stranger_across_the_internet_learns_nothing_of_the_network_behind_the_node() {
     use common::netns::{Lan, skipped};
     if skipped() {
         return;
@@ -331,4 +361,13 @@ fn a_peer_across_the_internet_is_not_told_our_loopback_or_private_addresses() {
     eprintln!("a stranger was told {told:?}; the node listens on {listening:?}");
     assert!(told.iter().any(|a| a.contains(&format!("/{}/", lan.ip(0)))), "the public address is told: {told:?}");
     assert!(!told.iter().any(|a| a.contains("/127.0.0.1/")), "loopback is not told to a stranger: {told:?}");
+
+    // Nor may it ask the LAN DHT, which knows the machines around the node; a peer on the
+    // node's own host (here, its loopback) may.
+    let peer: PeerId = node.peer_id.parse().unwrap();
+    let lan_dht = "/warren/lan/kad/1.0.0";
+    let public: Multiaddr = format!("/ip4/{}/udp/4001/quic-v1", lan.ip(0)).parse().unwrap();
+    assert!(!may_open_in(&lan.ns(1), public, peer, lan_dht), "a stranger is refused the LAN DHT");
+    let local: Multiaddr = "/ip4/127.0.0.1/udp/4001/quic-v1".parse().unwrap();
+    assert!(may_open_in(&lan.ns(0), local, peer, lan_dht), "a neighbour is served");
 }
