@@ -18,7 +18,7 @@ cp tests/corpus/* "$work"/
 # No sanitizer: the decoders are safe Rust (the workspace forbids unsafe), so AddressSanitizer
 # would only slow the run; panics, overflows (debug assertions on) and timeouts are what we seek.
 cargo fuzz run --sanitizer none --debug-assertions request_decoder "$work" -- \
-  -runs="$runs" -max_len=4096 -timeout=5 -print_final_stats=1 2>&1 | tee /tmp/warren-fuzz.log | grep -E "^(#[0-9]+ +(INITED|DONE|pulse)|stat::|==|SUMMARY|Done)" || true
+  -runs="$runs" -max_len=4096 -timeout=5 -print_final_stats=1 2>&1 | tee /tmp/warren-fuzz.log | grep -aE "^(#[0-9]+[[:space:]]+(INITED|DONE)|stat::|==|SUMMARY|Done)" || true
 grep -q "Done $runs runs" /tmp/warren-fuzz.log || { echo "fuzzing did not finish cleanly: see /tmp/warren-fuzz.log"; exit 1; }
 # Keep the corpus small: merge into a fresh directory (libFuzzer keeps one input per new coverage).
 rm -rf fuzz/corpus/min && mkdir -p fuzz/corpus/min

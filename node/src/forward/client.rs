@@ -157,11 +157,15 @@ async fn accepted(r: &mut (impl futures::AsyncRead + Unpin)) -> Result<(), Strin
     }
 }
 
+/// How often a forward at its session cap rewrites its last error.
+const CAP_NOTE_EVERY: Duration = Duration::from_secs(1);
+
 type Sessions = Arc<Mutex<HashMap<SocketAddr, Arc<QueueTx>>>>;
 
 async fn run_udp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, socket: Arc<UdpSocket>) {
     let sessions: Sessions = Arc::default();
     let queued = ForwardQueued::default();
+    let mut last_cap_note = None;
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let Ok((n, from)) = socket.recv_from(&mut buf).await else { continue };
@@ -172,7 +176,14 @@ async fn run_udp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, socket: Arc
             continue;
         }
         let Ok(permit) = forward.permits.clone().try_acquire_owned() else {
-            forward.stats.fail(format!("UDP session from {from} dropped: at the cap of {}", forward.spec.max_connections));
+            // Counted every time; described at most once a second, so a flood from new source
+            // ports costs no formatting per datagram.
+            forward.stats.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if last_cap_note.is_none_or(|at: tokio::time::Instant| at.elapsed() >= CAP_NOTE_EVERY) {
+                last_cap_note = Some(tokio::time::Instant::now());
+                *forward.stats.last_error.lock().unwrap() =
+                    Some(format!("UDP session from {from} dropped: at the cap of {} sessions", forward.spec.max_connections));
+            }
             continue;
         };
         let (tx, rx) = session_queue(&queued);
