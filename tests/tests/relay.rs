@@ -362,3 +362,275 @@ async fn a_flood_of_reservations_leaves_the_relay_bounded_and_allowed_peers_serv
     assert!(a.json(&["ping", &b.peer_id, "--count", "1"]).is_some(), "A reaches B through R during the flood");
     drop(flooders);
 }
+
+/// The relay-cap bypass: a client whose hop stream first proposes a long bogus protocol (the
+/// relay answers `na`), then the hop protocol. Only the first stream of this kind is rewritten:
+/// `Bypass` wraps the client's muxer, and its outbound substreams insert the bogus proposal
+/// before a hop proposal and hide the relay's `na` from the client's own negotiation.
+mod bypass {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use futures::{AsyncRead, AsyncWrite};
+    use libp2p::core::muxing::{StreamMuxer, StreamMuxerEvent};
+
+    const HEADER: &[u8] = b"/multistream/1.0.0\n";
+    const HOP: &[u8] = b"/libp2p/circuit/relay/0.2.0/hop\n";
+    const NA: &[u8] = b"na\n";
+
+    /// Set once the relay answered `na` to a bogus proposal placed before the hop protocol: the
+    /// bypass really was attempted.
+    pub static NA_HIDDEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+    /// A multistream-select message: unsigned-varint length, then the body.
+    fn message(body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut len = body.len();
+        loop {
+            let byte = (len & 0x7f) as u8;
+            len >>= 7;
+            if len == 0 {
+                out.push(byte);
+                break;
+            }
+            out.push(byte | 0x80);
+        }
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// The first whole message in `bytes` (one-byte lengths: all the relay sends here).
+    fn first(bytes: &[u8]) -> Option<(&[u8], usize)> {
+        let len = usize::from(*bytes.first()?);
+        (len < 0x80).then_some(())?;
+        Some((bytes.get(1..1 + len)?, 1 + len))
+    }
+
+    pub struct Muxer<M>(pub M);
+
+    impl<M: StreamMuxer + Unpin> StreamMuxer for Muxer<M>
+    where
+        M::Substream: Unpin,
+    {
+        type Substream = Rewrite<M::Substream>;
+        type Error = M::Error;
+
+        fn poll_inbound(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Self::Substream, Self::Error>> {
+            Pin::new(&mut self.get_mut().0).poll_inbound(cx).map_ok(|s| Rewrite::new(s, false))
+        }
+        fn poll_outbound(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Self::Substream, Self::Error>> {
+            Pin::new(&mut self.get_mut().0).poll_outbound(cx).map_ok(|s| Rewrite::new(s, true))
+        }
+        fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Pin::new(&mut self.get_mut().0).poll_close(cx)
+        }
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<StreamMuxerEvent, Self::Error>> {
+            Pin::new(&mut self.get_mut().0).poll(cx)
+        }
+    }
+
+    pub struct Rewrite<S> {
+        inner: S,
+        /// Still collecting the client's header and first proposal.
+        watching: bool,
+        written: Vec<u8>,
+        /// Bytes for the inner stream, not yet accepted by it.
+        out: Vec<u8>,
+        /// A bogus proposal went out: the relay's first `na` after its header is dropped.
+        strip_na: bool,
+        read: Vec<u8>,
+    }
+
+    impl<S> Rewrite<S> {
+        fn new(inner: S, outbound: bool) -> Self {
+            Self { inner, watching: outbound, written: Vec::new(), out: Vec::new(), strip_na: false, read: Vec::new() }
+        }
+    }
+
+    impl<S: AsyncWrite + Unpin> Rewrite<S> {
+        fn drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            while !self.out.is_empty() {
+                let n = futures::ready!(Pin::new(&mut self.inner).poll_write(cx, &self.out))?;
+                self.out.drain(..n);
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl<S: AsyncWrite + Unpin> AsyncWrite for Rewrite<S> {
+        fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+            let this = self.get_mut();
+            futures::ready!(this.drain(cx))?;
+            if !this.watching {
+                return Pin::new(&mut this.inner).poll_write(cx, buf);
+            }
+            this.written.extend_from_slice(buf);
+            let Some((header, at)) = first(&this.written) else { return Poll::Ready(Ok(buf.len())) };
+            let Some((proposal, len)) = first(&this.written[at..]) else { return Poll::Ready(Ok(buf.len())) };
+            this.watching = false;
+            let mut out = message(header);
+            if proposal == HOP {
+                let bogus = format!("/{}\n", "x".repeat(300));
+                out.extend(message(bogus.as_bytes()));
+                this.strip_na = true;
+            }
+            out.extend(message(proposal));
+            out.extend_from_slice(&this.written[at + len..]);
+            this.out = out;
+            let _ = this.drain(cx)?;
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            let this = self.get_mut();
+            futures::ready!(this.drain(cx))?;
+            Pin::new(&mut this.inner).poll_flush(cx)
+        }
+        fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            let this = self.get_mut();
+            futures::ready!(this.drain(cx))?;
+            Pin::new(&mut this.inner).poll_close(cx)
+        }
+    }
+
+    impl<S: AsyncRead + Unpin> AsyncRead for Rewrite<S> {
+        fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<std::io::Result<usize>> {
+            let this = self.get_mut();
+            while this.strip_na {
+                // Collect the relay's header and the message after it, then drop that one if `na`.
+                if let Some((header, at)) = first(&this.read)
+                    && let Some((answer, len)) = first(&this.read[at..])
+                {
+                    assert_eq!(header, HEADER);
+                    if answer == NA {
+                        this.read.drain(at..at + len);
+                        NA_HIDDEN.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    this.strip_na = false;
+                    break;
+                }
+                let mut chunk = [0u8; 256];
+                let n = futures::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut chunk))?;
+                if n == 0 {
+                    this.strip_na = false;
+                    break;
+                }
+                this.read.extend_from_slice(&chunk[..n]);
+            }
+            if !this.read.is_empty() {
+                let n = this.read.len().min(buf.len());
+                buf[..n].copy_from_slice(&this.read[..n]);
+                this.read.drain(..n);
+                return Poll::Ready(Ok(n));
+            }
+            Pin::new(&mut this.inner).poll_read(cx, buf)
+        }
+    }
+}
+
+#[derive(libp2p::swarm::NetworkBehaviour)]
+#[behaviour(prelude = "libp2p::swarm::derive_prelude")]
+struct BypassClient {
+    relay: libp2p::relay::client::Behaviour,
+    stream: libp2p_stream::Behaviour,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_hiding_the_hop_protocol_behind_a_bogus_proposal_is_still_metered_and_capped() {
+    use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
+    use libp2p::core::{muxing::StreamMuxerBox, upgrade};
+    use libp2p::Transport as _;
+    let (_config, r) = configured_relay("[relay_limits]\nmax_relayed_bytes_per_sec = 1048576\n", &[]);
+    let d = behind(&r);
+    wait_until(Duration::from_secs(20), "D's reservation on R", || reserved_on(&d, &r));
+
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let s_id = key.public().to_peer_id();
+    expose(&d, "echo", &echo_service().await.to_string(), &[&s_id.to_string()]);
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_other_transport(|key| {
+            libp2p::tcp::tokio::Transport::new(libp2p::tcp::Config::default())
+                .upgrade(upgrade::Version::V1)
+                .authenticate(libp2p::noise::Config::new(key).unwrap())
+                .multiplex(libp2p::yamux::Config::default())
+                .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(bypass::Muxer(muxer))))
+        })
+        .unwrap()
+        .with_relay_client(libp2p::noise::Config::new, libp2p::yamux::Config::default)
+        .unwrap()
+        .with_behaviour(|_, relay| BypassClient { relay, stream: libp2p_stream::Behaviour::new() })
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    let r_tcp = r.status()["listen_addrs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .find(|a| a.contains("/tcp/"))
+        .expect("the relay listens on TCP");
+    let d_id: libp2p::PeerId = d.peer_id.parse().unwrap();
+    let circuit: libp2p::Multiaddr = format!("{r_tcp}/p2p/{}/p2p-circuit/p2p/{d_id}", r.peer_id).parse().unwrap();
+    let mut control = swarm.behaviour().stream.new_control();
+    swarm.dial(circuit).unwrap();
+    let connected = async {
+        loop {
+            match swarm.select_next_some().await {
+                libp2p::swarm::SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == d_id => break,
+                libp2p::swarm::SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } if peer == d_id => {
+                    panic!("the circuit to D failed: {error}")
+                }
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), connected).await.expect("a circuit to D through R");
+    let driver = tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+
+    let open = control.open_stream(d_id, libp2p::StreamProtocol::new(warren_forward::PROTOCOL));
+    let stream = tokio::time::timeout(Duration::from_secs(20), open).await.expect("a stream through the circuit").unwrap();
+    let (mut rd, mut wr) = stream.split();
+    warren_forward::write_request(&mut wr, &warren_forward::Request::new("echo", warren_forward::Transport::Tcp)).await.unwrap();
+    assert_eq!(warren_forward::read_reply(&mut rd).await.unwrap().status, warren_forward::Status::Accepted);
+    // 2 MiB out and echoed back: 4 MiB through a relay capped at 1 MiB/s.
+    const EACH_WAY: usize = 2 * 1024 * 1024;
+    let started = std::time::Instant::now();
+    let reader = tokio::spawn(async move {
+        let mut got = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        while got < EACH_WAY {
+            let mut header = [0u8; warren_forward::CHUNK_HEADER];
+            rd.read_exact(&mut header).await.unwrap();
+            let warren_forward::Chunk::Data(n) = warren_forward::Chunk::decode(header).unwrap() else { break };
+            let mut left = n;
+            while left > 0 {
+                let take = left.min(buf.len());
+                rd.read_exact(&mut buf[..take]).await.unwrap();
+                left -= take;
+            }
+            got += n;
+        }
+        got
+    });
+    let chunk = vec![0xA5u8; 32 * 1024];
+    for _ in 0..EACH_WAY / chunk.len() {
+        wr.write_all(&warren_forward::Chunk::Data(chunk.len()).encode()).await.unwrap();
+        wr.write_all(&chunk).await.unwrap();
+    }
+    wr.flush().await.unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(60), reader).await.expect("the echo came back").unwrap();
+    let took = started.elapsed();
+    driver.abort();
+    let relayed = r.status()["relay"]["relayed_bytes"].as_u64().unwrap();
+    eprintln!("bypass attempt: 4 MiB through a 1 MiB/s relay took {took:?}; the relay counted {relayed} bytes");
+    assert_eq!(echoed, EACH_WAY);
+    assert!(bypass::NA_HIDDEN.load(std::sync::atomic::Ordering::Relaxed), "the hop stream went through a bogus proposal first");
+    // Before, the bogus proposal pushed the hop id past the meter's 128-byte window: nothing was
+    // counted and the transfer ran at loopback speed.
+    assert!(relayed >= 2 * EACH_WAY as u64, "the circuit's bytes are counted: {relayed}");
+    assert!(took >= Duration::from_secs(2), "the cap held the transfer to about 1 MiB/s: {took:?}");
+}
