@@ -217,7 +217,7 @@ pub fn build_swarm(
                         .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
                         .with_max_established_incoming(Some(max_incoming)),
                 ),
-                identify: crate::identify_scope::Behaviour::new(
+                identify: crate::identify_scope::new(
                     identify::Behaviour::new(
                         identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
                             .with_agent_version(AGENT.to_string())
@@ -231,7 +231,7 @@ pub fn build_swarm(
                     ping::Config::new().with_interval(Duration::from_secs(5)).with_timeout(Duration::from_secs(5)),
                 ),
                 kad,
-                lan_kad: crate::lan_dht::Behaviour::new(lan_kad, public_ranges.clone()),
+                lan_kad: crate::lan_dht::new(lan_kad, public_ranges.clone()),
                 mdns: mdns.into(),
                 autonat: autonat::Behaviour::new(
                     peer_id,

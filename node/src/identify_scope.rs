@@ -9,23 +9,18 @@
 //! peers on the link, loopback ones to peers on this host. A relayed connection counts as public:
 //! the peer behind it may be anywhere.
 //!
-//! The wrapper hands libp2p's own identify handler the filtered set when a connection starts and
-//! whenever our addresses change, so the protocol itself (and its standard id) is untouched.
+//! A [`Scoped`] identify: libp2p's own handler is given the filtered set when a connection starts
+//! and whenever our addresses change, so the protocol itself (and its standard id) is untouched.
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use libp2p::core::{Endpoint, transport::PortUse};
 use libp2p::swarm::behaviour::{ExternalAddresses, ListenAddresses};
-use libp2p::swarm::handler::ConnectionEvent;
-use libp2p::swarm::{
-    ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm, NetworkBehaviour,
-    SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
-};
-use libp2p::{Multiaddr, PeerId, identify};
+use libp2p::swarm::{FromSwarm, THandler, THandlerInEvent};
+use libp2p::{Multiaddr, identify};
 
 use crate::addresses::{Cidr, Scope, is_relayed, scope_of};
+use crate::scoped::{Adjust, Scoped};
 
 /// Whether an address of ours is shown to a peer connected on `peer_scope` (see module docs).
 pub fn shown_to(addr: &Multiaddr, peer_scope: Scope, public_ranges: &[Cidr]) -> bool {
@@ -50,145 +45,53 @@ fn peer_scope(remote: &Multiaddr, public_ranges: &[Cidr]) -> Scope {
     scope_of(remote, public_ranges).unwrap_or(Scope::Public)
 }
 
-type Inner = THandler<identify::Behaviour>;
-type InnerIn = THandlerInEvent<identify::Behaviour>;
+fn filter(addrs: HashSet<Multiaddr>, scope: Scope, public_ranges: &[Cidr]) -> HashSet<Multiaddr> {
+    addrs.into_iter().filter(|a| shown_to(a, scope, public_ranges)).collect()
+}
 
-pub struct Behaviour {
-    inner: identify::Behaviour,
+/// libp2p's identify, adjusted per connection as the module docs say.
+pub type Behaviour = Scoped<identify::Behaviour, ByScope>;
+
+pub fn new(inner: identify::Behaviour, public_ranges: Vec<Cidr>) -> Behaviour {
+    Scoped::new(
+        inner,
+        ByScope { public_ranges: public_ranges.into(), listen: Default::default(), external: Default::default() },
+    )
+}
+
+/// Our addresses as identify knows them, to filter per connection.
+pub struct ByScope {
     public_ranges: Arc<[Cidr]>,
     listen: ListenAddresses,
     external: ExternalAddresses,
 }
 
-impl Behaviour {
-    pub fn new(inner: identify::Behaviour, public_ranges: Vec<Cidr>) -> Self {
-        Self { inner, public_ranges: public_ranges.into(), listen: Default::default(), external: Default::default() }
-    }
+type In = THandlerInEvent<identify::Behaviour>;
 
-    /// Everything identify would send (it does not hide listen addresses).
-    fn all_addresses(&self) -> HashSet<Multiaddr> {
-        self.listen.iter().chain(self.external.iter()).cloned().collect()
-    }
+impl Adjust<identify::Behaviour> for ByScope {
+    /// The peer's scope, and the ranges that count as public.
+    type Conn = (Scope, Arc<[Cidr]>);
 
-    fn wrap(&self, mut inner: Inner, remote: &Multiaddr) -> Handler {
+    fn connection(&self, remote: &Multiaddr, handler: &mut THandler<identify::Behaviour>) -> Self::Conn {
+        use libp2p::swarm::ConnectionHandler as _;
         let scope = peer_scope(remote, &self.public_ranges);
-        inner.on_behaviour_event(InnerIn::AddressesChanged(filter(self.all_addresses(), scope, &self.public_ranges)));
-        Handler { inner, scope, public_ranges: self.public_ranges.clone() }
-    }
-}
-
-impl NetworkBehaviour for Behaviour {
-    type ConnectionHandler = Handler;
-    type ToSwarm = identify::Event;
-
-    fn handle_pending_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> Result<(), ConnectionDenied> {
-        self.inner.handle_pending_inbound_connection(connection_id, local_addr, remote_addr)
+        // Everything identify would send (it does not hide listen addresses), filtered, before
+        // the handler answers its first request.
+        let all: HashSet<Multiaddr> = self.listen.iter().chain(self.external.iter()).cloned().collect();
+        handler.on_behaviour_event(In::AddressesChanged(filter(all, scope, &self.public_ranges)));
+        (scope, self.public_ranges.clone())
     }
 
-    fn handle_established_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        let inner = self.inner.handle_established_inbound_connection(connection_id, peer, local_addr, remote_addr)?;
-        Ok(self.wrap(inner, remote_addr))
-    }
-
-    fn handle_pending_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        maybe_peer: Option<PeerId>,
-        addresses: &[Multiaddr],
-        effective_role: Endpoint,
-    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
-        self.inner.handle_pending_outbound_connection(connection_id, maybe_peer, addresses, effective_role)
-    }
-
-    fn handle_established_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        addr: &Multiaddr,
-        role_override: Endpoint,
-        port_use: PortUse,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        let inner = self.inner.handle_established_outbound_connection(connection_id, peer, addr, role_override, port_use)?;
-        Ok(self.wrap(inner, addr))
-    }
-
-    fn on_swarm_event(&mut self, event: FromSwarm) {
-        self.listen.on_swarm_event(&event);
-        self.external.on_swarm_event(&event);
-        self.inner.on_swarm_event(event);
-    }
-
-    fn on_connection_handler_event(&mut self, peer: PeerId, connection_id: ConnectionId, event: THandlerOutEvent<Self>) {
-        self.inner.on_connection_handler_event(peer, connection_id, event);
-    }
-
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
-        self.inner.poll(cx)
-    }
-}
-
-/// libp2p's identify handler, given only the addresses meant for its peer.
-pub struct Handler {
-    inner: Inner,
-    scope: Scope,
-    public_ranges: Arc<[Cidr]>,
-}
-
-fn filter(addrs: HashSet<Multiaddr>, scope: Scope, public_ranges: &[Cidr]) -> HashSet<Multiaddr> {
-    addrs.into_iter().filter(|a| shown_to(a, scope, public_ranges)).collect()
-}
-
-impl ConnectionHandler for Handler {
-    type FromBehaviour = <Inner as ConnectionHandler>::FromBehaviour;
-    type ToBehaviour = <Inner as ConnectionHandler>::ToBehaviour;
-    type InboundProtocol = <Inner as ConnectionHandler>::InboundProtocol;
-    type OutboundProtocol = <Inner as ConnectionHandler>::OutboundProtocol;
-    type InboundOpenInfo = <Inner as ConnectionHandler>::InboundOpenInfo;
-    type OutboundOpenInfo = <Inner as ConnectionHandler>::OutboundOpenInfo;
-
-    fn listen_protocol(&self) -> SubstreamProtocol<Self::InboundProtocol, Self::InboundOpenInfo> {
-        self.inner.listen_protocol()
-    }
-
-    fn connection_keep_alive(&self) -> bool {
-        self.inner.connection_keep_alive()
-    }
-
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, Self::OutboundOpenInfo, Self::ToBehaviour>> {
-        self.inner.poll(cx)
-    }
-
-    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Option<Self::ToBehaviour>> {
-        self.inner.poll_close(cx)
-    }
-
-    fn on_behaviour_event(&mut self, event: Self::FromBehaviour) {
-        let event = match event {
-            InnerIn::AddressesChanged(addrs) => InnerIn::AddressesChanged(filter(addrs, self.scope, &self.public_ranges)),
+    fn to_handler((scope, public_ranges): &Self::Conn, event: In) -> In {
+        match event {
+            In::AddressesChanged(addrs) => In::AddressesChanged(filter(addrs, *scope, public_ranges)),
             other => other,
-        };
-        self.inner.on_behaviour_event(event);
+        }
     }
 
-    fn on_connection_event(
-        &mut self,
-        event: ConnectionEvent<Self::InboundProtocol, Self::OutboundProtocol, Self::InboundOpenInfo, Self::OutboundOpenInfo>,
-    ) {
-        self.inner.on_connection_event(event);
+    fn on_swarm_event(&mut self, event: &FromSwarm) {
+        self.listen.on_swarm_event(event);
+        self.external.on_swarm_event(event);
     }
 }
 

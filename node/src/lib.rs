@@ -17,7 +17,8 @@
 //!   peers on a private network), `identify`, `mdns`, `holepunch` (DCUtR
 //!   and re-punching), `relays` (the relay service and AutoRelay's reservations), `status`.
 //! - [`behaviour`]: the composed libp2p behaviour and swarm; [`identify_scope`]: identify
-//!   showing each peer only the addresses of its scope; [`ip_limits`]: inbound connections
+//!   showing each peer only the addresses of its scope ([`scoped`]: the per-connection
+//!   wrapper it and [`lan_dht`] use); [`ip_limits`]: inbound connections
 //!   per source IP; [`resources`]: the open-file limit and what it allows.
 //! - [`forward`]: port forwarding (expose and forward) over `/warren/forward/1.0.0` streams,
 //!   whose wire format and libp2p behaviour live in the `warren-forward` crate.
@@ -54,6 +55,7 @@ pub mod ports;
 pub mod private_files;
 pub mod relay;
 pub mod relay_meter;
+pub mod scoped;
 pub mod resources;
 pub mod shutdown;
 pub mod store;

@@ -321,12 +321,7 @@ async fn garbage_and_over_long_headers_are_refused_without_disturbing_other_stre
     let (client, server) = pair();
     // A raw libp2p peer that speaks the protocol id but sends bad requests. It is on the
     // allow-list: a stranger's requests are not even read.
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_quic()
-        .with_behaviour(|_| libp2p_stream::Behaviour::new())
-        .unwrap()
-        .build();
+    let mut swarm = common::stream_swarm();
     let raw = swarm.local_peer_id().to_string();
     expose(&server, "echo", &echo_service().await.to_string(), &[&client.peer_id, &raw]);
     let good = forward(&client, &format!("{}/echo", server.peer_id));

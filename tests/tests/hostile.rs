@@ -238,12 +238,6 @@ fn a_flood_of_connections_from_one_host_leaves_status_and_forwards_working() {
     drop(attackers);
 }
 
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_udp_flood_towards_a_peer_that_never_answers_is_bounded_in_memory() {
@@ -263,7 +257,7 @@ async fn a_udp_flood_towards_a_peer_that_never_answers_is_bounded_in_memory() {
 
     // 64 source ports, each sending 300 datagrams of 60 KiB (1.1 GiB in all). Before, each session
     // queued up to 1024 datagrams, so the node held everything its receive loop took in.
-    let before = rss_kib(client.pid());
+    let before = common::rss_kib(client.pid());
     let mut peak = before;
     let datagram = vec![0x5Au8; 60 * 1024];
     let mut sockets = Vec::new();
@@ -277,11 +271,11 @@ async fn a_udp_flood_towards_a_peer_that_never_answers_is_bounded_in_memory() {
         if round % 10 == 9 {
             // Let the node's receive loop take what the socket buffer holds.
             tokio::time::sleep(Duration::from_millis(20)).await;
-            peak = peak.max(rss_kib(client.pid()));
+            peak = peak.max(common::rss_kib(client.pid()));
         }
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    peak = peak.max(rss_kib(client.pid()));
+    peak = peak.max(common::rss_kib(client.pid()));
     let grown_mib = peak.saturating_sub(before) / 1024;
     eprintln!("UDP flood of 1.1 GiB towards a silent peer: RSS {} MiB before, {} MiB at peak (+{grown_mib} MiB)", before / 1024, peak / 1024);
     assert!(grown_mib < 64, "the queued datagrams are bounded (16 MiB per forward): grew {grown_mib} MiB");
@@ -295,12 +289,7 @@ fn may_open_in(ns: &str, addr: Multiaddr, peer: PeerId, protocol: &'static str) 
     warren_natlab::sys::in_netns(ns, move || {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let opened = runtime.block_on(async {
-            let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-                .with_tokio()
-                .with_quic()
-                .with_behaviour(|_| libp2p_stream::Behaviour::new())
-                .unwrap()
-                .build();
+            let mut swarm = common::stream_swarm();
             let mut control = swarm.behaviour().new_control();
             swarm.dial(DialOpts::peer_id(peer).addresses(vec![addr]).build()).unwrap();
             tokio::spawn(async move {

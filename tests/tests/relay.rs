@@ -266,12 +266,6 @@ fn relay_limits_deny_with_the_relay_status_code_and_serve_allowed_peers() {
     assert!(reserved_on(&b, &r));
 }
 
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
 
 /// One throwaway identity asking the relay for a reservation: whether it got one, and the swarm
 /// (kept alive by the caller so a granted reservation keeps counting).
@@ -333,7 +327,7 @@ async fn a_flood_of_reservations_leaves_the_relay_bounded_and_allowed_peers_serv
     // A is connected to R before the flood (a flood may fill the connection cap).
     let a = Node::start(&["--no-listen", "--bootstrap", &r.quic_addr(), "--auto-relays", "0", "--dht-mode", "client"]);
     wait_until(Duration::from_secs(10), "A finds B", || a.finds(&b.peer_id));
-    let before = rss_kib(r.pid());
+    let before = common::rss_kib(r.pid());
 
     let relay_addr: libp2p::Multiaddr = r.quic_addr().parse().unwrap();
     let mut granted = 0;
@@ -345,7 +339,7 @@ async fn a_flood_of_reservations_leaves_the_relay_bounded_and_allowed_peers_serv
             granted += usize::from(ok);
             flooders.push(swarm);
         }
-        eprintln!("after wave {wave}: {granted} granted, relay RSS {} KiB", rss_kib(r.pid()));
+        eprintln!("after wave {wave}: {granted} granted, relay RSS {} KiB", common::rss_kib(r.pid()));
     }
     let status = r.status();
     let relay = &status["relay"];
@@ -353,7 +347,7 @@ async fn a_flood_of_reservations_leaves_the_relay_bounded_and_allowed_peers_serv
     assert!(granted <= 63, "at most the total cap (64, B holds one) is granted: {granted}");
     // Flooders beyond the connection cap are refused before they can even ask.
     assert!(relay["reservations"].as_u64().unwrap() <= 64, "{relay}");
-    let after = rss_kib(r.pid());
+    let after = common::rss_kib(r.pid());
     // 160 connections at a few hundred KiB each, whatever the flood does.
     assert!(after < before + 96 * 1024, "relay memory bounded: {before} KiB -> {after} KiB");
 

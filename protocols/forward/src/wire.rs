@@ -341,8 +341,8 @@ mod tests {
                 let _ = Chunk::decode(header.try_into().unwrap());
             }
             match path.file_name().unwrap().to_str().unwrap() {
-                "seed_request_tcp" => assert_eq!(request.unwrap(), Request::new("echo".into(), Transport::Tcp)),
-                "seed_request_udp_framed" => assert_eq!(framed.unwrap(), Request::new("dns".into(), Transport::Udp)),
+                "seed_request_tcp" => assert_eq!(request.unwrap(), Request::new("echo", Transport::Tcp)),
+                "seed_request_udp_framed" => assert_eq!(framed.unwrap(), Request::new("dns", Transport::Udp)),
                 _ => {}
             }
             n += 1;

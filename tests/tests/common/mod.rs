@@ -12,6 +12,24 @@ use serde_json::Value;
 pub mod echo;
 pub mod netns;
 
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A raw libp2p peer over QUIC that only opens and accepts streams: the tests' prober or
+/// attacker (build it inside a namespace to act from there).
+pub fn stream_swarm() -> libp2p::Swarm<libp2p_stream::Behaviour> {
+    libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_quic()
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .unwrap()
+        .build()
+}
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_warren-under-test");
 /// `warren-bootstrap`: `warren up` with the public profile (DHT server, relay on, mDNS off).
 pub const BOOTSTRAP_BIN: &str = env!("CARGO_BIN_EXE_warren-bootstrap-under-test");
