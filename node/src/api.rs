@@ -62,6 +62,24 @@ pub struct Status {
     /// Present when this node serves as a relay.
     pub relay: Option<RelayStatus>,
     pub hole_punch: HolePunchStats,
+    /// Ports the gateway forwards to us (PCP, NAT-PMP or UPnP-IGD); empty when none does or
+    /// port mapping is off.
+    #[serde(default)]
+    pub port_mappings: Vec<PortMapping>,
+}
+
+/// A port the gateway forwards to this node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PortMapping {
+    /// `pcp`, `natpmp` or `upnp`.
+    pub protocol: String,
+    /// `udp` (QUIC) or `tcp`.
+    pub transport: String,
+    pub internal_port: u16,
+    /// The address peers reach the port at, `IP:PORT`.
+    pub external: String,
+    /// Seconds until the lease ends unless renewed (it is renewed well before).
+    pub lease_left_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -27,6 +27,11 @@ impl Behaviour {
     pub fn new(public_ranges: Vec<Cidr>) -> Self {
         Behaviour { public_ranges, pending: VecDeque::new() }
     }
+
+    /// Proposes an address found otherwise (a port the gateway mapped for us) for AutoNAT to test.
+    pub fn propose(&mut self, addr: Multiaddr) {
+        self.pending.push_back(addr);
+    }
 }
 
 impl NetworkBehaviour for Behaviour {

@@ -144,6 +144,10 @@ pub struct NodeArgs {
     #[arg(long)]
     pub no_mdns: bool,
 
+    /// Do not ask the router to forward our ports (PCP, NAT-PMP, UPnP-IGD)
+    #[arg(long)]
+    pub no_port_mapping: bool,
+
     /// DHT role: server answers queries, client only asks, auto is server once AutoNAT confirms
     /// the node is publicly reachable [default: auto]
     #[arg(long, value_enum, value_name = "MODE")]
@@ -189,6 +193,7 @@ impl NodeArgs {
             listen: self.listen.clone(),
             bootstrap: self.bootstrap.clone(),
             no_mdns: self.no_mdns,
+            no_port_mapping: self.no_port_mapping,
             dht_mode: self.dht_mode,
             kad_protocol: self.kad_protocol.clone(),
             no_listen: self.no_listen,

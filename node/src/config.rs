@@ -44,6 +44,9 @@ pub struct Config {
     pub bootstrap: Vec<Multiaddr>,
     /// Discover peers on the local network by mDNS. Default: on, since LAN peers need no bootstrap.
     pub mdns: bool,
+    /// Ask the gateway to forward our ports (PCP, NAT-PMP, UPnP-IGD). Default: on: a router that
+    /// maps ports makes the node directly reachable, and AutoNAT still checks before it counts.
+    pub port_mapping: bool,
     /// DHT participation. Default: auto, so a node behind a NAT never advertises a DHT service
     /// nobody can reach.
     pub dht_mode: DhtMode,
@@ -98,6 +101,7 @@ impl Default for Config {
             listen: default_listen_addrs(),
             bootstrap: Vec::new(),
             mdns: true,
+            port_mapping: true,
             dht_mode: DhtMode::Auto,
             kad_protocol: DEFAULT_KAD_PROTOCOL.to_string(),
             bootstrap_interval_secs: 300,
@@ -137,6 +141,7 @@ pub struct Overrides {
     pub listen: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
     pub no_mdns: bool,
+    pub no_port_mapping: bool,
     pub dht_mode: Option<DhtMode>,
     pub kad_protocol: Option<String>,
     pub no_listen: bool,
@@ -173,6 +178,9 @@ impl Config {
         config.bootstrap.extend(overrides.bootstrap);
         if overrides.no_mdns {
             config.mdns = false;
+        }
+        if overrides.no_port_mapping {
+            config.port_mapping = false;
         }
         if let Some(mode) = overrides.dht_mode {
             config.dht_mode = mode;

@@ -7,7 +7,8 @@
 //! - [`config`]: the TOML configuration and its defaults.
 //! - [`node`]: `warren up`, which wires everything below together; [`shutdown`]: the order it
 //!   stops in, and the tracker every spawned task goes through.
-//! - [`ports`]: which listen ports are free (TIME_WAIT is; another node's listener is not).
+//! - [`ports`]: which listen ports are free (TIME_WAIT is; another node's listener is not);
+//!   [`port_mapping`]: asking the router to forward them (PCP, NAT-PMP, UPnP-IGD).
 //! - [`control`]: the local HTTP+JSON API on a Unix socket, server and client; [`api`]: its
 //!   JSON shapes (and the expose/forward specs, which the config file uses too).
 //! - [`metrics`]: Prometheus text on `--metrics ADDR`.
@@ -51,6 +52,7 @@ pub mod metrics;
 pub mod node;
 pub mod output;
 pub mod peer_record;
+pub mod port_mapping;
 pub mod ports;
 pub mod private_files;
 pub mod relay;

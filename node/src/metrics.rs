@@ -113,6 +113,7 @@ async fn render(node: &NodeHandle, forwarding: &Forwarding) -> Result<String, cr
         &[("", status.wrong_peer_dials as f64)],
     );
 
+    metric(&mut out, "warren_port_mappings", "gauge", "Ports the gateway forwards to this node.", &[("", status.port_mappings.len() as f64)]);
     let p = &status.hole_punch;
     metric(&mut out, "warren_hole_punch_attempts_total", "counter", "DCUtR hole punches finished (either way).", &[("", p.attempts as f64)]);
     metric(

@@ -16,6 +16,9 @@ use crate::shutdown::Shutdown;
 use crate::peer_record::PeerBook;
 use crate::store::Store;
 
+/// Port-mapping reports waiting for the event loop (a few an hour; see `port_mapping`).
+const PORT_MAPPING_EVENTS: usize = 64;
+
 pub async fn up(data_dir: &Path, mut config: Config) -> Result<(), UserError> {
     let defaults = config.listen_is_default();
     // Ports are checked before the store is touched, so a refused start leaves no trace on disk.
@@ -81,9 +84,24 @@ pub async fn up(data_dir: &Path, mut config: Config) -> Result<(), UserError> {
     let writer = store.spawn_writer();
     let udp_idle = std::time::Duration::from_secs(config.udp_idle_timeout_secs);
     let (exposes, forwards) = (config.expose.clone(), config.forward.clone());
+    let port_mapping = config.port_mapping;
     let (event_loop, handle) = EventLoop::new(swarm, config, book, writer, policy, listeners);
-    let event_loop = event_loop.with_relay(built.meter, built.reservations_by_ip);
+    let mut event_loop = event_loop.with_relay(built.meter, built.reservations_by_ip);
     let shutdown = Shutdown::new();
+    if port_mapping {
+        let (ports_tx, ports_rx) = tokio::sync::watch::channel(Vec::new());
+        let (events_tx, events_rx) = tokio::sync::mpsc::channel(PORT_MAPPING_EVENTS);
+        event_loop = event_loop.with_port_mapping(ports_tx, events_rx);
+        let watcher = shutdown.clone();
+        shutdown.spawn_watching(async move {
+            let report = move |event| {
+                // The loop keeps up with a handful of events an hour; a full queue means it is
+                // shutting down.
+                let _ = events_tx.try_send(event);
+            };
+            crate::port_mapping::run(ports_rx, report, async move { watcher.begun().await }).await;
+        });
+    }
     let forwarding = Forwarding::new(handle.clone(), udp_idle, store.tree("forwarding")?, shutdown.clone());
     forwarding.restore(&exposes, &forwards).await.map_err(|e| UserError::bad_input(e.to_string()))?;
     shutdown.spawn(crate::forward::serve::run(forwarding.clone(), built.inbound));

@@ -32,6 +32,12 @@ pub fn status(s: &api::Status) -> String {
         })
         .collect();
     list(&mut out, "relays", &held);
+    let mapped: Vec<String> = s
+        .port_mappings
+        .iter()
+        .map(|m| format!("{} port {} -> {} by {} ({} s left)", m.transport, m.internal_port, m.external, m.protocol, m.lease_left_secs))
+        .collect();
+    list(&mut out, "port mapping", &mapped);
     if let Some(e) = &s.relay_last_error {
         let _ = writeln!(out, "{:<13} last relay problem: {e}", "");
     }

@@ -49,6 +49,15 @@ impl Shutdown {
         })
     }
 
+    /// Spawns work that watches for the shutdown itself (through [`Shutdown::begun`]), to undo
+    /// what it did before it ends; it is awaited like the others, for at most [`GRACE`].
+    pub fn spawn_watching<F>(&self, work: F) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(work)
+    }
+
     /// Resolves once the shutdown has begun.
     pub async fn begun(&self) {
         self.token.cancelled().await

@@ -330,14 +330,28 @@ fn storage_error(e: sled::Error) -> UserError {
 mod tests {
     use super::*;
 
+    /// Opens the store, waiting while a handle this process just dropped still holds its lock
+    /// (sled's flusher thread lets go a moment after the last handle).
+    fn open(dir: &Path) -> Result<Store, UserError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(dir) {
+                Err(e) if e.message.contains("already using") && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                other => return other,
+            }
+        }
+    }
+
     #[test]
     fn reopening_keeps_the_identity() {
         let dir = tempfile::tempdir().unwrap();
-        let first = Store::open(dir.path()).unwrap();
+        let first = open(dir.path()).unwrap();
         assert!(first.new_identity);
         let id = first.peer_id();
         drop(first);
-        let second = Store::open(dir.path()).unwrap();
+        let second = open(dir.path()).unwrap();
         assert!(!second.new_identity);
         assert_eq!(second.peer_id(), id);
     }
@@ -345,7 +359,7 @@ mod tests {
     #[test]
     fn a_broken_store_is_set_aside_and_the_identity_recovered_from_its_file() {
         let dir = tempfile::tempdir().unwrap();
-        let id = Store::open(dir.path()).unwrap().peer_id();
+        let id = open(dir.path()).unwrap().peer_id();
         let store = dir.path().join(STORE_DIR);
         // Overwrite sled's files with garbage.
         for entry in std::fs::read_dir(&store).unwrap() {
@@ -354,7 +368,7 @@ mod tests {
                 std::fs::write(&path, vec![0xA5; 4096]).unwrap();
             }
         }
-        let reopened = Store::open(dir.path()).unwrap();
+        let reopened = open(dir.path()).unwrap();
         assert_eq!(reopened.peer_id(), id);
         assert!(reopened.set_aside.as_ref().unwrap().exists());
     }
@@ -362,7 +376,7 @@ mod tests {
     #[test]
     fn a_broken_store_without_identity_file_refuses_to_start() {
         let dir = tempfile::tempdir().unwrap();
-        Store::open(dir.path()).unwrap();
+        open(dir.path()).unwrap();
         std::fs::remove_file(dir.path().join(IDENTITY_FILE)).unwrap();
         let store = dir.path().join(STORE_DIR);
         for entry in std::fs::read_dir(&store).unwrap() {
@@ -371,7 +385,7 @@ mod tests {
                 std::fs::write(&path, vec![0x5A; 4096]).unwrap();
             }
         }
-        let err = Store::open(dir.path()).err().expect("must refuse");
+        let err = open(dir.path()).err().expect("must refuse");
         assert!(err.message.contains("refusing to start"), "{}", err.message);
     }
 
@@ -379,7 +393,7 @@ mod tests {
     fn the_key_lives_only_in_its_file_and_the_store_names_its_peer() {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = open(dir.path()).unwrap();
         let id = store.peer_id();
         assert_eq!(store.db.open_tree(META_TREE).unwrap().get(LEGACY_IDENTITY_KEY).unwrap(), None);
         assert_eq!(store.db.open_tree(META_TREE).unwrap().get(PEER_ID_KEY).unwrap().unwrap().to_vec(), id.to_bytes());
@@ -389,17 +403,17 @@ mod tests {
         // The key file gone beside a store that names a peer: refuse rather than become another.
         let key = std::fs::read(dir.path().join(IDENTITY_FILE)).unwrap();
         std::fs::remove_file(dir.path().join(IDENTITY_FILE)).unwrap();
-        let err = Store::open(dir.path()).err().expect("must refuse");
+        let err = open(dir.path()).err().expect("must refuse");
         assert!(err.message.contains("is missing") && err.message.contains(&id.to_string()), "{}", err.message);
 
         // Another peer's key beside it: refuse too.
         let other = Keypair::generate_ed25519().to_protobuf_encoding().unwrap();
         std::fs::write(dir.path().join(IDENTITY_FILE), other).unwrap();
-        let err = Store::open(dir.path()).err().expect("must refuse");
+        let err = open(dir.path()).err().expect("must refuse");
         assert!(err.message.contains("belongs to peer"), "{}", err.message);
 
         std::fs::write(dir.path().join(IDENTITY_FILE), key).unwrap();
-        assert_eq!(Store::open(dir.path()).unwrap().peer_id(), id);
+        assert_eq!(open(dir.path()).unwrap().peer_id(), id);
     }
 
     #[test]
@@ -412,7 +426,7 @@ mod tests {
             meta.insert(LEGACY_IDENTITY_KEY, keypair.to_protobuf_encoding().unwrap()).unwrap();
             db.flush().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = open(dir.path()).unwrap();
         assert_eq!(store.peer_id(), keypair.public().to_peer_id());
         assert!(!store.new_identity);
         assert_eq!(store.db.open_tree(META_TREE).unwrap().get(LEGACY_IDENTITY_KEY).unwrap(), None);
@@ -423,11 +437,11 @@ mod tests {
     #[test]
     fn a_store_that_cannot_be_opened_for_another_reason_is_left_alone() {
         let dir = tempfile::tempdir().unwrap();
-        Store::open(dir.path()).unwrap();
+        open(dir.path()).unwrap();
         let store = dir.path().join(STORE_DIR);
         std::fs::remove_dir_all(&store).unwrap();
         std::fs::write(&store, b"not a directory").unwrap();
-        let err = Store::open(dir.path()).err().expect("must refuse");
+        let err = open(dir.path()).err().expect("must refuse");
         assert!(err.message.contains("left as it is"), "{}", err.message);
         assert_eq!(std::fs::read(&store).unwrap(), b"not a directory");
         let entries = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok());
@@ -437,7 +451,7 @@ mod tests {
     #[test]
     fn a_second_opener_is_told_the_dir_is_in_use() {
         let dir = tempfile::tempdir().unwrap();
-        let _first = Store::open(dir.path()).unwrap();
+        let _first = open(dir.path()).unwrap();
         let err = Store::open(dir.path()).err().expect("second open must fail");
         assert!(err.message.contains("already using"), "{}", err.message);
     }
@@ -445,7 +459,7 @@ mod tests {
     #[test]
     fn written_peers_come_back() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = open(dir.path()).unwrap();
         let writer = store.spawn_writer();
         let peer = PeerId::random();
         let mut record = PeerRecord::default();

@@ -83,3 +83,82 @@ fn upnp_site_maps_ports_on_request_and_drops_everything_else() {
         None => panic!("upnpc (Debian: miniupnpc) is needed to check UPnP-IGD; .ci/run installs it"),
     }
 }
+
+/// A plain `warren up` behind the UPnP site's router asks it for its ports, and so becomes
+/// directly reachable: AutoNAT confirms the mapped address (a peer dials it back), and a peer on
+/// the internet that never heard from the node reaches it on that address, without relay or
+/// punch. On a clean shutdown the mapping is removed from the router.
+#[test]
+fn a_node_behind_a_router_that_maps_ports_is_reached_directly_through_the_mapping() {
+    use serde_json::Value;
+    use warren_natlab::nodes::{Node, wait_for};
+    use warren_natlab::topo::{Lab, PUBLIC_RANGE};
+    if std::env::var("WARREN_SKIP_NETNS").is_ok_and(|v| v == "1") {
+        eprintln!("skipped: WARREN_SKIP_NETNS=1");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let mut lab = Lab::new(Duration::from_millis(20)).expect("the lab builds (root, nftables, miniupnpd-nftables)");
+    let site = lab.site(SiteKind::Upnp).unwrap();
+    let boot_host = lab.public_host("boot").unwrap();
+    let probe_host = lab.public_host("probe").unwrap();
+    let public = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = ["--no-mdns", "--public-ranges", PUBLIC_RANGE].map(String::from).to_vec();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let bin = std::path::Path::new(common::BIN);
+    let boot = Node::start(bin, &boot_host.ns, &work.path().join("boot"), &public(&["--dht-mode", "server"])).unwrap();
+    let bootstrap = format!("/ip4/{}/udp/4001/quic-v1/p2p/{}", boot_host.addr, boot.peer_id);
+    // The node: nothing but what a user behind a home router would pass.
+    let mut node = Node::start(bin, &site.hosts[0].ns, &work.path().join("node"), &public(&["--bootstrap", &bootstrap])).unwrap();
+
+    let wan = site.wan.to_string();
+    let _mapped = wait_for(Duration::from_secs(30), || {
+        let status = node.json(&["status"])?;
+        let mappings = status["port_mappings"].as_array()?.clone();
+        (mappings.len() == 2 && mappings.iter().all(|m| m["external"].as_str().is_some_and(|e| e.starts_with(&format!("{wan}:")))))
+            .then_some(mappings)
+    })
+    .unwrap_or_else(|| panic!("the router maps QUIC's and TCP's ports: {:?}", node.json(&["status"]).map(|s| s["port_mappings"].clone())));
+    eprintln!("mapped: {}", Value::Array(_mapped.clone()));
+    let confirmed = wait_for(Duration::from_secs(60), || {
+        let status = node.json(&["status"])?;
+        let external: Vec<String> = status["external_addrs"].as_array()?.iter().filter_map(|a| a.as_str().map(String::from)).collect();
+        external.iter().any(|a| a.starts_with(&format!("/ip4/{wan}/"))).then_some(external)
+    })
+    .unwrap_or_else(|| panic!("AutoNAT confirms the mapped address: {:?}", node.json(&["status"])));
+    eprintln!("confirmed external addresses: {confirmed:?}");
+
+    // A peer that never heard from the node finds it in the DHT and dials it: the only way in is
+    // the mapping (the router drops everything unmapped).
+    let probe = Node::start(bin, &probe_host.ns, &work.path().join("probe"), &public(&["--bootstrap", &bootstrap])).unwrap();
+    let found = wait_for(Duration::from_secs(30), || probe.json(&["find", &node.peer_id]).filter(|r| r["found"] == true))
+        .unwrap_or_else(|| panic!("the probe finds the node in the DHT: {:?}", probe.cli(&["find", &node.peer_id])));
+    eprintln!("the probe found the node at {}", found["addrs"]);
+    let ping = probe.cli(&["ping", &node.peer_id, "-c", "1"]);
+    assert!(ping.is_ok(), "the probe reaches the node: {ping:?}");
+    let peers = probe.json(&["peers"]).unwrap();
+    let to_node = peers.as_array().unwrap().iter().find(|p| p["peer_id"] == node.peer_id.as_str()).cloned().expect("connected to the node");
+    eprintln!("the probe's connections to the node: {to_node}");
+    let connections = to_node["connections"].as_array().unwrap();
+    assert!(
+        connections.iter().any(|c| c["path"] == "direct" && c["direction"] == "outbound" && c["address"].as_str().unwrap().contains(&format!("/ip4/{wan}/"))),
+        "the probe dialed the node directly at the mapped address: {to_node}"
+    );
+    assert_eq!(node.json(&["status"]).unwrap()["hole_punch"]["attempts"], 0, "no punch was needed");
+
+    // A clean shutdown removes the mappings, as the router's own table shows (`upnpc -l` lists
+    // every redirection miniupnpd holds, PCP's included).
+    let redirections = || -> Vec<String> {
+        let out = std::process::Command::new("ip").args(["netns", "exec", &site.hosts[0].ns, "upnpc", "-i", "-l"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("4001->")).map(|l| l.trim().to_string()).collect()
+    };
+    let before = redirections();
+    assert_eq!(before.len(), 2, "the router holds the QUIC and TCP mappings: {before:?}");
+    node.terminate();
+    assert_eq!(redirections(), Vec::<String>::new(), "removed on shutdown (were {before:?})");
+    drop(probe);
+    drop(boot);
+    lab.teardown();
+}

@@ -18,6 +18,7 @@ mod dht;
 mod holepunch;
 mod identify;
 mod mdns;
+mod port_mapping;
 mod relays;
 mod status;
 
@@ -100,6 +101,8 @@ pub struct EventLoop {
     relay_announced: bool,
     hole_punch: HolePunch,
     meter: Option<std::sync::Arc<crate::relay_meter::Meter>>,
+    /// The port-mapping task's link, when port mapping is on.
+    port_mapping: Option<port_mapping::Link>,
 }
 
 impl EventLoop {
@@ -142,6 +145,7 @@ impl EventLoop {
             relay_announced: false,
             hole_punch: HolePunch::default(),
             meter: None,
+            port_mapping: None,
             config,
         };
         (event_loop, handle)
@@ -159,6 +163,17 @@ impl EventLoop {
         self
     }
 
+    /// Connects the loop to the port-mapping task: it is told which ports to map (`ports`) and
+    /// reports mappings (`events`).
+    pub fn with_port_mapping(
+        mut self,
+        ports: tokio::sync::watch::Sender<Vec<(crate::port_mapping::Transport, u16)>>,
+        events: mpsc::Receiver<crate::port_mapping::Event>,
+    ) -> Self {
+        self.port_mapping = Some(port_mapping::Link::new(ports, events));
+        self
+    }
+
     /// Runs until `shutdown` resolves, then writes the peer store out.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         {
@@ -173,6 +188,12 @@ impl EventLoop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 Some(command) = self.commands.recv() => self.on_command(command),
+                Some(event) = async {
+                    match &mut self.port_mapping {
+                        Some(link) => link.events.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => self.on_port_mapping(event),
                 _ = tick.tick() => {
                     self.flush_store();
                     self.first_dials_when_ready();
@@ -300,6 +321,7 @@ impl EventLoop {
                 }
                 self.policy.lock().expect("policy lock").on_listen_addr(&address, true);
                 self.listen_addrs.push(address);
+                self.update_mapped_ports();
                 if self.listeners_pending.remove(&listener_id) && self.listeners_pending.is_empty() {
                     // Every listener has reported: the first dials need not wait for the tick.
                     self.first_dials_when_ready();
@@ -309,6 +331,7 @@ impl EventLoop {
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.policy.lock().expect("policy lock").on_listen_addr(&address, false);
                 self.listen_addrs.retain(|a| a != &address);
+                self.update_mapped_ports();
             }
             SwarmEvent::ListenerClosed { listener_id, addresses, reason } => {
                 {
@@ -319,6 +342,7 @@ impl EventLoop {
                 }
                 self.listeners_pending.remove(&listener_id);
                 self.listen_addrs.retain(|a| !addresses.contains(a));
+                self.update_mapped_ports();
                 self.autorelay.on_listener_closed(listener_id, reason.map_err(|e| error_chain(&e)));
             }
             SwarmEvent::ListenerError { error, .. } => tracing::warn!(%error, "listener error"),

@@ -53,6 +53,21 @@ impl EventLoop {
                     age_secs: h.accepted_at.map(|t| t.elapsed().as_secs()),
                 })
                 .collect(),
+            port_mappings: self
+                .port_mapping
+                .iter()
+                .flat_map(|link| link.mapped.values())
+                .map(|m| api::PortMapping {
+                    protocol: m.protocol.to_string(),
+                    transport: match m.transport {
+                        crate::port_mapping::Transport::Udp => "udp".into(),
+                        crate::port_mapping::Transport::Tcp => "tcp".into(),
+                    },
+                    internal_port: m.internal_port,
+                    external: m.external.to_string(),
+                    lease_left_secs: m.expires.saturating_duration_since(tokio::time::Instant::now()).as_secs(),
+                })
+                .collect(),
             relay_candidates: self.autorelay.candidates(),
             relay_last_error: self.autorelay.last_error.clone(),
             relay: self.config.relay.then(|| {
