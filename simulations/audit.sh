@@ -22,7 +22,7 @@ refresh)
   fi
   rm -rf "$snapshot" && mkdir -p "$snapshot/crates"
   cp "$source/support.toml" "$snapshot/" 2>/dev/null || true
-  crates=$(sed -n 's/^name = "\(.*\)"$/\1/p' "${locks[@]}" | sort -u)
+  crates=$(sed -n 's/^name = "\(.*\)"$/\1/p' "${locks[@]}" | LC_ALL=C sort -u)
   for crate in $crates; do
     [ -d "$source/crates/$crate" ] && cp -r "$source/crates/$crate" "$snapshot/crates/"
   done
@@ -33,7 +33,7 @@ refresh)
 check)
   # Crates added since the snapshot was taken have had no advisories looked up: say which.
   if [ -f "$snapshot/CRATES" ]; then
-    uncovered=$(sed -n 's/^name = "\(.*\)"$/\1/p' "${locks[@]}" | sort -u | comm -23 - "$snapshot/CRATES" | tr '\n' ' ')
+    uncovered=$(sed -n 's/^name = "\(.*\)"$/\1/p' "${locks[@]}" | LC_ALL=C sort -u | LC_ALL=C comm --nocheck-order -23 - "$snapshot/CRATES" | tr '\n' ' ')
     [ -z "$uncovered" ] || echo "warning: not covered by the advisory snapshot (run simulations/audit.sh refresh): $uncovered"
   fi
   for lock in "${locks[@]}"; do
