@@ -253,7 +253,8 @@ pub async fn run(
     tokio::pin!(stop);
     let mut held: HashMap<(Transport, u16), (Held, Instant)> = HashMap::new();
     let mut last_error: Option<String> = None;
-    loop {
+    let mut stopping = false;
+    while !stopping {
         let wanted: Vec<(Transport, u16)> = ports.borrow_and_update().clone();
         // Ports no longer listened on: their mappings go.
         let stale: Vec<(Transport, u16)> = held.keys().filter(|k| !wanted.contains(k)).copied().collect();
@@ -287,7 +288,15 @@ pub async fn run(
             let gateway = default_gateway(&route).and_then(|gw| local_address_towards(gw).map(|local| (gw, local)));
             for (transport, port) in missing {
                 let Some(((gateway, local), nonzero)) = gateway.zip(NonZeroU16::new(port)) else { break };
-                match map(gateway, local, transport, nonzero).await {
+                // Asking a gateway that does not answer takes seconds: a shutdown does not wait.
+                let attempt = tokio::select! {
+                    _ = &mut stop => {
+                        stopping = true;
+                        break;
+                    }
+                    attempt = map(gateway, local, transport, nonzero) => attempt,
+                };
+                match attempt {
                     Ok(mapping) => {
                         let granted = mapping.mapping(transport, port);
                         tracing::info!(protocol = %granted.protocol, ?transport, port, external = %granted.external, lease_secs = mapping.lease().as_secs(), "the gateway mapped a port");
@@ -303,6 +312,9 @@ pub async fn run(
                     }
                 }
             }
+        }
+        if stopping {
+            break;
         }
         let all_mapped = wanted.iter().all(|k| held.contains_key(k));
         let next_renewal = held.values().map(|(_, at)| *at).min();
