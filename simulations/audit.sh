@@ -12,6 +12,8 @@ cd "$(dirname "$0")/.."
 snapshot=.ci/advisory-db
 locks=(Cargo.lock protocols/forward/fuzz/Cargo.lock)
 command -v cargo-audit >/dev/null || cargo install --locked cargo-audit
+# Every crate named in our lock files, sorted in the C locale (the CRATES file compares to it).
+lock_crates() { sed -n 's/^name = "\(.*\)"$/\1/p' "${locks[@]}" | LC_ALL=C sort -u; }
 
 case "${1:-check}" in
 refresh)
@@ -22,7 +24,7 @@ refresh)
   fi
   rm -rf "$snapshot" && mkdir -p "$snapshot/crates"
   cp "$source/support.toml" "$snapshot/" 2>/dev/null || true
-  crates=$(sed -n 's/^name = "\(.*\)"$/\1/p' "${locks[@]}" | LC_ALL=C sort -u)
+  crates=$(lock_crates)
   for crate in $crates; do
     [ -d "$source/crates/$crate" ] && cp -r "$source/crates/$crate" "$snapshot/crates/"
   done
@@ -33,7 +35,7 @@ refresh)
 check)
   # Crates added since the snapshot was taken have had no advisories looked up: say which.
   if [ -f "$snapshot/CRATES" ]; then
-    uncovered=$(sed -n 's/^name = "\(.*\)"$/\1/p' "${locks[@]}" | LC_ALL=C sort -u | LC_ALL=C comm --nocheck-order -23 - "$snapshot/CRATES" | tr '\n' ' ')
+    uncovered=$(lock_crates | LC_ALL=C comm --nocheck-order -23 - "$snapshot/CRATES" | tr '\n' ' ')
     [ -z "$uncovered" ] || echo "warning: not covered by the advisory snapshot (run simulations/audit.sh refresh): $uncovered"
   fi
   for lock in "${locks[@]}"; do

@@ -19,7 +19,7 @@ use libp2p::swarm::behaviour::{ExternalAddresses, ListenAddresses};
 use libp2p::swarm::{FromSwarm, THandler, THandlerInEvent};
 use libp2p::{Multiaddr, identify};
 
-use crate::addresses::{Cidr, Scope, is_relayed, scope_of};
+use crate::addresses::{Cidr, Scope, is_relayed, peer_scope, scope_of};
 use crate::scoped::{Adjust, Scoped};
 
 /// Whether an address of ours is shown to a peer connected on `peer_scope` (see module docs).
@@ -35,14 +35,6 @@ pub fn shown_to(addr: &Multiaddr, peer_scope: Scope, public_ranges: &[Cidr]) -> 
     };
     // Addresses without an IP (DNS names) are the operator's choice to announce.
     scope_of(addr, public_ranges).is_none_or(|scope| width(scope) >= width(peer_scope))
-}
-
-/// The scope a peer is connected to us on, judged by its address on the connection.
-fn peer_scope(remote: &Multiaddr, public_ranges: &[Cidr]) -> Scope {
-    if is_relayed(remote) {
-        return Scope::Public;
-    }
-    scope_of(remote, public_ranges).unwrap_or(Scope::Public)
 }
 
 fn filter(addrs: HashSet<Multiaddr>, scope: Scope, public_ranges: &[Cidr]) -> HashSet<Multiaddr> {

@@ -14,7 +14,7 @@ use libp2p::core::upgrade::DeniedUpgrade;
 use libp2p::swarm::{ConnectionHandler, SubstreamProtocol, THandler};
 use libp2p::{Multiaddr, kad};
 
-use crate::addresses::{Cidr, Scope, is_relayed, scope_of};
+use crate::addresses::{Cidr, Scope, peer_scope};
 use crate::scoped::{Adjust, Scoped};
 
 type Kad = kad::Behaviour<kad::store::MemoryStore>;
@@ -22,7 +22,7 @@ type Inbound = <THandler<Kad> as ConnectionHandler>::InboundProtocol;
 
 /// Whether a peer connected from `remote` may query the LAN DHT.
 pub fn may_query(remote: &Multiaddr, public_ranges: &[Cidr]) -> bool {
-    !is_relayed(remote) && scope_of(remote, public_ranges).is_some_and(|scope| scope != Scope::Public)
+    peer_scope(remote, public_ranges) != Scope::Public
 }
 
 /// The LAN DHT: Kademlia, serving only where [`may_query`] allows.

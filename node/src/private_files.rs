@@ -147,12 +147,18 @@ pub fn create_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Whether a process of user `uid` is trusted at the other end of the control socket, either way:
+/// it runs as us, or as root.
+pub fn is_trusted_uid(uid: u32) -> bool {
+    uid == effective_uid() || uid == 0
+}
+
 /// Checks that the process serving a control socket runs as us (or as root), so the CLI never
 /// hands its commands to, or takes answers from, another user's process.
 pub fn check_socket_peer(stream: &tokio::net::UnixStream, socket: &Path) -> Result<(), UserError> {
     let own = effective_uid();
     match stream.peer_cred() {
-        Ok(cred) if cred.uid() == own || cred.uid() == 0 => Ok(()),
+        Ok(cred) if is_trusted_uid(cred.uid()) => Ok(()),
         Ok(cred) => Err(UserError::operation(format!(
             "the control socket {} is served by user {}, not by you (user {own}) or root: refusing to talk to it",
             socket.display(),

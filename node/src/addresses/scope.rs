@@ -147,6 +147,12 @@ pub fn scope_of(addr: &Multiaddr, public_ranges: &[Cidr]) -> Option<Scope> {
     Some(ip_scope(ip_of(addr)?, public_ranges))
 }
 
+/// The scope a peer is connected to us on, judged by its address on the connection: a relayed
+/// peer, or one whose address names no IP, may be anywhere, so it counts as public.
+pub fn peer_scope(remote: &Multiaddr, public_ranges: &[Cidr]) -> Scope {
+    scope_of(remote, public_ranges).unwrap_or(Scope::Public)
+}
+
 pub(super) fn ip_scope(ip: IpAddr, public_ranges: &[Cidr]) -> Scope {
     if public_ranges.iter().any(|r| r.contains(ip)) {
         Scope::Public

@@ -64,7 +64,6 @@ pub async fn bind(data_dir: &Path) -> Result<(UnixListener, PathBuf), UserError>
 pub async fn serve(listener: UnixListener, handle: NodeHandle, forwarding: Arc<Forwarding>) {
     let permits = Arc::new(Semaphore::new(MAX_CONTROL_CONNECTIONS));
     let requests = Arc::new(Semaphore::new(MAX_CONTROL_REQUESTS));
-    let own_uid = crate::private_files::effective_uid();
     loop {
         let permit = permits.clone().acquire_owned().await.expect("semaphore never closes");
         let stream = match listener.accept().await {
@@ -77,7 +76,7 @@ pub async fn serve(listener: UnixListener, handle: NodeHandle, forwarding: Arc<F
             }
         };
         match stream.peer_cred() {
-            Ok(cred) if cred.uid() == own_uid || cred.uid() == 0 => {}
+            Ok(cred) if crate::private_files::is_trusted_uid(cred.uid()) => {}
             other => {
                 tracing::warn!(cred = ?other, "refusing a control connection from another user");
                 continue;
