@@ -7,6 +7,7 @@
 //! - `GET  /v1/id`                  → [`Identity`]
 //! - `POST /v1/ping/{peer}?count=N` → [`PingReply`]
 //! - `POST /v1/find/{peer}`         → [`FindReply`]
+//! - `POST /v1/netcheck`            → [`Netcheck`] (probes over QUIC and traces a few hops first)
 //! - `GET  /v1/exposes` → `Vec<`[`ExposeInfo`]`>`; `POST /v1/exposes` with an `ExposeSpec` body;
 //!   `DELETE /v1/exposes/{name}`
 //! - `GET  /v1/forwards` → `Vec<`[`ForwardInfo`]`>`; `POST /v1/forwards` with a `ForwardSpec` body;
@@ -66,6 +67,75 @@ pub struct Status {
     /// port mapping is off.
     #[serde(default)]
     pub port_mappings: Vec<PortMapping>,
+    /// What kind of NAT this node is behind, from what it has seen so far (`warren netcheck`
+    /// probes and explains): `public`, `port-mapped`, `easy`, `symmetric`, `double-nat`,
+    /// `udp-blocked` or `unknown`.
+    #[serde(default)]
+    pub nat_type: String,
+}
+
+/// `warren netcheck`: what kind of network this node is in, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Netcheck {
+    /// `public`, `port-mapped`, `easy`, `symmetric`, `double-nat`, `udp-blocked` or `unknown`.
+    pub nat_type: String,
+    /// One sentence for the user.
+    pub verdict: String,
+    /// `works`, `blocked` or `unknown`.
+    pub udp: String,
+    /// How the NAT maps our QUIC port: `none`, `endpoint-independent`, `endpoint-dependent`
+    /// or `unknown`.
+    pub mapping: String,
+    /// Behind two NATs; absent when it cannot be told.
+    pub double_nat: Option<bool>,
+    /// Our external addresses as AutoNAT confirmed them (a peer dialed them back).
+    pub confirmed_addrs: Vec<String>,
+    /// Where public peers see us, newest first.
+    pub observed: Vec<ObservedAddr>,
+    /// QUIC dials made for this check (to tell whether UDP gets out and to have two observers).
+    pub quic_probe: Option<crate::nat::QuicProbe>,
+    pub port_mapping: PortMappingCheck,
+    /// The first hops towards a public peer (empty when no peer was there to trace to).
+    pub hops: Vec<crate::nat::Hop>,
+    /// Relays we know, fastest first.
+    pub relays: Vec<RelayRtt>,
+    /// The relay new reservations would go to first: the fastest one held, else the fastest known.
+    pub preferred_relay: Option<String>,
+    /// Why each answer above was given.
+    pub reasons: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ObservedAddr {
+    /// The peer's IP.
+    pub observer: String,
+    /// Where it sees us, `IP:PORT`.
+    pub observed: String,
+    /// `quic` or `tcp`.
+    pub transport: String,
+    pub age_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PortMappingCheck {
+    /// Port mapping is on (`port_mapping = true`, no `--no-port-mapping`).
+    pub enabled: bool,
+    /// The protocol that mapped our ports: `pcp`, `natpmp` or `upnp`; absent when none did.
+    pub protocol: Option<String>,
+    /// The mapped external addresses, `IP:PORT`.
+    pub external: Vec<String>,
+    /// Why the last attempt got no mapping, one reason per protocol.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelayRtt {
+    pub peer_id: String,
+    pub addr: String,
+    /// Round-trip time on our direct connection to it, once measured; absent when not connected.
+    pub rtt_ms: Option<f64>,
+    /// We hold a reservation on it.
+    pub held: bool,
 }
 
 /// A port the gateway forwards to this node.
@@ -130,6 +200,9 @@ pub struct PeerEntry {
     pub peer_id: String,
     pub agent: Option<String>,
     pub connections: Vec<Connection>,
+    /// For a peer reached only through relays: why there is no direct connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relayed_because: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

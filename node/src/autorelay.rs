@@ -162,6 +162,11 @@ impl AutoRelay {
         self.candidates.len()
     }
 
+    /// Each relay candidate and the public addresses it offers the hop protocol at.
+    pub fn candidate_addrs(&self) -> impl Iterator<Item = (&PeerId, &Vec<Multiaddr>)> {
+        self.candidates.iter()
+    }
+
     pub fn is_relay_listener(&self, id: ListenerId) -> bool {
         self.held.contains_key(&id)
     }

@@ -43,8 +43,13 @@ pub enum Command {
     Up(NodeArgs),
     /// Show the running node's identity, addresses, reachability and DHT state
     Status,
-    /// List connected peers: address, transport, direct or relayed, round-trip time
+    /// List connected peers: address, transport, direct or relayed, round-trip time, and why a
+    /// relayed peer is not reached directly
     Peers,
+    /// Tell what kind of network the running node is in: NAT type, whether UDP gets out,
+    /// port mapping, a second NAT, relay round trips, and what that means for connections
+    #[command(after_help = "The node dials a few peers over QUIC and traces the first hops towards one (a few seconds).\nIt needs a running node with peers: right after `warren up` it may not know enough yet, and says so.")]
+    Netcheck,
     /// Measure round-trip time to a peer with the standard libp2p ping protocol
     Ping {
         /// The peer to ping; it is dialed first if needed (stored addresses, then the DHT)
@@ -314,6 +319,11 @@ async fn run(cli: Cli) -> Result<(), UserError> {
             let timeout = Duration::from_secs(45) + Duration::from_secs(11) * count;
             let reply: api::PingReply = client.post(&format!("/v1/ping/{peer}?count={count}"), timeout).await?;
             output(cli.json, &reply, crate::output::ping);
+            Ok(())
+        }
+        Command::Netcheck => {
+            let reply: api::Netcheck = client.post("/v1/netcheck", Duration::from_secs(30)).await?;
+            output(cli.json, &reply, crate::output::netcheck);
             Ok(())
         }
         Command::Find { peer } => {

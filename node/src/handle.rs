@@ -28,6 +28,50 @@ pub enum Command {
     OpenStream(PeerId, StreamProtocol, oneshot::Sender<Result<Opened, OpenError>>),
     /// Adds synthetic records to the peer store (diagnostics and crash tests).
     StoreChurn(u32, oneshot::Sender<api::ChurnReply>),
+    /// Gathers what `warren netcheck` judges from, probing over QUIC first where that helps.
+    Netcheck(oneshot::Sender<NetcheckDraft>),
+}
+
+/// What the event loop gathered for `warren netcheck`; [`NetcheckDraft::finish`] traces the
+/// first hops (off the event loop: it waits for ICMP answers) and judges.
+pub struct NetcheckDraft {
+    /// Everything but the judgement and the hops.
+    pub report: api::Netcheck,
+    pub evidence: crate::nat::Evidence,
+    /// A public peer we reach directly, to trace towards.
+    pub trace_target: Option<std::net::Ipv4Addr>,
+    pub public_ranges: Vec<crate::addresses::Cidr>,
+}
+
+impl NetcheckDraft {
+    pub async fn finish(mut self) -> api::Netcheck {
+        let mut notes = Vec::new();
+        if let Some(target) = self.trace_target {
+            let ranges = self.public_ranges.clone();
+            let public = move |ip: std::net::Ipv4Addr| crate::addresses::is_public_ip(ip.into(), &ranges);
+            match tokio::task::spawn_blocking(move || crate::trace::trace(target, public)).await {
+                Ok(Ok(hops)) => self.evidence.hops = hops,
+                Ok(Err(e)) => notes.push(format!("the trace towards {target} failed: {e}")),
+                Err(e) => notes.push(format!("the trace towards {target} failed: {e}")),
+            }
+        }
+        let judged = crate::nat::assess(&self.evidence);
+        let mut report = self.report;
+        report.nat_type = judged.nat_type.as_str().to_string();
+        report.verdict = judged.verdict;
+        report.udp = serde_plain(&judged.udp);
+        report.mapping = serde_plain(&judged.mapping);
+        report.double_nat = judged.double_nat;
+        report.hops = self.evidence.hops;
+        report.reasons = judged.reasons;
+        report.reasons.extend(notes);
+        report
+    }
+}
+
+/// An enum's serde name (a plain string).
+fn serde_plain<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
 }
 
 /// Why the event loop could not connect to a peer.

@@ -26,6 +26,8 @@
 //! - [`relay`] and [`relay_meter`]: serving circuit relay v2 within operator limits;
 //!   [`autorelay`] and [`candidates`]: choosing relays and holding reservations while not
 //!   publicly reachable.
+//! - [`nat`]: what kind of NAT we are behind, from what peers observe, AutoNAT, port mapping
+//!   and [`trace`] (the first hops towards a peer): `warren netcheck` and status.
 //! - [`addresses`]: the address policy (what is public, what is ours, what is dialed, stored
 //!   and given to each DHT); [`dial_gate`] applies it to every dial.
 //! - [`store`] and [`peer_record`]: identity and peer store in sled; [`private_files`]: the
@@ -47,6 +49,8 @@ pub mod handle;
 pub mod identify_scope;
 pub mod ip_limits;
 pub mod lan_dht;
+pub mod nat;
+pub mod trace;
 pub mod forward;
 pub mod metrics;
 pub mod node;

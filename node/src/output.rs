@@ -9,6 +9,7 @@ pub fn status(s: &api::Status) -> String {
     let _ = writeln!(out, "peer id       {}", s.peer_id);
     let _ = writeln!(out, "agent         {}", s.agent);
     let _ = writeln!(out, "reachability  {}", s.reachability);
+    let _ = writeln!(out, "nat           {} (`warren netcheck` tells more)", s.nat_type);
     let _ = writeln!(out, "dht           {} (setting: {}, protocol {})", s.dht_mode, s.dht_mode_setting, s.kad_protocol);
     let _ = writeln!(
         out,
@@ -87,6 +88,64 @@ pub fn peers(peers: &[api::PeerEntry]) -> String {
             let punched = c.punched_after_ms.map(|ms| format!("{ms:.0} ms")).unwrap_or_else(|| "-".into());
             let _ = writeln!(out, "{name:<52}  {:<7}  {:<4}  {rtt:>9}  {punched:>8}  {}", c.path, c.transport, c.address);
         }
+        if let Some(why) = &peer.relayed_because {
+            let _ = writeln!(out, "{:<52}  relayed: {why}", "");
+        }
+    }
+    out.trim_end().to_string()
+}
+
+pub fn netcheck(n: &api::Netcheck) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{}\n", n.verdict);
+    let _ = writeln!(out, "nat type      {}", n.nat_type);
+    let _ = writeln!(out, "udp           {}", n.udp);
+    let _ = writeln!(out, "mapping       {}", n.mapping);
+    let double = match n.double_nat {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "cannot tell",
+    };
+    let _ = writeln!(out, "double nat    {double}");
+    list(&mut out, "confirmed", &n.confirmed_addrs);
+    let seen: Vec<String> = n.observed.iter().map(|o| format!("{} over {} (seen by {}, {} s ago)", o.observed, o.transport, o.observer, o.age_secs)).collect();
+    list(&mut out, "seen at", &seen);
+    if let Some(p) = &n.quic_probe {
+        let _ = writeln!(out, "quic probe    reached {} of {} peers", p.reached, p.tried);
+    }
+    let m = &n.port_mapping;
+    let mapping = match (&m.protocol, &m.last_error) {
+        _ if !m.enabled => "off (--no-port-mapping)".to_string(),
+        (Some(protocol), _) => format!("{protocol}: {}", m.external.join(", ")),
+        (None, Some(e)) => format!("nothing mapped: {e}"),
+        (None, None) => "nothing mapped yet".to_string(),
+    };
+    let _ = writeln!(out, "port mapping  {mapping}");
+    let hops: Vec<String> = n
+        .hops
+        .iter()
+        .map(|h| {
+            let addr = h.addr.map(|a| a.to_string()).unwrap_or_else(|| "*".into());
+            let what = if h.destination { " (the peer)" } else if h.public { " (public)" } else { "" };
+            format!("{} {addr}{what}", h.ttl)
+        })
+        .collect();
+    list(&mut out, "hops", &hops);
+    let relays: Vec<String> = n
+        .relays
+        .iter()
+        .map(|r| {
+            let rtt = r.rtt_ms.map(|ms| format!("{ms:.1} ms")).unwrap_or_else(|| "not connected".into());
+            let marks = [(r.held, "held"), (n.preferred_relay.as_deref() == Some(r.peer_id.as_str()), "preferred")];
+            let marks: Vec<&str> = marks.iter().filter(|(on, _)| *on).map(|(_, m)| *m).collect();
+            let marks = if marks.is_empty() { String::new() } else { format!(" ({})", marks.join(", ")) };
+            format!("{} {rtt}{marks}", r.addr)
+        })
+        .collect();
+    list(&mut out, "relays", &relays);
+    let _ = writeln!(out, "\nwhy:");
+    for reason in &n.reasons {
+        let _ = writeln!(out, "  - {reason}");
     }
     out.trim_end().to_string()
 }

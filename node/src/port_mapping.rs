@@ -35,6 +35,8 @@ const PMP_TIMEOUT: crab_nat::TimeoutConfig =
 const UPNP_SEARCH: Duration = Duration::from_secs(2);
 /// How long removing the mappings may take at shutdown (within the shutdown's grace).
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Why nothing is asked when the routing table names no gateway.
+const NO_GATEWAY: &str = "no IPv4 default gateway to ask";
 /// What the router's mapping table shows as the mapping's owner (UPnP).
 const DESCRIPTION: &str = "warren";
 
@@ -83,6 +85,8 @@ pub enum Event {
     Mapped(Mapping),
     /// A mapping is gone: not renewed, removed, or its port no longer listened on.
     Gone { transport: Transport, internal_port: u16 },
+    /// A port could not be mapped: why, one reason per protocol (reported when it changes).
+    Failed(String),
 }
 
 /// The default IPv4 gateway, from the kernel's routing table (`/proc/net/route`: destination
@@ -286,6 +290,10 @@ pub async fn run(
         if !missing.is_empty() {
             let route = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
             let gateway = default_gateway(&route).and_then(|gw| local_address_towards(gw).map(|local| (gw, local)));
+            if gateway.is_none() && last_error.as_deref() != Some(NO_GATEWAY) {
+                report(Event::Failed(NO_GATEWAY.into()));
+                last_error = Some(NO_GATEWAY.into());
+            }
             for (transport, port) in missing {
                 let Some(((gateway, local), nonzero)) = gateway.zip(NonZeroU16::new(port)) else { break };
                 // Asking a gateway that does not answer takes seconds: a shutdown does not wait.
@@ -307,6 +315,7 @@ pub async fn run(
                     Err(e) => {
                         if last_error.as_deref() != Some(e.as_str()) {
                             tracing::info!(%gateway, ?transport, port, error = %e, "no port mapping from the gateway");
+                            report(Event::Failed(e.clone()));
                             last_error = Some(e);
                         }
                     }

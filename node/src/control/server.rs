@@ -148,6 +148,10 @@ async fn route_node(segments: &[&str], query: &str, handle: &NodeHandle) -> Resu
     match segments {
         ["v1", "status"] => handle.request(Command::Status).await.map(json).map_err(unavailable),
         ["v1", "peers"] => handle.request(Command::Peers).await.map(json).map_err(unavailable),
+        ["v1", "netcheck"] => match handle.request(Command::Netcheck).await {
+            Ok(draft) => Ok(json(draft.finish().await)),
+            Err(e) => Err(unavailable(e)),
+        },
         ["v1", "id"] => Ok(json(api::Identity {
             peer_id: handle.peer_id.to_string(),
             public_key: handle.peer_id.to_base58(),

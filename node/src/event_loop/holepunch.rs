@@ -46,6 +46,8 @@ pub(super) struct HolePunch {
     /// Re-punches made since the peer was last punched to (or connected afresh): the schedule
     /// goes on from here, and ends, whatever started it.
     tried: HashMap<PeerId, usize>,
+    /// Why the last punch to each connected peer failed (until one succeeds).
+    failed: HashMap<PeerId, String>,
 }
 
 impl HolePunch {
@@ -60,6 +62,7 @@ impl HolePunch {
     pub(super) fn on_disconnected(&mut self, peer: &PeerId) {
         self.relayed_since.remove(peer);
         self.tried.remove(peer);
+        self.failed.remove(peer);
     }
 
     /// We dialed the peer through a relay (`circuit`) and have no direct connection to it. The
@@ -120,6 +123,7 @@ impl HolePunch {
         self.punched.insert(connection, after);
         self.repunch.remove(&peer);
         self.tried.remove(&peer);
+        self.failed.remove(&peer);
         after
     }
 
@@ -127,6 +131,16 @@ impl HolePunch {
         self.stats.attempts += 1;
         self.stats.failures += 1;
         self.stats.last_error = Some(format!("{peer}: {error}"));
+        self.failed.insert(peer, error);
+    }
+
+    /// Why a peer is still on a relay, as far as punching knows: the last failure, or how long
+    /// the punch has been pending.
+    pub(super) fn why_relayed(&self, peer: &PeerId, now: Instant) -> Option<String> {
+        if let Some(error) = self.failed.get(peer) {
+            return Some(format!("hole punching failed: {error}"));
+        }
+        self.relayed_since.get(peer).map(|since| format!("not punched yet (relayed for {} s)", now.saturating_duration_since(*since).as_secs()))
     }
 
     pub(super) fn stats(&self) -> HolePunchStats {

@@ -18,6 +18,7 @@ mod dht;
 mod holepunch;
 mod identify;
 mod mdns;
+mod netcheck;
 mod port_mapping;
 mod relays;
 mod status;
@@ -103,6 +104,10 @@ pub struct EventLoop {
     meter: Option<std::sync::Arc<crate::relay_meter::Meter>>,
     /// The port-mapping task's link, when port mapping is on.
     port_mapping: Option<port_mapping::Link>,
+    /// Where public peers see us (identify), for the NAT type.
+    observations: crate::nat::Observations,
+    /// A `warren netcheck` round of QUIC probes under way.
+    netcheck: Option<netcheck::Round>,
 }
 
 impl EventLoop {
@@ -146,6 +151,8 @@ impl EventLoop {
             hole_punch: HolePunch::default(),
             meter: None,
             port_mapping: None,
+            observations: Default::default(),
+            netcheck: None,
             config,
         };
         (event_loop, handle)
@@ -203,6 +210,7 @@ impl EventLoop {
                     self.publish_own_record_when_due();
                     self.refresh_dht_when_due();
                     self.repunch_when_due();
+                    self.netcheck_when_due();
                 }
                 _ = &mut shutdown => break,
             }
@@ -274,6 +282,7 @@ impl EventLoop {
                 let _ = reply.send(self.peers());
             }
             Command::Find(peer, reply) => self.find(peer, reply),
+            Command::Netcheck(reply) => self.netcheck(reply),
             Command::Connect(peer, reply) => self.connect(peer, reply),
             Command::OpenStream(peer, protocol, reply) => self.swarm.behaviour_mut().forward.open(peer, protocol, reply),
             Command::StoreChurn(count, reply) => {
@@ -396,6 +405,7 @@ impl EventLoop {
                 }
                 self.conns.insert(connection_id, ConnInfo { peer: peer_id, address, outbound, since: Instant::now(), rtt: None });
                 self.finish_connect(&peer_id, Ok(()));
+                self.on_probe_event(connection_id, Some(true));
             }
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
                 if let Some(conn) = self.conns.remove(&connection_id) {
@@ -419,7 +429,12 @@ impl EventLoop {
                     tracing::info!(peer = %peer_id, cause = ?cause.map(|c| c.to_string()), "peer disconnected");
                 }
             }
-            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => self.on_dial_failure(peer, &error),
+            SwarmEvent::OutgoingConnectionError { peer_id, connection_id, error } => {
+                self.on_probe_event(connection_id, Some(false));
+                if let Some(peer) = peer_id {
+                    self.on_dial_failure(peer, &error);
+                }
+            }
             SwarmEvent::ExternalAddrConfirmed { address } => {
                 tracing::info!(addr = %address, "external address confirmed");
                 self.policy.lock().expect("policy lock").on_external_addr(&address, true);
@@ -437,7 +452,10 @@ impl EventLoop {
 
     fn on_behaviour_event(&mut self, event: BehaviourEvent) {
         match event {
-            BehaviourEvent::Identify(libp2p_identify::Event::Received { peer_id, info, .. }) => self.on_identify(peer_id, info),
+            BehaviourEvent::Identify(libp2p_identify::Event::Received { peer_id, info, connection_id }) => {
+                self.on_observed(connection_id, &info.observed_addr);
+                self.on_identify(peer_id, info);
+            }
             BehaviourEvent::Ping(ping::Event { connection, result: Ok(rtt), .. }) => {
                 if let Some(conn) = self.conns.get_mut(&connection) {
                     conn.rtt = Some(rtt);

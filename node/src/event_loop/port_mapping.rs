@@ -17,11 +17,13 @@ pub(super) struct Link {
     ports: watch::Sender<Vec<(Transport, u16)>>,
     pub(super) events: mpsc::Receiver<Event>,
     pub(super) mapped: HashMap<(Transport, u16), Mapping>,
+    /// Why the last attempt got no mapping.
+    pub(super) last_error: Option<String>,
 }
 
 impl Link {
     pub(super) fn new(ports: watch::Sender<Vec<(Transport, u16)>>, events: mpsc::Receiver<Event>) -> Self {
-        Self { ports, events, mapped: HashMap::new() }
+        Self { ports, events, mapped: HashMap::new(), last_error: None }
     }
 }
 
@@ -87,6 +89,7 @@ impl EventLoop {
                     tracing::info!(%addr, "the gateway's external address is not public (a second NAT beyond it?): not advertised");
                 }
             }
+            Event::Failed(reason) => link.last_error = Some(reason),
             Event::Gone { transport, internal_port } => {
                 if let Some(mapping) = link.mapped.remove(&(transport, internal_port)) {
                     self.swarm.remove_external_address(&external_addr(&mapping));

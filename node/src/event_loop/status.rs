@@ -10,6 +10,7 @@ use crate::addresses::{is_relayed, transport_of};
 use crate::api;
 use crate::behaviour::AGENT;
 use crate::config::DhtMode;
+use crate::nat::NatType;
 
 impl EventLoop {
     pub(super) fn status(&mut self) -> api::Status {
@@ -89,10 +90,13 @@ impl EventLoop {
                 }
             }),
             hole_punch: self.hole_punch.stats(),
+            nat_type: crate::nat::assess(&self.nat_evidence()).nat_type.as_str().to_string(),
         }
     }
 
     pub(super) fn peers(&self) -> Vec<api::PeerEntry> {
+        let own_nat = crate::nat::assess(&self.nat_evidence()).nat_type;
+        let now = std::time::Instant::now();
         let mut by_peer: HashMap<PeerId, Vec<(&ConnectionId, &ConnInfo)>> = HashMap::new();
         for (id, conn) in &self.conns {
             by_peer.entry(conn.peer).or_default().push((id, conn));
@@ -101,7 +105,16 @@ impl EventLoop {
             .into_iter()
             .map(|(peer, mut conns)| {
                 conns.sort_by_key(|(_, c)| c.since);
+                let relayed_because = conns.iter().all(|(_, c)| is_relayed(&c.address)).then(|| {
+                    let punch = self.hole_punch.why_relayed(&peer, now).unwrap_or_else(|| "no direct address of it is known".to_string());
+                    match own_nat {
+                        NatType::Symmetric => format!("{punch}; this node is behind a symmetric NAT"),
+                        NatType::UdpBlocked => format!("{punch}; UDP is blocked here, so only TCP can punch"),
+                        _ => punch,
+                    }
+                });
                 api::PeerEntry {
+                    relayed_because,
                     peer_id: peer.to_string(),
                     agent: self.agents.get(&peer).cloned(),
                     connections: conns
