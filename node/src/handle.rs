@@ -38,21 +38,22 @@ pub struct NetcheckDraft {
     /// Everything but the judgement and the hops.
     pub report: api::Netcheck,
     pub evidence: crate::nat::Evidence,
-    /// A public peer we reach directly, to trace towards.
-    pub trace_target: Option<std::net::Ipv4Addr>,
+    /// Public peers we reach directly, to trace towards (longest connected first).
+    pub trace_targets: Vec<std::net::Ipv4Addr>,
     pub public_ranges: Vec<crate::addresses::Cidr>,
 }
 
 impl NetcheckDraft {
     pub async fn finish(mut self) -> api::Netcheck {
         let mut notes = Vec::new();
-        if let Some(target) = self.trace_target {
+        if !self.trace_targets.is_empty() {
             let ranges = self.public_ranges.clone();
             let public = move |ip: std::net::Ipv4Addr| crate::addresses::is_public_ip(ip.into(), &ranges);
-            match tokio::task::spawn_blocking(move || crate::trace::trace(target, public)).await {
+            let targets = self.trace_targets.clone();
+            match tokio::task::spawn_blocking(move || crate::trace::trace_any(&targets, public)).await {
                 Ok(Ok(hops)) => self.evidence.hops = hops,
-                Ok(Err(e)) => notes.push(format!("the trace towards {target} failed: {e}")),
-                Err(e) => notes.push(format!("the trace towards {target} failed: {e}")),
+                Ok(Err(e)) => notes.push(format!("the trace failed: {e}")),
+                Err(e) => notes.push(format!("the trace failed: {e}")),
             }
         }
         let judged = crate::nat::assess(&self.evidence);

@@ -191,10 +191,20 @@ fn mapping_of(e: &Evidence, reasons: &mut Vec<String>) -> Mapping {
             reasons.push(format!("only {} told us where it sees us over QUIC ({}): two peers are needed", one.observer, one.observed));
             Mapping::Unknown
         }
-        [first, rest @ ..] => {
+        _ => {
+            // Two peers seeing one address is what a NAT with one mapping per socket does; a
+            // NAT with a mapping per destination gives them the same port by chance only (1 in
+            // tens of thousands). One odd port beside agreeing ones is a clash on the router
+            // (a port taken by another flow), not a symmetric NAT.
             let seen: Vec<String> = quic.iter().take(4).map(|o| format!("{} sees {}", o.observer, o.observed)).collect();
-            if rest.iter().all(|o| o.observed == first.observed) {
-                reasons.push(format!("{} peers see our QUIC socket at one address ({}): endpoint-independent mapping", quic.len(), seen.join(", ")));
+            let shared = quic.iter().enumerate().find(|(i, a)| quic[i + 1..].iter().any(|b| b.observed == a.observed));
+            if let Some((_, agreed)) = shared {
+                let agree = quic.iter().filter(|o| o.observed == agreed.observed).count();
+                reasons.push(format!(
+                    "{agree} of {} peers see our QUIC socket at one address ({}): endpoint-independent mapping",
+                    quic.len(),
+                    seen.join(", ")
+                ));
                 Mapping::EndpointIndependent
             } else {
                 reasons.push(format!("peers see our QUIC socket at different addresses ({}): endpoint-dependent mapping", seen.join(", ")));
@@ -236,6 +246,12 @@ fn double_nat_of(e: &Evidence, reasons: &mut Vec<String>) -> Option<bool> {
     {
         reasons.push(format!("the gateway says our public address is {}, but peers see {seen}: another NAT is beyond it", mapped.ip()));
         return Some(true);
+    }
+    if let Some((mapped, _)) = e.port_mapped.first()
+        && !observed.is_empty()
+    {
+        reasons.push(format!("the gateway's public address {} is the one peers see: one NAT", mapped.ip()));
+        return Some(false);
     }
     // The first hop is our own gateway (private, as every NAT's LAN side). A router after it
     // with a carrier-grade (100.64/10) or private address before any public one is a NAT's
@@ -317,6 +333,13 @@ mod tests {
         // TCP dials may use other local ports: different TCP ports say nothing.
         let tcp = assess(&evidence(vec![obs("198.51.100.1", "203.0.113.5:50123", Transport::Tcp), obs("198.51.100.2", "203.0.113.5:61002", Transport::Tcp)]));
         assert_eq!(tcp.mapping, Mapping::Unknown);
+        // One port taken by another flow on the router does not make a NAT symmetric.
+        let clash = assess(&evidence(vec![
+            obs("198.51.100.1", "203.0.113.5:35387", Transport::Quic),
+            obs("198.51.100.2", "203.0.113.5:4001", Transport::Quic),
+            obs("198.51.100.3", "203.0.113.5:4001", Transport::Quic),
+        ]));
+        assert_eq!(clash.mapping, Mapping::EndpointIndependent, "{:?}", clash.reasons);
         let one = assess(&evidence(vec![obs("198.51.100.1", "203.0.113.5:4001", Transport::Quic)]));
         assert_eq!((one.nat_type, one.mapping), (NatType::Unknown, Mapping::Unknown));
     }

@@ -30,6 +30,34 @@ const ORIGIN_ICMP: u8 = 2;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 
+/// Most peers traced towards at once: a peer behind a NAT of its own drops datagrams to ports
+/// it did not open, so its last hops stay silent; another peer's trace may be whole.
+pub const MAX_TARGETS: usize = 3;
+
+/// Traces towards each of `targets` (at most [`MAX_TARGETS`]) at once and keeps the most
+/// complete trace: one that reached its peer, else the one with most hops answered.
+pub fn trace_any(targets: &[Ipv4Addr], is_public: impl Fn(Ipv4Addr) -> bool + Send + Sync) -> std::io::Result<Vec<Hop>> {
+    let traces: Vec<std::io::Result<Vec<Hop>>> = std::thread::scope(|scope| {
+        let running: Vec<_> = targets.iter().take(MAX_TARGETS).map(|t| scope.spawn(|| trace(*t, &is_public))).collect();
+        running.into_iter().map(|t| t.join().unwrap_or_else(|_| Err(std::io::Error::other("the trace panicked")))).collect()
+    });
+    let mut best: Option<Vec<Hop>> = None;
+    let mut error = None;
+    let score = |hops: &[Hop]| (hops.iter().any(|h| h.destination), hops.iter().filter(|h| h.addr.is_some()).count());
+    for trace in traces {
+        match trace {
+            Ok(hops) if best.as_ref().is_none_or(|b| score(&hops) > score(b)) => best = Some(hops),
+            Ok(_) => {}
+            Err(e) => error = Some(e),
+        }
+    }
+    match (best, error) {
+        (Some(hops), _) => Ok(hops),
+        (None, Some(e)) => Err(e),
+        (None, None) => Ok(Vec::new()),
+    }
+}
+
 /// Traces up to [`MAX_HOPS`] hops towards `target`, waiting at most [`WAIT`]; `is_public` says
 /// which hop addresses are public. Blocking: run it off the async threads.
 pub fn trace(target: Ipv4Addr, is_public: impl Fn(Ipv4Addr) -> bool) -> std::io::Result<Vec<Hop>> {
@@ -37,8 +65,15 @@ pub fn trace(target: Ipv4Addr, is_public: impl Fn(Ipv4Addr) -> bool) -> std::io:
     setsockopt(&socket, sockopt::Ipv4RecvErr, &true)?;
     for ttl in 1..=MAX_HOPS {
         socket.set_ttl(u32::from(ttl))?;
-        // An error answered to an earlier datagram may surface here; the queue has it anyway.
-        let _ = socket.send_to(&[ttl], SocketAddrV4::new(target, BASE_PORT + u16::from(ttl)));
+        // The answer to an earlier datagram is also the socket's pending error, which a send
+        // reports instead of sending: then the send is made again (the error queue keeps the
+        // answer). Each failed send consumes one pending error.
+        let to = SocketAddrV4::new(target, BASE_PORT + u16::from(ttl));
+        for _ in 0..=MAX_HOPS {
+            if socket.send_to(&[ttl], to).is_ok() {
+                break;
+            }
+        }
     }
     let mut hops: Vec<Hop> = (1..=MAX_HOPS).map(|ttl| Hop { ttl, addr: None, public: false, destination: false }).collect();
     let deadline = Instant::now() + WAIT;

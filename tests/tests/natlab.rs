@@ -162,3 +162,121 @@ fn a_node_behind_a_router_that_maps_ports_is_reached_directly_through_the_mappin
     drop(boot);
     lab.teardown();
 }
+
+/// `warren netcheck` in one site of every kind, each node a plain `warren up --bootstrap …`:
+/// each says what its site is. A router that grants mappings but forwards nothing must not make
+/// its node believe it is public; NAT-PMP alone and PCP alone each make theirs reachable.
+#[test]
+fn netcheck_tells_every_kind_of_site_apart() {
+    if std::env::var("WARREN_SKIP_NETNS").is_ok_and(|v| v == "1") {
+        eprintln!("skipped: WARREN_SKIP_NETNS=1");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let opts = Options {
+        warren: common::BIN.into(),
+        latency: Duration::from_millis(20),
+        pairs: Vec::new(),
+        work_dir: work.path().to_path_buf(),
+        keep_logs: false,
+        restart: false,
+    };
+    let mut kinds = SiteKind::all().to_vec();
+    kinds.extend([SiteKind::NatPmp, SiteKind::Pcp, SiteKind::MapsButDrops]);
+    let answers = warren_natlab::netcheck::run(&opts, &kinds).expect("the lab builds (root, nftables, miniupnpd-nftables)");
+    eprintln!("{}", warren_natlab::netcheck::markdown(&answers));
+    for answer in &answers {
+        let netcheck = answer.netcheck.as_ref().unwrap_or_else(|e| panic!("{}: no answer: {e}", answer.kind.name()));
+        assert_eq!(answer.nat_type(), answer.expected, "{}: {netcheck:#}", answer.kind.name());
+        assert!(!netcheck["verdict"].as_str().unwrap_or_default().is_empty(), "a verdict for {}", answer.kind.name());
+    }
+    let of = |kind: SiteKind| answers.iter().find(|a| a.kind == kind).unwrap().netcheck.as_ref().unwrap();
+    // The details behind the types.
+    assert_eq!(of(SiteKind::Symmetric)["mapping"], "endpoint-dependent");
+    assert_eq!(of(SiteKind::Eim)["mapping"], "endpoint-independent");
+    assert_eq!(of(SiteKind::Eim)["double_nat"], false, "the hop after the router is public: {:#}", of(SiteKind::Eim)["hops"]);
+    assert_eq!(of(SiteKind::DoubleNat)["double_nat"], true);
+    assert_eq!(of(SiteKind::UdpBlocked)["udp"], "blocked");
+    assert_eq!(of(SiteKind::NatPmp)["port_mapping"]["protocol"], "natpmp", "NAT-PMP alone: {:#}", of(SiteKind::NatPmp)["port_mapping"]);
+    assert_eq!(of(SiteKind::Pcp)["port_mapping"]["protocol"], "pcp");
+    let drops = of(SiteKind::MapsButDrops);
+    assert_eq!(drops["port_mapping"]["protocol"], "pcp", "the router did grant a mapping: {drops:#}");
+    let wan = drops["port_mapping"]["external"][0].as_str().unwrap().split(':').next().unwrap().to_string();
+    assert!(
+        drops["confirmed_addrs"].as_array().unwrap().iter().all(|a| !a.as_str().unwrap().contains(&format!("/ip4/{wan}/"))),
+        "a mapping that forwards nothing is never confirmed: {drops:#}"
+    );
+    // Every relay known has a round trip, and one is preferred.
+    let eim = of(SiteKind::Eim);
+    assert!(eim["preferred_relay"].is_string() && eim["relays"][0]["rtt_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{eim:#}");
+}
+
+/// A router granting short PCP leases (PCP alone, 40 s): the node renews its mappings before
+/// they end, again and again, so they are still in the router's table after several leases;
+/// and a clean shutdown removes them from the table.
+#[test]
+fn short_port_mapping_leases_are_renewed_and_removed_on_shutdown() {
+    use warren_natlab::nodes::{Node, wait_for};
+    use warren_natlab::topo::{Lab, PUBLIC_RANGE};
+    use warren_natlab::upnp::SHORT_LEASE;
+    if std::env::var("WARREN_SKIP_NETNS").is_ok_and(|v| v == "1") {
+        eprintln!("skipped: WARREN_SKIP_NETNS=1");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let mut lab = Lab::new(Duration::from_millis(20)).expect("the lab builds (root, nftables, miniupnpd-nftables)");
+    let site = lab.site(SiteKind::Pcp).unwrap();
+    let router = site.edge.clone().unwrap();
+    let boot_host = lab.public_host("boot").unwrap();
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = ["--no-mdns", "--public-ranges", PUBLIC_RANGE].map(String::from).to_vec();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let bin = std::path::Path::new(common::BIN);
+    let boot = Node::start(bin, &boot_host.ns, &work.path().join("boot"), &args(&["--dht-mode", "server"])).unwrap();
+    let bootstrap = format!("/ip4/{}/udp/4001/quic-v1/p2p/{}", boot_host.addr, boot.peer_id);
+    let mut node = Node::start(bin, &site.hosts[0].ns, &work.path().join("node"), &args(&["--bootstrap", &bootstrap])).unwrap();
+    // The router's own table: the DNAT rules miniupnpd keeps for each mapping.
+    let router_table = || -> Vec<String> {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &router, "nft", "list", "chain", "inet", warren_natlab::upnp::MINIUPNPD_TABLE, "prerouting_miniupnpd"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("dnat")).map(|l| l.trim().to_string()).collect()
+    };
+    let lease_left = |node: &Node| -> Option<Vec<u64>> {
+        let status = node.json(&["status"])?;
+        let mappings = status["port_mappings"].as_array()?;
+        (mappings.len() == 2 && mappings.iter().all(|m| m["protocol"] == "pcp"))
+            .then(|| mappings.iter().map(|m| m["lease_left_secs"].as_u64().unwrap()).collect())
+    };
+    let first = wait_for(Duration::from_secs(30), || lease_left(&node)).unwrap_or_else(|| panic!("PCP maps both ports: {:?}", node.json(&["status"])));
+    assert!(first.iter().all(|left| *left <= SHORT_LEASE.as_secs()), "the router's short lease is what counts: {first:?}");
+    let mapped = router_table();
+    eprintln!("mapped, lease left {first:?} s; the router holds {mapped:#?}");
+    assert_eq!(mapped.len(), 2, "the router holds the QUIC and TCP mappings: {mapped:?}");
+
+    // Watch three leases go by: each time the lease left jumps back up, the node renewed.
+    let mut renewals = 0;
+    let mut last = first.iter().copied().min().unwrap();
+    let watch_until = std::time::Instant::now() + SHORT_LEASE * 3;
+    while std::time::Instant::now() < watch_until {
+        if let Some(left) = lease_left(&node) {
+            let least = left.iter().copied().min().unwrap();
+            if least > last {
+                renewals += 1;
+            }
+            last = least;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let still = router_table();
+    eprintln!("after {:?}: {renewals} renewals seen; the router holds {still:#?}", SHORT_LEASE * 3);
+    assert!(renewals >= 3, "renewed before every lease ran out ({renewals} renewals in three leases)");
+    assert_eq!(still.len(), 2, "still mapped three leases later: {still:?}");
+    node.terminate();
+    assert_eq!(router_table(), Vec::<String>::new(), "removed on shutdown (were {still:?})");
+    drop(boot);
+    lab.teardown();
+}

@@ -215,16 +215,23 @@ impl EventLoop {
         relays.sort_by_key(|(rtt, r)| (rtt.is_none(), *rtt, r.peer_id.clone()));
         let preferred_relay = relays.iter().find(|(_, r)| r.held).or(relays.first()).map(|(_, r)| r.peer_id.clone());
         let mappings: Vec<_> = self.port_mapping.iter().flat_map(|link| link.mapped.values()).collect();
-        // A peer we reach directly at a public IP is a target for the trace.
-        let trace_target = {
+        // Peers we reach directly at a public IP are targets for the trace; the longest
+        // connected first (bootstrap peers and relays, on addresses of their own, are the
+        // likeliest to answer).
+        let trace_targets = {
             let policy = self.policy.lock().expect("policy lock");
-            self.conns
-                .values()
-                .filter(|c| !is_relayed(&c.address) && policy.is_public(&c.address))
-                .find_map(|c| match ip_of(&c.address) {
-                    Some(IpAddr::V4(ip)) => Some(ip),
-                    _ => None,
-                })
+            let mut conns: Vec<_> = self.conns.values().filter(|c| !is_relayed(&c.address) && policy.is_public(&c.address)).collect();
+            conns.sort_by_key(|c| c.since);
+            let mut ips = Vec::new();
+            for c in conns {
+                if let Some(IpAddr::V4(ip)) = ip_of(&c.address)
+                    && !ips.contains(&ip)
+                {
+                    ips.push(ip);
+                }
+            }
+            ips.truncate(crate::trace::MAX_TARGETS);
+            ips
         };
         let public_ranges = self.policy.lock().expect("policy lock").public_ranges().to_vec();
         let report = api::Netcheck {
@@ -259,7 +266,7 @@ impl EventLoop {
             preferred_relay,
             reasons: Vec::new(),
         };
-        NetcheckDraft { report, evidence, trace_target, public_ranges }
+        NetcheckDraft { report, evidence, trace_targets, public_ranges }
     }
 }
 

@@ -6,6 +6,8 @@
 //! - `wire`  — the lab's internet: a userspace switch between TUN devices with one-way latency.
 //! - `topo`  — namespaces, veths, NAT routers (nftables masquerade), site kinds.
 //! - `nodes` — warren processes, the echo service, the checked transfer.
+//! - `netcheck` — `warren netcheck` run in every kind of site, its answers against the truth.
+//! - `upnp` — the port-mapping routers: miniupnpd, a STUN server for it, a NAT-PMP client.
 //! - this file — one cell of the matrix, the whole matrix, and its reports (Markdown, JSON, SVG).
 //!
 //! # One cell
@@ -24,6 +26,7 @@
 //! reaches B again and how long after the cell's nodes came back, whether the path is direct
 //! again, and whether 10 MB come back intact. The same outcome as before is expected.
 
+pub mod netcheck;
 pub mod nodes;
 pub mod sys;
 pub mod topo;
@@ -209,15 +212,15 @@ pub struct Options {
 }
 
 /// The lab's fixed part: the wire, the bootstrap node and the relay.
-struct Core {
-    bootstrap: Node,
-    boot_host: Host,
+pub(crate) struct Core {
+    pub(crate) bootstrap: Node,
+    pub(crate) boot_host: Host,
     relay: Node,
     relay_host: Host,
 }
 
 impl Core {
-    fn addrs(host: &Host, node: &Node, transports: Transports) -> Vec<String> {
+    pub(crate) fn addrs(host: &Host, node: &Node, transports: Transports) -> Vec<String> {
         let tcp = format!("/ip4/{}/tcp/{CORE_PORT}/p2p/{}", host.addr, node.peer_id);
         let quic = format!("/ip4/{}/udp/{CORE_PORT}/quic-v1/p2p/{}", host.addr, node.peer_id);
         match transports {
@@ -235,7 +238,7 @@ fn listen_args(host: &Host, port: u16, transports: Transports) -> Vec<String> {
     args
 }
 
-fn start_core(lab: &mut Lab, opts: &Options) -> Result<Core, String> {
+pub(crate) fn start_core(lab: &mut Lab, opts: &Options) -> Result<Core, String> {
     let boot_host = lab.public_host("boot")?;
     let relay_host = lab.public_host("relay")?;
     let mut args = listen_args(&boot_host, CORE_PORT, Transports::Both);

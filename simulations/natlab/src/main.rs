@@ -38,6 +38,10 @@ struct Args {
     /// wire, an unmapped one is not) and exit
     #[arg(long)]
     check_upnp: bool,
+    /// Run `warren netcheck` in one site of every kind (port-mapping variants included), write
+    /// netcheck.md and netcheck.json, and exit
+    #[arg(long)]
+    netcheck: bool,
 }
 
 fn main() -> ExitCode {
@@ -84,6 +88,30 @@ fn main() -> ExitCode {
         keep_logs: args.keep_logs,
         restart: !args.no_restart,
     };
+    if args.netcheck {
+        use topo::SiteKind;
+        let mut kinds = SiteKind::all().to_vec();
+        kinds.extend([SiteKind::NatPmp, SiteKind::Pcp, SiteKind::MapsButDrops]);
+        return match warren_natlab::netcheck::run(&opts, &kinds) {
+            Ok(answers) => {
+                let table = warren_natlab::netcheck::markdown(&answers);
+                println!("{table}");
+                let json = serde_json::to_string_pretty(&answers).unwrap();
+                if let Err(e) = std::fs::create_dir_all(&args.out)
+                    .and_then(|()| std::fs::write(args.out.join("netcheck.md"), &table))
+                    .and_then(|()| std::fs::write(args.out.join("netcheck.json"), json))
+                {
+                    eprintln!("error: cannot write the reports to {}: {e}", args.out.display());
+                    return ExitCode::FAILURE;
+                }
+                if answers.iter().all(|a| a.nat_type() == a.expected) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     println!("natlab: {} cells, {} ms one-way latency, nodes' logs under {}", opts.pairs.len(), args.latency_ms, work_dir.display());
     let started = std::time::Instant::now();
     let cells = match warren_natlab::run(&opts, |cell| {

@@ -41,6 +41,14 @@ pub enum SiteKind {
     /// An EIM router running miniupnpd (UPnP-IGD and NAT-PMP, secure mode): a host may map
     /// ports to itself. Until warren asks for mappings it behaves as `eim`.
     Upnp,
+    /// The `upnp` router answering NAT-PMP only (no IGD, PCP requests dropped).
+    NatPmp,
+    /// The `upnp` router answering PCP only (no IGD, NAT-PMP requests dropped), granting leases
+    /// of [`crate::upnp::SHORT_LEASE`] so renewals can be watched.
+    Pcp,
+    /// A router that grants mappings (miniupnpd, every protocol) but forwards nothing through
+    /// them: a node must not believe it is public.
+    MapsButDrops,
 }
 
 impl SiteKind {
@@ -57,7 +65,15 @@ impl SiteKind {
             SiteKind::UdpBlocked => "udp-blocked",
             SiteKind::SameLan => "same-lan",
             SiteKind::Upnp => "upnp",
+            SiteKind::NatPmp => "nat-pmp",
+            SiteKind::Pcp => "pcp",
+            SiteKind::MapsButDrops => "maps-but-drops",
         }
+    }
+
+    /// Whether the router runs miniupnpd.
+    pub fn maps_ports(self) -> bool {
+        matches!(self, SiteKind::Upnp | SiteKind::NatPmp | SiteKind::Pcp | SiteKind::MapsButDrops)
     }
 }
 
@@ -247,8 +263,9 @@ impl Lab {
             self.router(&home, "up0", false, false, false)?;
             home
         } else {
-            self.router(&router, "wan0", kind == SiteKind::Symmetric, kind == SiteKind::UdpBlocked, kind == SiteKind::Upnp)?;
-            if kind == SiteKind::Upnp {
+            let forwards_mapped = kind.maps_ports() && kind != SiteKind::MapsButDrops;
+            self.router(&router, "wan0", kind == SiteKind::Symmetric, kind == SiteKind::UdpBlocked, forwards_mapped)?;
+            if kind.maps_ports() {
                 nft(&router, &crate::upnp::miniupnpd_ruleset())?;
             }
             router.clone()
@@ -275,11 +292,24 @@ impl Lab {
             }
         }
         let gateway = Ipv4Addr::new(10, n, 0, 1);
-        if kind == SiteKind::Upnp {
+        if kind.maps_ports() {
             let stun = self.stun_server()?;
             let files = std::env::temp_dir().join(format!("{}-{tag}-miniupnpd", self.id));
-            let daemon = Miniupnpd::start(&router, "lan0", &format!("10.{n}.0.0/24"), stun, &files, &hosts[0].ns, gateway)?;
+            let daemon = Miniupnpd::start(kind, &router, "lan0", &format!("10.{n}.0.0/24"), stun, &files, &hosts[0].ns, gateway)?;
             self.daemons.push(daemon);
+            // One protocol only: the other's requests (RFC 6886 and RFC 6887 share the port
+            // and tell each other apart by the version byte) are dropped at the router.
+            let drop_version = match kind {
+                SiteKind::NatPmp => Some(2),
+                SiteKind::Pcp => Some(0),
+                _ => None,
+            };
+            if let Some(version) = drop_version {
+                nft(&router, &format!(
+                    "table ip natlab_pmp {{\n chain input {{ type filter hook input priority -10; udp dport {} @th,64,8 {version} drop; }}\n}}\n",
+                    crate::upnp::NATPMP_PORT
+                ))?;
+            }
         }
         Ok(Site { kind, hosts, wan, edge: Some(router), gateway: Some(gateway) })
     }

@@ -17,11 +17,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::sys;
+use crate::topo::SiteKind;
 
 /// Where the lab's STUN server listens (the standard STUN port).
 pub const STUN_PORT: u16 = 3478;
 /// NAT-PMP's server port on the gateway (RFC 6886).
 pub const NATPMP_PORT: u16 = 5351;
+/// The PCP lease the `pcp` site grants (miniupnpd's `max_lifetime`; its minimum must be below):
+/// short enough that a test sees a client renew it, twice, within a couple of minutes.
+pub const SHORT_LEASE: Duration = Duration::from_secs(40);
 
 const STUN_MAGIC: u32 = 0x2112_A442;
 const BINDING_REQUEST: u16 = 0x0001;
@@ -138,14 +142,23 @@ impl Miniupnpd {
     /// secure mode (a host maps ports to itself only), unprivileged ports only, public address
     /// from the lab's STUN server at `stun`. Waits until NAT-PMP answers from `probe_ns` (a LAN
     /// host) at `gateway`, so the site is ready when this returns.
-    pub fn start(ns: &str, lan_if: &str, lan: &str, stun: Ipv4Addr, files: &Path, probe_ns: &str, gateway: Ipv4Addr) -> Result<Miniupnpd, String> {
+    /// `kind` picks the protocols: UPnP-IGD off for the NAT-PMP-only and PCP-only sites, short
+    /// PCP leases for the PCP one.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(kind: SiteKind, ns: &str, lan_if: &str, lan: &str, stun: Ipv4Addr, files: &Path, probe_ns: &str, gateway: Ipv4Addr) -> Result<Miniupnpd, String> {
+        let upnp = if matches!(kind, SiteKind::NatPmp | SiteKind::Pcp) { "no" } else { "yes" };
+        let lifetimes = if kind == SiteKind::Pcp {
+            format!("min_lifetime={}\nmax_lifetime={}\n", SHORT_LEASE.as_secs() / 2, SHORT_LEASE.as_secs())
+        } else {
+            String::new()
+        };
         which("miniupnpd").ok_or("the upnp site needs miniupnpd (Debian: apt-get install miniupnpd-nftables)")?;
         let config = files.with_extension("conf");
         let log = files.with_extension("log");
         std::fs::write(
             &config,
             format!(
-                "ext_ifname=wan0\nlistening_ip={lan_if}\nport=0\nenable_natpmp=yes\nenable_upnp=yes\n\
+                "ext_ifname=wan0\nlistening_ip={lan_if}\nport=0\nenable_natpmp=yes\nenable_upnp={upnp}\n{lifetimes}\
                  secure_mode=yes\nipv6_disable=yes\nsystem_uptime=no\nclean_ruleset_interval=600\n\
                  ext_perform_stun=yes\next_stun_host={stun}\next_stun_port={STUN_PORT}\n\
                  upnp_table_name={MINIUPNPD_TABLE}\nupnp_nat_table_name={MINIUPNPD_TABLE}\n\
@@ -290,7 +303,7 @@ impl SiteCheck {
 /// the mapped port carries a connection from the wire to the LAN host.
 pub fn check_site(latency: Duration) -> Result<SiteCheck, String> {
     use crate::nodes::{Echo, transfer};
-    use crate::topo::{Lab, SiteKind};
+    use crate::topo::Lab;
     const PORT: u16 = 7100;
     let mut lab = Lab::new(latency)?;
     let site = lab.site(SiteKind::Upnp)?;
