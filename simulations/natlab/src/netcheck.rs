@@ -26,6 +26,9 @@ pub struct SiteAnswer {
     pub netcheck: Result<Value, String>,
     /// Seconds from the node's start to the answer.
     pub seconds: f64,
+    /// Seconds from the node's start until AutoNAT confirmed a direct address of it (a peer
+    /// dialed it back): public, by its own address or a port mapping; never behind other NATs.
+    pub public_after_s: Option<f64>,
 }
 
 impl SiteAnswer {
@@ -63,6 +66,7 @@ pub fn run(opts: &Options, kinds: &[SiteKind]) -> Result<Vec<SiteAnswer>, String
         .map(|site| Node::start(&opts.warren, &site.hosts[0].ns, &opts.work_dir.join(format!("netcheck-{}", site.kind.name())), &args))
         .collect::<Result<Vec<_>, _>>()?;
     let mut answers: Vec<Option<SiteAnswer>> = vec![None; nodes.len()];
+    let mut public_after: Vec<Option<f64>> = vec![None; nodes.len()];
     // AutoNAT decides (public or private) for every node; then its netcheck is asked.
     let deadline = Instant::now() + DECIDE_TIMEOUT;
     while answers.iter().any(Option::is_none) && Instant::now() < deadline {
@@ -70,10 +74,24 @@ pub fn run(opts: &Options, kinds: &[SiteKind]) -> Result<Vec<SiteAnswer>, String
             if answers[i].is_some() {
                 continue;
             }
-            let decided = node.json(&["status"]).is_some_and(|s| s["reachability"] != "unknown" && s["connected_peers"].as_u64() >= Some(2));
+            let status = node.json(&["status"]);
+            let wan = format!("/ip4/{}/", sites[i].wan);
+            let confirmed = status.as_ref().and_then(|s| s["external_addrs"].as_array()).is_some_and(|a| {
+                a.iter().filter_map(|a| a.as_str()).any(|a| a.starts_with(&wan) && !a.contains("p2p-circuit"))
+            });
+            if confirmed && public_after[i].is_none() {
+                public_after[i] = Some(started.elapsed().as_secs_f64());
+            }
+            let decided = status.is_some_and(|s| s["reachability"] != "unknown" && s["connected_peers"].as_u64() >= Some(2));
             if decided {
                 let netcheck = node.cli(&["netcheck"]);
-                answers[i] = Some(SiteAnswer { kind: sites[i].kind, expected: expected(sites[i].kind), netcheck, seconds: started.elapsed().as_secs_f64() });
+                answers[i] = Some(SiteAnswer {
+                    kind: sites[i].kind,
+                    expected: expected(sites[i].kind),
+                    netcheck,
+                    seconds: started.elapsed().as_secs_f64(),
+                    public_after_s: public_after[i],
+                });
             }
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -92,6 +110,7 @@ pub fn run(opts: &Options, kinds: &[SiteKind]) -> Result<Vec<SiteAnswer>, String
                     node.cli(&["netcheck"]).map(|n| n["nat_type"].clone())
                 )),
                 seconds: started.elapsed().as_secs_f64(),
+                public_after_s: None,
             })
         })
         .collect();
@@ -103,7 +122,9 @@ pub fn run(opts: &Options, kinds: &[SiteKind]) -> Result<Vec<SiteAnswer>, String
 
 /// The README's table: a row per site.
 pub fn markdown(answers: &[SiteAnswer]) -> String {
-    let mut out = String::from("| site | netcheck says | udp | mapping | double NAT | port mapping | verdict |\n|---|---|---|---|---|---|---|\n");
+    let mut out = String::from(
+        "| site | netcheck says | udp | mapping | double NAT | port mapping | public after | verdict |\n|---|---|---|---|---|---|---|---|\n",
+    );
     for a in answers {
         let n = a.netcheck.as_ref().ok();
         let field = |k: &str| n.and_then(|n| n[k].as_str()).unwrap_or("-").to_string();
@@ -115,8 +136,9 @@ pub fn markdown(answers: &[SiteAnswer]) -> String {
         let pm = n.map(|n| &n["port_mapping"]);
         let port_mapping = pm.and_then(|p| p["protocol"].as_str()).map(String::from).unwrap_or_else(|| "none".into());
         let mark = if a.nat_type() == a.expected { "" } else { " ✗" };
+        let public_after = a.public_after_s.map(|s| format!("{s:.1} s")).unwrap_or_else(|| "-".into());
         out.push_str(&format!(
-            "| {} | {}{mark} | {} | {} | {double} | {port_mapping} | {} |\n",
+            "| {} | {}{mark} | {} | {} | {double} | {port_mapping} | {public_after} | {} |\n",
             a.kind.name(),
             a.nat_type(),
             field("udp"),
