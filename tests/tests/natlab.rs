@@ -45,8 +45,12 @@ fn nat_lab_subset_punches_through_eim_and_relays_through_symmetric() {
     assert_eq!(cut.fallback_path.as_deref(), Some("relayed"), "{}", describe(quic));
     assert!(cut.direct_again_after_s.is_some(), "punched again after the path came back: {}", describe(quic));
     assert!(tcp.direct && tcp.direct_transport.as_deref() == Some("tcp"), "EIM x EIM over TCP alone: {}", describe(tcp));
-    // Symmetric x EIM: direct is not expected (and not required); the forward must work either way.
+    // Symmetric x EIM: direct is not expected (and not required); the forward must work either way,
+    // and when it stays relayed, `warren peers` says why.
     eprintln!("symmetric x EIM: {}", describe(symmetric));
+    if !symmetric.direct {
+        assert!(symmetric.relayed_because.as_ref().is_some_and(|w| !w.is_empty()), "peers says why it is relayed: {}", describe(symmetric));
+    }
     // The whole lab restarted with its data dirs: every forward works again, nobody re-ran a
     // command, and the punched pairs are direct again.
     for cell in &cells {

@@ -140,7 +140,9 @@ impl HolePunch {
         if let Some(error) = self.failed.get(peer) {
             return Some(format!("hole punching failed: {error}"));
         }
-        self.relayed_since.get(peer).map(|since| format!("not punched yet (relayed for {} s)", now.saturating_duration_since(*since).as_secs()))
+        self.relayed_since
+            .get(peer)
+            .map(|since| format!("no direct connection yet (relayed for {} s; hole punching is under way)", now.saturating_duration_since(*since).as_secs()))
     }
 
     pub(super) fn stats(&self) -> HolePunchStats {

@@ -138,6 +138,9 @@ pub struct Cell {
     pub direct_after_ms: Option<f64>,
     /// `hole punch` when warren reported a punched connection.
     pub direct_by: Option<String>,
+    /// For a relayed cell: why A and B say they are relayed (`warren peers`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relayed_because: Option<String>,
     /// 10 MB through the forward came back intact.
     pub transfer_ok: bool,
     /// The path the forward reported for that transfer.
@@ -307,6 +310,7 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Cell)) -> Result<Vec<Cell>,
             direct_transport: None,
             direct_after_ms: None,
             direct_by: None,
+            relayed_because: None,
             transfer_ok: false,
             transfer_path: None,
             transfer_mib_s: None,
@@ -437,6 +441,16 @@ fn run_cell(
 
     if let Some(conn) = wait_for(DIRECT_WAIT, || direct_connection(&a, &b.peer_id)) {
         record_direct(cell, &conn, &a, &b, first);
+    } else {
+        // What each side says about why it is still relayed.
+        let why = |node: &Node, peer: &str| -> Option<String> {
+            let peers = node.json(&["peers"])?;
+            peers.as_array()?.iter().find(|p| p["peer_id"] == peer)?["relayed_because"].as_str().map(String::from)
+        };
+        cell.relayed_because = [why(&a, &b.peer_id).map(|w| format!("A: {w}")), why(&b, &a.peer_id).map(|w| format!("B: {w}"))]
+            .into_iter()
+            .flatten()
+            .reduce(|x, y| format!("{x}; {y}"));
     }
 
     match transfer(&a_host.ns, bind, TRANSFER_BYTES, TRANSFER_TIMEOUT) {
@@ -529,7 +543,10 @@ pub fn describe(cell: &Cell) -> String {
             cell.direct_after_ms.unwrap_or(0.0) / 1000.0
         )
     } else {
-        "relayed".to_string()
+        match &cell.relayed_because {
+            Some(why) => format!("relayed ({why})"),
+            None => "relayed".to_string(),
+        }
     };
     let transfer = if cell.transfer_ok {
         let first = cell.first_byte_ms.map(|ms| format!(", new connection's first byte back in {ms:.0} ms")).unwrap_or_default();
