@@ -139,6 +139,8 @@ pub struct QuicProbe {
 pub struct Evidence {
     /// The IPs we listen on (wildcards expanded by the listeners).
     pub local_ips: Vec<IpAddr>,
+    /// The UDP ports our QUIC listeners use.
+    pub quic_ports: Vec<u16>,
     /// Current observations by public peers.
     pub observations: Vec<Observation>,
     /// AutoNAT-confirmed external addresses: (IP, whether public).
@@ -206,6 +208,15 @@ fn mapping_of(e: &Evidence, reasons: &mut Vec<String>) -> Mapping {
                     seen.join(", ")
                 ));
                 Mapping::EndpointIndependent
+            } else if quic.len() == 2 && quic.iter().any(|o| e.quic_ports.contains(&o.observed.port())) {
+                // A NAT that keeps our port where it can, and had to pick another for one flow
+                // (the port was taken for that peer), looks like this; so does a NAT that keeps
+                // the port for the first peer only. A third peer tells them apart.
+                reasons.push(format!(
+                    "two peers see our QUIC socket at different ports, one of them our own ({}): a third peer is needed to tell a port clash from a symmetric NAT",
+                    seen.join(", ")
+                ));
+                Mapping::Unknown
             } else {
                 reasons.push(format!("peers see our QUIC socket at different addresses ({}): endpoint-dependent mapping", seen.join(", ")));
                 Mapping::EndpointDependent
@@ -315,6 +326,7 @@ mod tests {
     fn evidence(observations: Vec<Observation>) -> Evidence {
         Evidence {
             local_ips: vec!["10.1.0.2".parse().unwrap()],
+            quic_ports: vec![4001],
             quic_connections: observations.iter().filter(|o| o.transport == Transport::Quic).count(),
             tcp_connections: observations.iter().filter(|o| o.transport == Transport::Tcp).count(),
             observations,
@@ -340,6 +352,13 @@ mod tests {
             obs("198.51.100.3", "203.0.113.5:4001", Transport::Quic),
         ]));
         assert_eq!(clash.mapping, Mapping::EndpointIndependent, "{:?}", clash.reasons);
+        // Two peers, one seeing our own port: a clash or a NAT that keeps the port once; a
+        // third peer must tell.
+        let two = vec![obs("198.51.100.1", "203.0.113.5:35387", Transport::Quic), obs("198.51.100.2", "203.0.113.5:4001", Transport::Quic)];
+        assert_eq!(assess(&evidence(two.clone())).mapping, Mapping::Unknown);
+        let mut three = two;
+        three.push(obs("198.51.100.3", "203.0.113.5:40999", Transport::Quic));
+        assert_eq!(assess(&evidence(three)).mapping, Mapping::EndpointDependent);
         let one = assess(&evidence(vec![obs("198.51.100.1", "203.0.113.5:4001", Transport::Quic)]));
         assert_eq!((one.nat_type, one.mapping), (NatType::Unknown, Mapping::Unknown));
     }

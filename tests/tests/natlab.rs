@@ -60,10 +60,8 @@ fn nat_lab_subset_punches_through_eim_and_relays_through_symmetric() {
     for cell in [quic, tcp] {
         assert!(cell.after_restart.as_ref().unwrap().direct, "punched again after the restart: {}", describe(cell));
     }
-    // Nothing of the lab is left behind.
-    let left = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
-    let prefix = format!("{}{}-", warren_natlab::topo::PREFIX, std::process::id());
-    assert!(!String::from_utf8_lossy(&left.stdout).contains(&prefix), "lab namespaces removed");
+    // Nothing of the lab is left behind: `run` fails otherwise (other tests' labs, in this
+    // process too, may still be running).
 }
 
 /// The UPnP site the port-mapping work will use: the real miniupnpd on an EIM router. Nothing

@@ -137,15 +137,16 @@ impl EventLoop {
         }
     }
 
-    /// Peers worth a QUIC dial: when no QUIC connection shows that UDP gets out, or fewer than
-    /// two public peers have told us where they see our QUIC socket. Connected peers first
-    /// (they are up), then stored ones; each at a public IP no observer has already.
+    /// Peers worth a QUIC dial: when no QUIC connection shows that UDP gets out, or the
+    /// observations so far cannot tell the mapping (fewer than two, or two that disagree in a
+    /// way a third settles). Connected peers first (they are up), then stored ones; each at a
+    /// public IP no observer has already.
     fn probe_targets(&self) -> Vec<(PeerId, Vec<Multiaddr>)> {
         let now = Instant::now();
         let observers: HashSet<IpAddr> =
             self.observations.current(now).iter().filter(|o| o.transport == nat::Transport::Quic).map(|o| o.observer).collect();
         let quic_open = self.conns.values().any(|c| !is_relayed(&c.address) && transport_of(&c.address) == "quic");
-        if quic_open && observers.len() >= 2 {
+        if quic_open && nat::assess(&self.nat_evidence()).mapping != nat::Mapping::Unknown {
             return Vec::new();
         }
         let policy = self.policy.lock().expect("policy lock");
@@ -177,8 +178,16 @@ impl EventLoop {
         let policy = self.policy.lock().expect("policy lock");
         let mut local_ips: Vec<IpAddr> = self.listen_addrs.iter().filter(|a| !is_relayed(a)).filter_map(ip_of).collect();
         local_ips.dedup();
+        let mut quic_ports: Vec<u16> = self
+            .listen_addrs
+            .iter()
+            .filter(|a| !is_relayed(a) && transport_of(a) == "quic")
+            .filter_map(|a| a.iter().find_map(|p| if let Protocol::Udp(port) = p { Some(port) } else { None }))
+            .collect();
+        quic_ports.dedup();
         Evidence {
             local_ips,
+            quic_ports,
             observations: self.observations.current(now),
             confirmed: self.swarm.external_addresses().filter(|a| !is_relayed(a)).filter_map(ip_of).collect(),
             quic_connections: direct("quic"),

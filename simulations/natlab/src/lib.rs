@@ -347,6 +347,10 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Cell)) -> Result<Vec<Cell>,
     drop(kept);
     drop(core);
     lab.teardown();
+    let left = lab.leftovers();
+    if !left.is_empty() {
+        return Err(format!("the lab's namespaces were not all removed: {left:?}"));
+    }
     for (dir, cell) in dirs.iter().zip(&cells) {
         let ok = cell.error.is_none() && cell.after_restart.as_ref().is_none_or(|r| r.reached && r.transfer_ok);
         if !opts.keep_logs && ok {

@@ -117,6 +117,10 @@ pub fn run(opts: &Options, kinds: &[SiteKind]) -> Result<Vec<SiteAnswer>, String
     drop(nodes);
     drop(core);
     lab.teardown();
+    let left = lab.leftovers();
+    if !left.is_empty() {
+        return Err(format!("the lab's namespaces were not all removed: {left:?}"));
+    }
     Ok(answers)
 }
 

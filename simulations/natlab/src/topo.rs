@@ -324,6 +324,18 @@ impl Lab {
         Ok(self.stun.as_ref().expect("set above").0.addr)
     }
 
+    /// Namespaces of this lab that still exist (none after [`Lab::teardown`]).
+    pub fn leftovers(&self) -> Vec<String> {
+        let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return Vec::new() };
+        let prefix = format!("{}-", self.id);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|line| line.split_whitespace().next())
+            .filter(|ns| ns.starts_with(&prefix))
+            .map(String::from)
+            .collect()
+    }
+
     /// Removes every namespace of this lab.
     pub fn teardown(&mut self) {
         self.daemons.clear();
