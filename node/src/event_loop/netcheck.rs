@@ -139,9 +139,9 @@ impl EventLoop {
 
     /// Peers worth a QUIC dial: when no QUIC connection shows that UDP gets out, or the
     /// observations so far cannot tell the mapping (fewer than two, or two that disagree in a
-    /// way a third settles). Connected peers first (they are up), then stored ones; each at a
-    /// public IP no observer has already.
-    fn probe_targets(&self) -> Vec<(PeerId, Vec<Multiaddr>)> {
+    /// way a third settles). Connected peers first (they are up), then stored ones, then the
+    /// DHT's routing table; each at a public IP no observer has already.
+    fn probe_targets(&mut self) -> Vec<(PeerId, Vec<Multiaddr>)> {
         let now = Instant::now();
         let observers: HashSet<IpAddr> =
             self.observations.current(now).iter().filter(|o| o.transport == nat::Transport::Quic).map(|o| o.observer).collect();
@@ -149,13 +149,20 @@ impl EventLoop {
         if quic_open && nat::assess(&self.nat_evidence()).mapping != nat::Mapping::Unknown {
             return Vec::new();
         }
+        let mut table: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+            for entry in bucket.iter() {
+                table.insert(*entry.node.key.preimage(), entry.node.value.iter().cloned().collect());
+            }
+        }
         let policy = self.policy.lock().expect("policy lock");
         let quic_addrs = |peer: &PeerId| -> Vec<Multiaddr> {
-            let addrs = self.book.get(peer).map(|r| r.addresses()).unwrap_or_default();
+            let mut addrs = self.book.get(peer).map(|r| r.addresses()).unwrap_or_default();
+            addrs.extend(table.get(peer).cloned().unwrap_or_default());
             addrs.into_iter().filter(|a| transport_of(a) == "quic" && policy.is_public(a) && policy.may_dial(Some(*peer), a).is_ok()).collect()
         };
         let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
-        let stored = self.book.best(PROBES * 4).into_iter().map(|(peer, _)| peer);
+        let stored = self.book.best(PROBES * 4).into_iter().map(|(peer, _)| peer).chain(table.keys().copied());
         let mut ips: HashSet<IpAddr> = observers;
         let mut out = Vec::new();
         for peer in connected.into_iter().chain(stored) {
