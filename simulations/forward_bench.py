@@ -4,6 +4,8 @@ socat TCP forward, all to the same service, in one run. Reports each figure and 
 
 Usage: simulations/forward_bench.py [--mib 512] [--rounds N] [--baseline OLD_WARREN_BIN]
        (builds warren in release; needs socat)
+CPU-seconds per GiB counts both ends of a forwarder (warren's two nodes; socat's process and
+its per-connection children) over the bulk upload and download, the steadiest figure here.
 Nothing here asserts: machines are shared and noisy, so read the ratios, not the absolutes.
 """
 import argparse, json, os, socket, statistics, subprocess, sys, tempfile, threading, time
@@ -159,6 +161,17 @@ def concurrent(port, n=200, size=64 * 1024):
     return time.perf_counter() - t
 
 
+def cpu_seconds(pids):
+    """User + system CPU of these processes and of their reaped children (socat forks one per
+    connection), in seconds."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def pct(samples, p):
     samples = sorted(samples)
     return samples[min(len(samples) - 1, int(len(samples) * p / 100))]
@@ -208,20 +221,24 @@ def main():
     threading.Thread(target=serve, args=(listener,), daemon=True).start()
 
     procs = []
+    pids = {}
     try:
         socat_port = free_port()
         procs.append(subprocess.Popen(["socat", f"TCP-LISTEN:{socat_port},bind=127.0.0.1,fork,reuseaddr,backlog=1024",
                                        f"TCP:127.0.0.1:{service},nodelay"]))
+        pids["socat"] = [procs[-1].pid]
         tmp = tempfile.mkdtemp(prefix="warren-fwd-bench.")
 
         def warren_forward(name, bin):
             """Two nodes of `bin`, the service exposed on one, forwarded from the other: the port."""
             server_dir, client_dir = os.path.join(tmp, name, "server"), os.path.join(tmp, name, "client")
             procs.append(start_node(server_dir, bin=bin))
+            pids[name] = [procs[-1].pid]
             status = json.loads(warren(server_dir, "status", "--json", bin=bin))
             server_id = status["peer_id"]
             quic = next(a for a in status["listen_addrs"] if "quic" in a)
             procs.append(start_node(client_dir, "--bootstrap", f"{quic}/p2p/{server_id}", bin=bin))
+            pids[name].append(procs[-1].pid)
             client_id = warren(client_dir, "id", bin=bin).strip()
             warren(server_dir, "expose", "bench", f"127.0.0.1:{service}", "--allow", client_id, bin=bin)
             fwd = json.loads(warren(client_dir, "forward", "127.0.0.1:0", f"{server_id}/bench", "--json", bin=bin))
@@ -246,9 +263,13 @@ def main():
                 setup(port, 20)  # warm up: connection to the peer, threads
                 r50, r99 = rtt(port)
                 s50, s99 = setup(port)
+                cpu0 = cpu_seconds(pids.get(name, []))
+                up, down = upload(port, nbytes), download(port, nbytes)
+                cpu = cpu_seconds(pids.get(name, [])) - cpu0
                 samples[name].append({
-                    "upload_mib_s": upload(port, nbytes),
-                    "download_mib_s": download(port, nbytes),
+                    "upload_mib_s": up,
+                    "download_mib_s": down,
+                    "cpu_s_per_gib": cpu / (2 * nbytes / 2**30),
                     "rtt_p50_us": r50 * 1e6, "rtt_p99_us": r99 * 1e6,
                     "setup_p50_ms": s50 * 1e3, "setup_p99_ms": s99 * 1e3,
                     "concurrent_200x64k_ms": concurrent(port) * 1e3,
@@ -261,8 +282,9 @@ def main():
         print("| metric | " + " | ".join(names) + " | " + " | ".join(f"{n} / socat" for n in names[2:]) + " |")
         print("|---" * (2 * len(names) - 1) + "|")
         for k in keys:
-            print(f"| {k} | " + " | ".join(f"{rows[n][k]:.1f}" for n in names) + " | "
-                  + " | ".join(f"{rows[n][k] / rows['socat'][k]:.2f}" for n in names[2:]) + " |")
+            ratio = lambda n: f"{rows[n][k] / rows['socat'][k]:.2f}" if rows["socat"][k] else "-"
+            print(f"| {k} | " + " | ".join(f"{rows[n][k]:.2f}" for n in names) + " | "
+                  + " | ".join(ratio(n) for n in names[2:]) + " |")
     finally:
         for p in procs:
             p.kill()

@@ -13,10 +13,26 @@ use std::time::Duration;
 use warren_natlab::topo::SiteKind;
 use warren_natlab::{Options, Pair, Transports, describe, markdown};
 
+/// The lab needs root; runs that set WARREN_SKIP_NETNS=1 skip it.
+fn skipped() -> bool {
+    let skip = std::env::var("WARREN_SKIP_NETNS").is_ok_and(|v| v == "1");
+    if skip {
+        eprintln!("skipped: WARREN_SKIP_NETNS=1");
+    }
+    skip
+}
+
+/// `warren up` arguments for a node in the lab: no mDNS, the wire's documentation range counted
+/// as public (`--public-ranges`), then `extra`.
+fn lab_args(extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["--no-mdns", "--public-ranges", warren_natlab::topo::PUBLIC_RANGE].map(String::from).to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 #[test]
 fn nat_lab_subset_punches_through_eim_and_relays_through_symmetric() {
-    if std::env::var("WARREN_SKIP_NETNS").is_ok_and(|v| v == "1") {
-        eprintln!("skipped: WARREN_SKIP_NETNS=1");
+    if skipped() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
@@ -69,8 +85,7 @@ fn nat_lab_subset_punches_through_eim_and_relays_through_symmetric() {
 /// a connection from the wire; UPnP-IGD (miniupnpc's `upnpc`) reports the same address.
 #[test]
 fn upnp_site_maps_ports_on_request_and_drops_everything_else() {
-    if std::env::var("WARREN_SKIP_NETNS").is_ok_and(|v| v == "1") {
-        eprintln!("skipped: WARREN_SKIP_NETNS=1");
+    if skipped() {
         return;
     }
     let check = warren_natlab::upnp::check_site(Duration::from_millis(20))
@@ -94,9 +109,8 @@ fn upnp_site_maps_ports_on_request_and_drops_everything_else() {
 fn a_node_behind_a_router_that_maps_ports_is_reached_directly_through_the_mapping() {
     use serde_json::Value;
     use warren_natlab::nodes::{Node, wait_for};
-    use warren_natlab::topo::{Lab, PUBLIC_RANGE};
-    if std::env::var("WARREN_SKIP_NETNS").is_ok_and(|v| v == "1") {
-        eprintln!("skipped: WARREN_SKIP_NETNS=1");
+    use warren_natlab::topo::Lab;
+    if skipped() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
@@ -104,16 +118,11 @@ fn a_node_behind_a_router_that_maps_ports_is_reached_directly_through_the_mappin
     let site = lab.site(SiteKind::Upnp).unwrap();
     let boot_host = lab.public_host("boot").unwrap();
     let probe_host = lab.public_host("probe").unwrap();
-    let public = |extra: &[&str]| -> Vec<String> {
-        let mut args: Vec<String> = ["--no-mdns", "--public-ranges", PUBLIC_RANGE].map(String::from).to_vec();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args
-    };
     let bin = std::path::Path::new(common::BIN);
-    let boot = Node::start(bin, &boot_host.ns, &work.path().join("boot"), &public(&["--dht-mode", "server"])).unwrap();
+    let boot = Node::start(bin, &boot_host.ns, &work.path().join("boot"), &lab_args(&["--dht-mode", "server"])).unwrap();
     let bootstrap = format!("/ip4/{}/udp/4001/quic-v1/p2p/{}", boot_host.addr, boot.peer_id);
     // The node: nothing but what a user behind a home router would pass.
-    let mut node = Node::start(bin, &site.hosts[0].ns, &work.path().join("node"), &public(&["--bootstrap", &bootstrap])).unwrap();
+    let mut node = Node::start(bin, &site.hosts[0].ns, &work.path().join("node"), &lab_args(&["--bootstrap", &bootstrap])).unwrap();
 
     let wan = site.wan.to_string();
     let _mapped = wait_for(Duration::from_secs(30), || {
@@ -134,7 +143,7 @@ fn a_node_behind_a_router_that_maps_ports_is_reached_directly_through_the_mappin
 
     // A peer that never heard from the node finds it in the DHT and dials it: the only way in is
     // the mapping (the router drops everything unmapped).
-    let probe = Node::start(bin, &probe_host.ns, &work.path().join("probe"), &public(&["--bootstrap", &bootstrap])).unwrap();
+    let probe = Node::start(bin, &probe_host.ns, &work.path().join("probe"), &lab_args(&["--bootstrap", &bootstrap])).unwrap();
     let found = wait_for(Duration::from_secs(30), || probe.json(&["find", &node.peer_id]).filter(|r| r["found"] == true))
         .unwrap_or_else(|| panic!("the probe finds the node in the DHT: {:?}", probe.cli(&["find", &node.peer_id])));
     eprintln!("the probe found the node at {}", found["addrs"]);
@@ -170,8 +179,7 @@ fn a_node_behind_a_router_that_maps_ports_is_reached_directly_through_the_mappin
 /// its node believe it is public; NAT-PMP alone and PCP alone each make theirs reachable.
 #[test]
 fn netcheck_tells_every_kind_of_site_apart() {
-    if std::env::var("WARREN_SKIP_NETNS").is_ok_and(|v| v == "1") {
-        eprintln!("skipped: WARREN_SKIP_NETNS=1");
+    if skipped() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
@@ -225,10 +233,9 @@ fn netcheck_tells_every_kind_of_site_apart() {
 #[test]
 fn short_port_mapping_leases_are_renewed_and_removed_on_shutdown() {
     use warren_natlab::nodes::{Node, wait_for};
-    use warren_natlab::topo::{Lab, PUBLIC_RANGE};
+    use warren_natlab::topo::Lab;
     use warren_natlab::upnp::SHORT_LEASE;
-    if std::env::var("WARREN_SKIP_NETNS").is_ok_and(|v| v == "1") {
-        eprintln!("skipped: WARREN_SKIP_NETNS=1");
+    if skipped() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
@@ -236,15 +243,10 @@ fn short_port_mapping_leases_are_renewed_and_removed_on_shutdown() {
     let site = lab.site(SiteKind::Pcp).unwrap();
     let router = site.edge.clone().unwrap();
     let boot_host = lab.public_host("boot").unwrap();
-    let args = |extra: &[&str]| -> Vec<String> {
-        let mut args: Vec<String> = ["--no-mdns", "--public-ranges", PUBLIC_RANGE].map(String::from).to_vec();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args
-    };
     let bin = std::path::Path::new(common::BIN);
-    let boot = Node::start(bin, &boot_host.ns, &work.path().join("boot"), &args(&["--dht-mode", "server"])).unwrap();
+    let boot = Node::start(bin, &boot_host.ns, &work.path().join("boot"), &lab_args(&["--dht-mode", "server"])).unwrap();
     let bootstrap = format!("/ip4/{}/udp/4001/quic-v1/p2p/{}", boot_host.addr, boot.peer_id);
-    let mut node = Node::start(bin, &site.hosts[0].ns, &work.path().join("node"), &args(&["--bootstrap", &bootstrap])).unwrap();
+    let mut node = Node::start(bin, &site.hosts[0].ns, &work.path().join("node"), &lab_args(&["--bootstrap", &bootstrap])).unwrap();
     // The router's own table: the DNAT rules miniupnpd keeps for each mapping.
     let router_table = || -> Vec<String> {
         let out = std::process::Command::new("ip")
