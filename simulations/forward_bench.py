@@ -3,12 +3,16 @@
 socat TCP forward, all to the same service, in one run. Reports each figure and its ratio to socat.
 
 Usage: simulations/forward_bench.py [--mib 512] [--rounds N] [--baseline OLD_WARREN_BIN]
-       (builds warren in release; needs socat)
+       (builds warren in release; needs socat; runs dumbpipe beside them when it is installed,
+       `cargo install dumbpipe`)
+With dumbpipe, the whole run moves into a fresh network namespace with only loopback (needs
+root): dumbpipe (iroh) would otherwise contact its public relay and discovery servers.
+Peak RSS sums both ends of a forwarder.
 CPU-seconds per GiB counts both ends of a forwarder (warren's two nodes; socat's process and
 its per-connection children) over the bulk upload and download, the steadiest figure here.
 Nothing here asserts: machines are shared and noisy, so read the ratios, not the absolutes.
 """
-import argparse, json, os, socket, statistics, subprocess, sys, tempfile, threading, time
+import argparse, json, os, shlex, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "warren")
@@ -172,6 +176,43 @@ def cpu_seconds(pids):
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def peak_rss_mib(pids):
+    """The sum of the processes' peak resident set sizes (VmHWM), MiB."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            total += next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return total / 1024
+
+
+def dumbpipe_forward(service, procs, pids):
+    """dumbpipe listen-tcp in front of the service and connect-tcp on a free port: the port."""
+    listen = subprocess.Popen(["dumbpipe", "listen-tcp", "--host", f"127.0.0.1:{service}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs.append(listen)
+    ticket = None
+    deadline = time.time() + 30
+    while ticket is None and time.time() < deadline:
+        line = listen.stdout.readline()
+        if not line:
+            break
+        ticket = next((w for w in line.split() if w.startswith(("endpoint", "node")) and len(w) > 40), None)
+    if ticket is None:
+        sys.exit("dumbpipe listen-tcp printed no ticket")
+    threading.Thread(target=lambda: [None for _ in listen.stdout], daemon=True).start()
+    port = free_port()
+    procs.append(subprocess.Popen(["dumbpipe", "connect-tcp", "--addr", f"127.0.0.1:{port}", ticket],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    pids["dumbpipe"] = [listen.pid, procs[-1].pid]
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port)).close()
+            return port
+        except OSError:
+            time.sleep(0.05)
+    sys.exit("dumbpipe connect-tcp did not listen")
+
+
 def pct(samples, p):
     samples = sorted(samples)
     return samples[min(len(samples) - 1, int(len(samples) * p / 100))]
@@ -210,8 +251,13 @@ def main():
                     help="another warren binary (an older build, say) measured beside this one in the same run")
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure every path this many times, interleaved, and report medians")
+    ap.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "warren-node"], cwd=ROOT, check=True)
+    if shutil.which("dumbpipe") and not args.in_netns:
+        # Loopback only: nothing dumbpipe tries to reach beyond this host gets out.
+        inner = " ".join([sys.executable, os.path.abspath(__file__), "--in-netns", *map(shlex.quote, sys.argv[1:])])
+        sys.exit(subprocess.run(["unshare", "--net", "sh", "-c", f"ip link set lo up && exec {inner}"]).returncode)
 
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -244,7 +290,10 @@ def main():
             fwd = json.loads(warren(client_dir, "forward", "127.0.0.1:0", f"{server_id}/bench", "--json", bin=bin))
             return int(fwd["bind"].rsplit(":", 1)[1])
 
-        paths = [("direct", service), ("socat", socat_port), ("warren", warren_forward("warren", BIN))]
+        paths = [("direct", service), ("socat", socat_port)]
+        if shutil.which("dumbpipe"):
+            paths.append(("dumbpipe", dumbpipe_forward(service, procs, pids)))
+        paths.append(("warren", warren_forward("warren", BIN)))
         if args.baseline:
             paths.append(("baseline", warren_forward("baseline", os.path.abspath(args.baseline))))
         time.sleep(0.5)
@@ -273,18 +322,23 @@ def main():
                     "rtt_p50_us": r50 * 1e6, "rtt_p99_us": r99 * 1e6,
                     "setup_p50_ms": s50 * 1e3, "setup_p99_ms": s99 * 1e3,
                     "concurrent_200x64k_ms": concurrent(port) * 1e3,
+                    "peak_rss_mib": peak_rss_mib(pids.get(name, [])),
                 })
         rows = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in samples.items()}
         print(json.dumps(samples, indent=2), file=sys.stderr)
         names = [name for name, _ in paths]
         keys = list(rows["socat"].keys())
-        print(f"medians of {args.rounds} round(s); ratios are to socat")
-        print("| metric | " + " | ".join(names) + " | " + " | ".join(f"{n} / socat" for n in names[2:]) + " |")
-        print("|---" * (2 * len(names) - 1) + "|")
+        # Ratios of every forwarder to socat, and of warren (and the baseline) to dumbpipe.
+        ratios = [(n, "socat") for n in names[2:]]
+        if "dumbpipe" in rows:
+            ratios += [(n, "dumbpipe") for n in names if n in ("warren", "baseline")]
+        print(f"medians of {args.rounds} round(s)")
+        print("| metric | " + " | ".join(names) + " | " + " | ".join(f"{a} / {b}" for a, b in ratios) + " |")
+        print("|---" * (len(names) + len(ratios) + 1) + "|")
         for k in keys:
-            ratio = lambda n: f"{rows[n][k] / rows['socat'][k]:.2f}" if rows["socat"][k] else "-"
+            ratio = lambda a, b: f"{rows[a][k] / rows[b][k]:.2f}" if rows[b][k] else "-"
             print(f"| {k} | " + " | ".join(f"{rows[n][k]:.2f}" for n in names) + " | "
-                  + " | ".join(ratio(n) for n in names[2:]) + " |")
+                  + " | ".join(ratio(a, b) for a, b in ratios) + " |")
     finally:
         for p in procs:
             p.kill()
