@@ -69,7 +69,8 @@ def recv_exact(conn, n):
 
 
 def connect(port):
-    s = socket.create_connection(("127.0.0.1", port))
+    """`port` on loopback, or a (host, port) pair."""
+    s = socket.create_connection(port if isinstance(port, tuple) else ("127.0.0.1", port))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return s
 
@@ -185,9 +186,10 @@ def peak_rss_mib(pids):
     return total / 1024
 
 
-def dumbpipe_forward(service, procs, pids):
-    """dumbpipe listen-tcp in front of the service and connect-tcp on a free port: the port."""
-    listen = subprocess.Popen(["dumbpipe", "listen-tcp", "--host", f"127.0.0.1:{service}"],
+def dumbpipe_forward(service, procs, pids, netns=None):
+    """dumbpipe listen-tcp in front of the service (in `netns`, when given) and connect-tcp here
+    on a free port: the port."""
+    listen = subprocess.Popen([*in_ns(netns), "dumbpipe", "listen-tcp", "--host", f"127.0.0.1:{service}"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     procs.append(listen)
     ticket = None
@@ -233,9 +235,14 @@ def warren(data_dir, *args, check=True, bin=None):
     return out.stdout
 
 
-def start_node(data_dir, *extra, bin=None):
-    p = subprocess.Popen([bin or BIN, "--data-dir", data_dir, "up", "--no-mdns", "--dht-mode", "server",
-                          "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--listen", "/ip4/127.0.0.1/tcp/0", *extra],
+def in_ns(netns):
+    """The command prefix that runs a program in network namespace `netns` (none: here)."""
+    return ["ip", "netns", "exec", netns] if netns else []
+
+
+def start_node(data_dir, *extra, bin=None, ip="127.0.0.1", netns=None):
+    p = subprocess.Popen([*in_ns(netns), bin or BIN, "--data-dir", data_dir, "up", "--no-mdns", "--dht-mode", "server",
+                          "--listen", f"/ip4/{ip}/udp/0/quic-v1", "--listen", f"/ip4/{ip}/tcp/0", *extra],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "error"})
     for _ in range(500):
         if subprocess.run([bin or BIN, "--data-dir", data_dir, "status"], capture_output=True).returncode == 0:
@@ -251,56 +258,79 @@ def main():
                     help="another warren binary (an older build, say) measured beside this one in the same run")
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure every path this many times, interleaved, and report medians")
+    ap.add_argument("--veth", action="store_true",
+                    help="put the service and the serving end of every forwarder in a second network namespace "
+                         "behind a veth pair with MTU 1500, as on a real path (needs root)")
     ap.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--serve", metavar="PORT", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.serve:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("0.0.0.0", args.serve))
+        listener.listen(1024)
+        serve(listener)
+        return
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "warren-node"], cwd=ROOT, check=True)
-    if shutil.which("dumbpipe") and not args.in_netns:
-        # Loopback only: nothing dumbpipe tries to reach beyond this host gets out.
+    if (shutil.which("dumbpipe") or args.veth) and not args.in_netns:
+        # Loopback only: nothing dumbpipe tries to reach beyond this host gets out, and the veth
+        # pair lives and dies with this namespace.
         inner = " ".join([sys.executable, os.path.abspath(__file__), "--in-netns", *map(shlex.quote, sys.argv[1:])])
         sys.exit(subprocess.run(["unshare", "--net", "sh", "-c", f"ip link set lo up && exec {inner}"]).returncode)
 
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1024)
-    service = listener.getsockname()[1]
-    threading.Thread(target=serve, args=(listener,), daemon=True).start()
-
     procs = []
     pids = {}
+    far, far_ip, near_ip = None, "127.0.0.1", "127.0.0.1"
     try:
+        if args.veth:
+            # The far side: its own namespace, a veth pair with MTU 1500, the service in there.
+            far, far_ip, near_ip = f"wrnbench{os.getpid()}", "10.77.0.2", "10.77.0.1"
+            for cmd in (["ip", "netns", "add", far],
+                        ["ip", "link", "add", "wrnb0", "mtu", "1500", "type", "veth", "peer", "name", "wrnb1", "mtu", "1500", "netns", far],
+                        ["ip", "addr", "add", f"{near_ip}/24", "dev", "wrnb0"], ["ip", "link", "set", "wrnb0", "up"],
+                        [*in_ns(far), "ip", "addr", "add", f"{far_ip}/24", "dev", "wrnb1"],
+                        [*in_ns(far), "ip", "link", "set", "wrnb1", "up"], [*in_ns(far), "ip", "link", "set", "lo", "up"]):
+                subprocess.run(cmd, check=True)
+            service = free_port()
+            procs.append(subprocess.Popen([*in_ns(far), sys.executable, os.path.abspath(__file__), "--serve", str(service)]))
+        else:
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1024)
+            service = listener.getsockname()[1]
+            threading.Thread(target=serve, args=(listener,), daemon=True).start()
         socat_port = free_port()
         procs.append(subprocess.Popen(["socat", f"TCP-LISTEN:{socat_port},bind=127.0.0.1,fork,reuseaddr,backlog=1024",
-                                       f"TCP:127.0.0.1:{service},nodelay"]))
+                                       f"TCP:{far_ip}:{service},nodelay"]))
         pids["socat"] = [procs[-1].pid]
         tmp = tempfile.mkdtemp(prefix="warren-fwd-bench.")
 
         def warren_forward(name, bin):
             """Two nodes of `bin`, the service exposed on one, forwarded from the other: the port."""
             server_dir, client_dir = os.path.join(tmp, name, "server"), os.path.join(tmp, name, "client")
-            procs.append(start_node(server_dir, bin=bin))
+            procs.append(start_node(server_dir, bin=bin, ip=far_ip, netns=far))
             pids[name] = [procs[-1].pid]
             status = json.loads(warren(server_dir, "status", "--json", bin=bin))
             server_id = status["peer_id"]
             quic = next(a for a in status["listen_addrs"] if "quic" in a)
-            procs.append(start_node(client_dir, "--bootstrap", f"{quic}/p2p/{server_id}", bin=bin))
+            procs.append(start_node(client_dir, "--bootstrap", f"{quic}/p2p/{server_id}", bin=bin, ip=near_ip))
             pids[name].append(procs[-1].pid)
             client_id = warren(client_dir, "id", bin=bin).strip()
             warren(server_dir, "expose", "bench", f"127.0.0.1:{service}", "--allow", client_id, bin=bin)
             fwd = json.loads(warren(client_dir, "forward", "127.0.0.1:0", f"{server_id}/bench", "--json", bin=bin))
             return int(fwd["bind"].rsplit(":", 1)[1])
 
-        paths = [("direct", service), ("socat", socat_port)]
+        paths = [("direct", (far_ip, service)), ("socat", socat_port)]
         if shutil.which("dumbpipe"):
-            paths.append(("dumbpipe", dumbpipe_forward(service, procs, pids)))
+            paths.append(("dumbpipe", dumbpipe_forward(service, procs, pids, far)))
         paths.append(("warren", warren_forward("warren", BIN)))
         if args.baseline:
             paths.append(("baseline", warren_forward("baseline", os.path.abspath(args.baseline))))
-        time.sleep(0.5)
-        for port in (service, socat_port):
+        for port in ((far_ip, service), ("127.0.0.1", socat_port)):
             while True:
                 try:
-                    socket.create_connection(("127.0.0.1", port)).close()
+                    socket.create_connection(port).close()
                     break
                 except OSError:
                     time.sleep(0.05)
@@ -342,6 +372,8 @@ def main():
     finally:
         for p in procs:
             p.kill()
+        if far:
+            subprocess.run(["ip", "netns", "del", far])
 
 
 if __name__ == "__main__":
