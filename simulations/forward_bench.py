@@ -240,9 +240,10 @@ def in_ns(netns):
     return ["ip", "netns", "exec", netns] if netns else []
 
 
-def start_node(data_dir, *extra, bin=None, ip="127.0.0.1", netns=None):
+def start_node(data_dir, *extra, bin=None, ip="127.0.0.1", netns=None, tcp_only=False):
+    listen = ["--listen", f"/ip4/{ip}/tcp/0"] if tcp_only else ["--listen", f"/ip4/{ip}/udp/0/quic-v1", "--listen", f"/ip4/{ip}/tcp/0"]
     p = subprocess.Popen([*in_ns(netns), bin or BIN, "--data-dir", data_dir, "up", "--no-mdns", "--dht-mode", "server",
-                          "--listen", f"/ip4/{ip}/udp/0/quic-v1", "--listen", f"/ip4/{ip}/tcp/0", *extra],
+                          *listen, *extra],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "error"})
     for _ in range(500):
         if subprocess.run([bin or BIN, "--data-dir", data_dir, "status"], capture_output=True).returncode == 0:
@@ -261,6 +262,8 @@ def main():
     ap.add_argument("--veth", action="store_true",
                     help="put the service and the serving end of every forwarder in a second network namespace "
                          "behind a veth pair with MTU 1500, as on a real path (needs root)")
+    ap.add_argument("--tcp", action="store_true",
+                    help="also measure warren over TCP alone (Noise + Yamux, the transport of UDP-blocked networks)")
     ap.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--serve", metavar="PORT", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -306,15 +309,16 @@ def main():
         pids["socat"] = [procs[-1].pid]
         tmp = tempfile.mkdtemp(prefix="warren-fwd-bench.")
 
-        def warren_forward(name, bin):
-            """Two nodes of `bin`, the service exposed on one, forwarded from the other: the port."""
+        def warren_forward(name, bin, tcp_only=False):
+            """Two nodes of `bin`, the service exposed on one, forwarded from the other: the port.
+            `tcp_only`: the nodes listen on TCP alone (Noise + Yamux, as on a UDP-blocked network)."""
             server_dir, client_dir = os.path.join(tmp, name, "server"), os.path.join(tmp, name, "client")
-            procs.append(start_node(server_dir, bin=bin, ip=far_ip, netns=far))
+            procs.append(start_node(server_dir, bin=bin, ip=far_ip, netns=far, tcp_only=tcp_only))
             pids[name] = [procs[-1].pid]
             status = json.loads(warren(server_dir, "status", "--json", bin=bin))
             server_id = status["peer_id"]
-            quic = next(a for a in status["listen_addrs"] if "quic" in a)
-            procs.append(start_node(client_dir, "--bootstrap", f"{quic}/p2p/{server_id}", bin=bin, ip=near_ip))
+            listen = next(a for a in status["listen_addrs"] if ("tcp" if tcp_only else "quic") in a)
+            procs.append(start_node(client_dir, "--bootstrap", f"{listen}/p2p/{server_id}", bin=bin, ip=near_ip, tcp_only=tcp_only))
             pids[name].append(procs[-1].pid)
             client_id = warren(client_dir, "id", bin=bin).strip()
             warren(server_dir, "expose", "bench", f"127.0.0.1:{service}", "--allow", client_id, bin=bin)
@@ -325,6 +329,8 @@ def main():
         if shutil.which("dumbpipe"):
             paths.append(("dumbpipe", dumbpipe_forward(service, procs, pids, far)))
         paths.append(("warren", warren_forward("warren", BIN)))
+        if args.tcp:
+            paths.append(("warren-tcp", warren_forward("warren-tcp", BIN, tcp_only=True)))
         if args.baseline:
             paths.append(("baseline", warren_forward("baseline", os.path.abspath(args.baseline))))
         for port in ((far_ip, service), ("127.0.0.1", socat_port)):
@@ -361,7 +367,7 @@ def main():
         # Ratios of every forwarder to socat, and of warren (and the baseline) to dumbpipe.
         ratios = [(n, "socat") for n in names[2:]]
         if "dumbpipe" in rows:
-            ratios += [(n, "dumbpipe") for n in names if n in ("warren", "baseline")]
+            ratios += [(n, "dumbpipe") for n in names if n in ("warren", "warren-tcp", "baseline")]
         print(f"medians of {args.rounds} round(s)")
         print("| metric | " + " | ".join(names) + " | " + " | ".join(f"{a} / {b}" for a, b in ratios) + " |")
         print("|---" * (len(names) + len(ratios) + 1) + "|")
