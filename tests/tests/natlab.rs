@@ -22,6 +22,35 @@ fn skipped() -> bool {
     skip
 }
 
+/// A lab with one site of some kind, a bootstrap node (DHT server) on the wire, and in the site a
+/// node started as a user behind that router would start it: `--bootstrap` and nothing else.
+struct SiteWithNode {
+    work: tempfile::TempDir,
+    lab: warren_natlab::topo::Lab,
+    site: warren_natlab::topo::Site,
+    boot: warren_natlab::nodes::Node,
+    /// The bootstrap node's QUIC address.
+    bootstrap: String,
+    node: warren_natlab::nodes::Node,
+}
+
+/// Builds a [`SiteWithNode`]; `None` when lab tests are skipped.
+fn site_with_node(kind: SiteKind) -> Option<SiteWithNode> {
+    use warren_natlab::nodes::Node;
+    if skipped() {
+        return None;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let mut lab = warren_natlab::topo::Lab::new(Duration::from_millis(20)).expect("the lab builds (root, nftables, miniupnpd-nftables)");
+    let site = lab.site(kind).unwrap();
+    let boot_host = lab.public_host("boot").unwrap();
+    let bin = std::path::Path::new(common::BIN);
+    let boot = Node::start(bin, &boot_host.ns, &work.path().join("boot"), &lab_args(&["--dht-mode", "server"])).unwrap();
+    let bootstrap = format!("/ip4/{}/udp/4001/quic-v1/p2p/{}", boot_host.addr, boot.peer_id);
+    let node = Node::start(bin, &site.hosts[0].ns, &work.path().join("node"), &lab_args(&["--bootstrap", &bootstrap])).unwrap();
+    Some(SiteWithNode { work, lab, site, boot, bootstrap, node })
+}
+
 /// `warren up` arguments for a node in the lab: no mDNS, the wire's documentation range counted
 /// as public (`--public-ranges`), then `extra`.
 fn lab_args(extra: &[&str]) -> Vec<String> {
@@ -109,20 +138,9 @@ fn upnp_site_maps_ports_on_request_and_drops_everything_else() {
 fn a_node_behind_a_router_that_maps_ports_is_reached_directly_through_the_mapping() {
     use serde_json::Value;
     use warren_natlab::nodes::{Node, wait_for};
-    use warren_natlab::topo::Lab;
-    if skipped() {
-        return;
-    }
-    let work = tempfile::tempdir().unwrap();
-    let mut lab = Lab::new(Duration::from_millis(20)).expect("the lab builds (root, nftables, miniupnpd-nftables)");
-    let site = lab.site(SiteKind::Upnp).unwrap();
-    let boot_host = lab.public_host("boot").unwrap();
+    let Some(SiteWithNode { work, mut lab, site, boot, bootstrap, mut node }) = site_with_node(SiteKind::Upnp) else { return };
     let probe_host = lab.public_host("probe").unwrap();
     let bin = std::path::Path::new(common::BIN);
-    let boot = Node::start(bin, &boot_host.ns, &work.path().join("boot"), &lab_args(&["--dht-mode", "server"])).unwrap();
-    let bootstrap = format!("/ip4/{}/udp/4001/quic-v1/p2p/{}", boot_host.addr, boot.peer_id);
-    // The node: nothing but what a user behind a home router would pass.
-    let mut node = Node::start(bin, &site.hosts[0].ns, &work.path().join("node"), &lab_args(&["--bootstrap", &bootstrap])).unwrap();
 
     let wan = site.wan.to_string();
     let _mapped = wait_for(Duration::from_secs(30), || {
@@ -233,20 +251,9 @@ fn netcheck_tells_every_kind_of_site_apart() {
 #[test]
 fn short_port_mapping_leases_are_renewed_and_removed_on_shutdown() {
     use warren_natlab::nodes::{Node, wait_for};
-    use warren_natlab::topo::Lab;
     use warren_natlab::upnp::SHORT_LEASE;
-    if skipped() {
-        return;
-    }
-    let work = tempfile::tempdir().unwrap();
-    let mut lab = Lab::new(Duration::from_millis(20)).expect("the lab builds (root, nftables, miniupnpd-nftables)");
-    let site = lab.site(SiteKind::Pcp).unwrap();
+    let Some(SiteWithNode { work: _work, mut lab, site, boot, bootstrap: _, mut node }) = site_with_node(SiteKind::Pcp) else { return };
     let router = site.edge.clone().unwrap();
-    let boot_host = lab.public_host("boot").unwrap();
-    let bin = std::path::Path::new(common::BIN);
-    let boot = Node::start(bin, &boot_host.ns, &work.path().join("boot"), &lab_args(&["--dht-mode", "server"])).unwrap();
-    let bootstrap = format!("/ip4/{}/udp/4001/quic-v1/p2p/{}", boot_host.addr, boot.peer_id);
-    let mut node = Node::start(bin, &site.hosts[0].ns, &work.path().join("node"), &lab_args(&["--bootstrap", &bootstrap])).unwrap();
     // The router's own table: the DNAT rules miniupnpd keeps for each mapping.
     let router_table = || -> Vec<String> {
         let out = std::process::Command::new("ip")
