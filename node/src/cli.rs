@@ -48,7 +48,7 @@ pub enum Command {
     Peers,
     /// Tell what kind of network the running node is in: NAT type, whether UDP gets out,
     /// port mapping, a second NAT, relay round trips, and what that means for connections
-    #[command(after_help = "The node dials a few peers over QUIC and traces the first hops towards one (a few seconds).\nIt needs a running node with peers: right after `warren up` it may not know enough yet, and says so.")]
+    #[command(after_help = "The node dials up to 3 peers over QUIC and traces the first 4 hops towards up to 3 of them (a few seconds).\nIt needs a running node with peers: right after `warren up` it may not know enough yet, and says so.")]
     Netcheck,
     /// Measure round-trip time to a peer with the standard libp2p ping protocol
     Ping {
