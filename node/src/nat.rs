@@ -152,8 +152,6 @@ pub struct Evidence {
     pub quic_probe: Option<QuicProbe>,
     /// The external addresses the gateway mapped for us, with whether each is public.
     pub port_mapped: Vec<(std::net::SocketAddrV4, bool)>,
-    /// Whether a port mapping was asked for at all (off with `--no-port-mapping`).
-    pub port_mapping_on: bool,
     pub hops: Vec<Hop>,
 }
 
@@ -330,7 +328,6 @@ mod tests {
             quic_connections: observations.iter().filter(|o| o.transport == Transport::Quic).count(),
             tcp_connections: observations.iter().filter(|o| o.transport == Transport::Tcp).count(),
             observations,
-            port_mapping_on: true,
             ..Evidence::default()
         }
     }

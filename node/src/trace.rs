@@ -88,9 +88,15 @@ pub fn trace(target: Ipv4Addr, is_public: impl Fn(Ipv4Addr) -> bool) -> std::io:
         if poll(&mut fds, timeout)? == 0 {
             break;
         }
-        while let Some((ttl, from, destination)) = read_error(&socket)? {
-            if let Some(hop) = hops.get_mut(usize::from(ttl).wrapping_sub(1)) {
-                *hop = Hop { ttl, addr: Some(from), public: is_public(from), destination };
+        loop {
+            match read_error(&socket)? {
+                Queued::Empty => break,
+                Queued::Other => {}
+                Queued::Answer { ttl, from, destination } => {
+                    if let Some(hop) = hops.get_mut(usize::from(ttl).wrapping_sub(1)) {
+                        *hop = Hop { ttl, addr: Some(from), public: is_public(from), destination };
+                    }
+                }
             }
         }
     }
@@ -101,15 +107,24 @@ pub fn trace(target: Ipv4Addr, is_public: impl Fn(Ipv4Addr) -> bool) -> std::io:
     Ok(hops)
 }
 
-/// One queued ICMP error: the TTL of the datagram it answers (its one byte), who answered, and
-/// whether that was the destination. `None` when the queue is empty.
-fn read_error(socket: &UdpSocket) -> std::io::Result<Option<(u8, Ipv4Addr, bool)>> {
+/// What the socket's error queue held.
+enum Queued {
+    Empty,
+    /// An error that is no answer to our datagrams.
+    Other,
+    /// The answer to the datagram sent with `ttl` (its one byte), from `from`, which is the
+    /// destination itself when `destination`.
+    Answer { ttl: u8, from: Ipv4Addr, destination: bool },
+}
+
+/// Takes one error from the socket's error queue.
+fn read_error(socket: &UdpSocket) -> std::io::Result<Queued> {
     let mut payload = [0u8; 16];
     let mut iov = [IoSliceMut::new(&mut payload)];
     let mut control = nix::cmsg_space!(libc::sock_extended_err, libc::sockaddr_in);
     let msg = match recvmsg::<SockaddrIn>(socket.as_raw_fd(), &mut iov, Some(&mut control), MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT) {
         Ok(msg) => msg,
-        Err(nix::errno::Errno::EAGAIN) => return Ok(None),
+        Err(nix::errno::Errno::EAGAIN) => return Ok(Queued::Empty),
         Err(e) => return Err(e.into()),
     };
     let len = msg.bytes;
@@ -123,9 +138,8 @@ fn read_error(socket: &UdpSocket) -> std::io::Result<Option<(u8, Ipv4Addr, bool)
             answer = Some((from, err.ee_type == ICMP_DEST_UNREACH));
         }
     }
-    match (answer, len) {
-        (Some((from, destination)), 1..) => Ok(Some((payload[0], from, destination))),
-        // Not ours to read (another kind of error): skip it.
-        _ => Ok(Some((0, Ipv4Addr::UNSPECIFIED, false))),
-    }
+    Ok(match (answer, len) {
+        (Some((from, destination)), 1..) => Queued::Answer { ttl: payload[0], from, destination },
+        _ => Queued::Other,
+    })
 }

@@ -51,6 +51,12 @@ fn site_with_node(kind: SiteKind) -> Option<SiteWithNode> {
     Some(SiteWithNode { work, lab, site, boot, bootstrap, node })
 }
 
+/// Lab options for this build's binary at 20 ms one-way latency, nodes' dirs under `work`
+/// (removed with the cells that pass).
+fn lab_options(work: &std::path::Path, pairs: Vec<Pair>, restart: bool) -> Options {
+    Options { warren: common::BIN.into(), latency: Duration::from_millis(20), pairs, work_dir: work.to_path_buf(), keep_logs: false, restart }
+}
+
 /// `warren up` arguments for a node in the lab: no mDNS, the wire's documentation range counted
 /// as public (`--public-ranges`), then `extra`.
 fn lab_args(extra: &[&str]) -> Vec<String> {
@@ -65,18 +71,15 @@ fn nat_lab_subset_punches_through_eim_and_relays_through_symmetric() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    let opts = Options {
-        warren: common::BIN.into(),
-        latency: Duration::from_millis(20),
-        pairs: vec![
+    let opts = lab_options(
+        work.path(),
+        vec![
             Pair { repunch: true, ..Pair::new(SiteKind::Eim, SiteKind::Eim) },
             Pair { transports: Transports::Tcp, ..Pair::new(SiteKind::Eim, SiteKind::Eim) },
             Pair::new(SiteKind::Symmetric, SiteKind::Eim),
         ],
-        work_dir: work.path().to_path_buf(),
-        keep_logs: false,
-        restart: true,
-    };
+        true,
+    );
     let cells = warren_natlab::run(&opts, |cell| eprintln!("{:?} -> {:?}: {}", cell.a, cell.b, describe(cell)))
         .expect("the lab builds and runs (root, iproute2, nftables, /dev/net/tun)");
     eprintln!("{}", markdown(&cells, opts.latency));
@@ -201,14 +204,7 @@ fn netcheck_tells_every_kind_of_site_apart() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    let opts = Options {
-        warren: common::BIN.into(),
-        latency: Duration::from_millis(20),
-        pairs: Vec::new(),
-        work_dir: work.path().to_path_buf(),
-        keep_logs: false,
-        restart: false,
-    };
+    let opts = lab_options(work.path(), Vec::new(), false);
     let mut kinds = SiteKind::all().to_vec();
     kinds.extend([SiteKind::NatPmp, SiteKind::Pcp, SiteKind::MapsButDrops]);
     let answers = warren_natlab::netcheck::run(&opts, &kinds).expect("the lab builds (root, nftables, miniupnpd-nftables)");

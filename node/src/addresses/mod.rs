@@ -37,7 +37,8 @@ use std::net::IpAddr;
 use libp2p::{Multiaddr, PeerId};
 
 pub use scope::*;
-use scope::{Port, endpoint_of, ip_scope};
+pub(crate) use scope::{Port, endpoint_of};
+use scope::ip_scope;
 
 /// Peers whose scopes the policy remembers at most; beyond it the oldest-known are forgotten
 /// (they are still stored in the peer store, whose own bound is `max_stored_peers`).

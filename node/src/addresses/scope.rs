@@ -181,12 +181,20 @@ pub fn lan_kad_protocol(wan: &str) -> String {
 
 /// The transport and port of a direct address, to compare it with our own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(super) enum Port {
+pub(crate) enum Port {
     Tcp(u16),
     Udp(u16),
 }
 
-pub(super) fn endpoint_of(addr: &Multiaddr) -> Option<(IpAddr, Port)> {
+impl Port {
+    pub(crate) fn number(self) -> u16 {
+        match self {
+            Port::Tcp(port) | Port::Udp(port) => port,
+        }
+    }
+}
+
+pub(crate) fn endpoint_of(addr: &Multiaddr) -> Option<(IpAddr, Port)> {
     let ip = ip_of(addr)?;
     let port = addr.iter().find_map(|p| match p {
         Protocol::Tcp(port) => Some(Port::Tcp(port)),

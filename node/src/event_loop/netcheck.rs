@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use libp2p::{
     Multiaddr, PeerId,
-    multiaddr::Protocol,
     swarm::{
         ConnectionId,
         dial_opts::{DialOpts, PeerCondition},
@@ -18,7 +17,7 @@ use libp2p::{
 use tokio::sync::oneshot;
 
 use super::EventLoop;
-use crate::addresses::{ip_of, is_relayed, transport_of};
+use crate::addresses::{endpoint_of, ip_of, is_relayed, transport_of};
 use crate::api;
 use crate::handle::NetcheckDraft;
 use crate::nat::{self, Evidence, Observation, QuicProbe};
@@ -58,12 +57,8 @@ fn observation(connection_address: &Multiaddr, observed: &Multiaddr, public: boo
         "tcp" => nat::Transport::Tcp,
         _ => return None,
     };
-    let ip = ip_of(observed)?;
-    let port = observed.iter().find_map(|p| match p {
-        Protocol::Udp(port) | Protocol::Tcp(port) => Some(port),
-        _ => None,
-    })?;
-    Some(Observation { observer: ip_of(connection_address)?, observed: SocketAddr::new(ip, port), transport, at: Instant::now() })
+    let (ip, port) = endpoint_of(observed)?;
+    Some(Observation { observer: ip_of(connection_address)?, observed: SocketAddr::new(ip, port.number()), transport, at: Instant::now() })
 }
 
 impl EventLoop {
@@ -189,7 +184,7 @@ impl EventLoop {
             .listen_addrs
             .iter()
             .filter(|a| !is_relayed(a) && transport_of(a) == "quic")
-            .filter_map(|a| a.iter().find_map(|p| if let Protocol::Udp(port) = p { Some(port) } else { None }))
+            .filter_map(|a| endpoint_of(a).map(|(_, port)| port.number()))
             .collect();
         quic_ports.dedup();
         Evidence {
@@ -206,7 +201,6 @@ impl EventLoop {
                 .flat_map(|link| link.mapped.values())
                 .map(|m| (m.external, policy.is_public(&super::port_mapping::external_addr(m))))
                 .collect(),
-            port_mapping_on: self.port_mapping.is_some(),
             hops: Vec::new(),
         }
     }
