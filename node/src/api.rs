@@ -193,6 +193,20 @@ pub struct HolePunchStats {
     pub successes_tcp: u64,
     pub failures: u64,
     pub last_error: Option<String>,
+    /// Birthday punches (through a symmetric NAT), either role.
+    #[serde(default)]
+    pub birthday: BirthdayStats,
+}
+
+/// Birthday punches (see `warren_punch`): attempts, successes and probes sent, either role.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BirthdayStats {
+    pub attempts: u64,
+    pub successes: u64,
+    pub failures: u64,
+    /// Probes this node sent as the easy side.
+    pub probes_sent: u64,
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -220,6 +234,18 @@ pub struct Connection {
     /// For a direct connection made by hole punching: milliseconds from the first relayed
     /// contact with the peer to this connection.
     pub punched_after_ms: Option<f64>,
+    /// For a connection a birthday punch made: the probes we sent (the easy side) or the
+    /// sockets we opened (the hard side), and how long the punch took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub birthday: Option<BirthdayPunched>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BirthdayPunched {
+    pub probes: u32,
+    /// Sockets opened, when we were the hard side.
+    pub sockets: u16,
+    pub took_ms: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

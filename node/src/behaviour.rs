@@ -86,7 +86,17 @@ pub struct Built {
     pub reservations_by_ip: Option<crate::relay::RelayByIp>,
     /// Inbound forward streams, for the serving task.
     pub inbound: warren_forward::Incoming,
+    /// Inbound birthday-punch offers (`/warren/punch/1.0.0` streams).
+    pub punch_offers: warren_forward::Incoming,
+    /// QUIC listeners for punched connections, beside the swarm's own.
+    pub punch_listeners: crate::punch::PunchListeners,
 }
+
+/// The punch protocol as libp2p negotiates it.
+pub const PUNCH_PROTOCOL: StreamProtocol = StreamProtocol::new(warren_punch::PROTOCOL);
+/// Punch offers waiting to be read; a node runs one punch at a time and refuses the rest at
+/// once, so a handful is plenty.
+const PUNCH_OFFERS_QUEUED: usize = 8;
 
 /// The QUIC settings warren uses.
 fn quic_config(key: &Keypair) -> libp2p::quic::Config {
@@ -149,8 +159,10 @@ pub fn build_swarm(
     config: &Config,
     policy: Arc<Mutex<Policy>>,
 ) -> Result<Built, BuildError> {
-    let (forward, inbound) = warren_forward::Behaviour::new();
+    let (mut forward, inbound) = warren_forward::Behaviour::new();
+    let punch_offers = forward.accept(PUNCH_PROTOCOL, PUNCH_OFFERS_QUEUED);
     let mut forward = Some(forward);
+    let mut punch_listeners = None;
     let kad_protocol = StreamProtocol::try_from_owned(config.kad_protocol.clone())
         .map_err(|_| BuildError::KadProtocol(config.kad_protocol.clone()))?;
     let lan_protocol = StreamProtocol::try_from_owned(lan_kad_protocol(&config.kad_protocol))
@@ -181,7 +193,10 @@ pub fn build_swarm(
                 .map(meter_muxer(meter.clone()));
             let quic = libp2p::quic::tokio::Transport::new(quic_config(key)).map(meter_muxer(meter.clone()));
             let direct = quic.or_transport(tcp).map(|either, _| either.into_inner()).map_err(std::io::Error::other);
-            Ok(Gate::new(direct, policy))
+            let wrap = meter_muxer(meter.clone());
+            let punch = crate::punch::PunchListeners::new(quic_config(key), move |peer, connection| wrap((peer, connection), ()));
+            punch_listeners = Some(punch.clone());
+            Ok(Gate::new(crate::punch::quic::WithPunchListeners::new(direct, punch), policy))
         })
         .map_err(|e| setup(&e))?
         .with_dns()
@@ -259,5 +274,6 @@ pub fn build_swarm(
         // would save it, but stalls protocols where the opener only reads (identify).
         .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout()))
         .build();
-    Ok(Built { swarm, meter, reservations_by_ip, inbound })
+    let punch_listeners = punch_listeners.expect("the transport is built once");
+    Ok(Built { swarm, meter, reservations_by_ip, inbound, punch_offers, punch_listeners })
 }

@@ -153,6 +153,10 @@ pub struct NodeArgs {
     #[arg(long)]
     pub no_port_mapping: bool,
 
+    /// Do not punch through symmetric NATs by the birthday paradox (peers behind one stay relayed)
+    #[arg(long)]
+    pub no_birthday_punch: bool,
+
     /// DHT role: server answers queries, client only asks, auto is server once AutoNAT confirms
     /// the node is publicly reachable [default: auto]
     #[arg(long, value_enum, value_name = "MODE")]
@@ -199,6 +203,7 @@ impl NodeArgs {
             bootstrap: self.bootstrap.clone(),
             no_mdns: self.no_mdns,
             no_port_mapping: self.no_port_mapping,
+            no_birthday_punch: self.no_birthday_punch,
             dht_mode: self.dht_mode,
             kad_protocol: self.kad_protocol.clone(),
             no_listen: self.no_listen,

@@ -93,6 +93,12 @@ pub struct Config {
     /// Address ranges (CIDR) counted as publicly routable besides globally routable addresses:
     /// enterprise address plans, labs on documentation ranges. Default: none.
     pub public_ranges: Vec<String>,
+    /// Punch through a symmetric NAT by the birthday paradox when the other side's NAT is easy
+    /// (`/warren/punch/1.0.0`). Default: on: it is the only way to a direct connection there,
+    /// and costs a few hundred 22-byte packets for half a minute, within `birthday`.
+    pub birthday_punch: bool,
+    /// What one birthday punch may cost.
+    pub birthday: crate::punch::Limits,
 }
 
 impl Default for Config {
@@ -119,6 +125,8 @@ impl Default for Config {
             auto_relays: 2,
             public_ranges: Vec::new(),
             metrics: None,
+            birthday_punch: true,
+            birthday: crate::punch::Limits::default(),
         }
     }
 }
@@ -142,6 +150,7 @@ pub struct Overrides {
     pub bootstrap: Vec<Multiaddr>,
     pub no_mdns: bool,
     pub no_port_mapping: bool,
+    pub no_birthday_punch: bool,
     pub dht_mode: Option<DhtMode>,
     pub kad_protocol: Option<String>,
     pub no_listen: bool,
@@ -181,6 +190,9 @@ impl Config {
         }
         if overrides.no_port_mapping {
             config.port_mapping = false;
+        }
+        if overrides.no_birthday_punch {
+            config.birthday_punch = false;
         }
         if let Some(mode) = overrides.dht_mode {
             config.dht_mode = mode;
@@ -225,6 +237,7 @@ impl Config {
     /// Checks what serde cannot: bootstrap addresses must name their peer, the protocol id must be
     /// a protocol id, numbers must be usable.
     pub fn validate(&self) -> Result<(), UserError> {
+        self.birthday.validate().map_err(|e| UserError::bad_input(format!("invalid config: {e}")))?;
         for addr in &self.bootstrap {
             bootstrap_peer(addr)?;
         }

@@ -30,6 +30,13 @@ pub enum Command {
     StoreChurn(u32, oneshot::Sender<api::ChurnReply>),
     /// Gathers what `warren netcheck` judges from, probing over QUIC first where that helps.
     Netcheck(oneshot::Sender<NetcheckDraft>),
+    /// A peer offered a birthday punch, seen at the IP given: admitted (we are the easy side
+    /// and start), or why not.
+    PunchAdmit(PeerId, std::net::IpAddr, oneshot::Sender<Result<crate::punch::Admission, warren_punch::Refusal>>),
+    /// Dials the port a birthday punch found (answered once the dial is under way).
+    PunchDial(PeerId, libp2p::Multiaddr, oneshot::Sender<()>),
+    /// A birthday punch ended, either role.
+    PunchDone(PeerId, crate::punch::Outcome, oneshot::Sender<()>),
 }
 
 /// What the event loop gathered for `warren netcheck`; [`NetcheckDraft::finish`] traces the

@@ -26,6 +26,8 @@
 //! - [`relay`] and [`relay_meter`]: serving circuit relay v2 within operator limits;
 //!   [`autorelay`] and [`candidates`]: choosing relays and holding reservations while not
 //!   publicly reachable.
+//! - [`punch`]: birthday hole punching between a symmetric and an easy NAT, over
+//!   `/warren/punch/1.0.0` streams (the protocol lives in the `warren-punch` crate).
 //! - [`nat`]: what kind of NAT we are behind, from what peers observe, AutoNAT, port mapping
 //!   and [`trace`] (the first hops towards a peer): `warren netcheck` and status.
 //! - [`addresses`]: the address policy (what is public, what is ours, what is dialed, stored
@@ -50,6 +52,7 @@ pub mod identify_scope;
 pub mod ip_limits;
 pub mod lan_dht;
 pub mod nat;
+pub mod punch;
 pub mod trace;
 pub mod forward;
 pub mod metrics;

@@ -124,6 +124,10 @@ async fn render(node: &NodeHandle, forwarding: &Forwarding) -> Result<String, cr
         &[("transport=\"quic\"", p.successes_quic as f64), ("transport=\"tcp\"", p.successes_tcp as f64)],
     );
     metric(&mut out, "warren_hole_punch_failures_total", "counter", "Hole punches that gave up.", &[("", p.failures as f64)]);
+    let b = &p.birthday;
+    metric(&mut out, "warren_birthday_punch_attempts_total", "counter", "Birthday punches started, either role.", &[("", b.attempts as f64)]);
+    metric(&mut out, "warren_birthday_punch_successes_total", "counter", "Birthday punches that made a direct connection.", &[("", b.successes as f64)]);
+    metric(&mut out, "warren_birthday_punch_probes_total", "counter", "Birthday probes this node sent (as the easy side).", &[("", b.probes_sent as f64)]);
     let held = status.relayed_through.iter().filter(|h| h.accepted).count();
     metric(&mut out, "warren_relay_reservations_held", "gauge", "Reservations this node holds on relays.", &[("", held as f64)]);
 

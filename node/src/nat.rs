@@ -160,6 +160,9 @@ pub struct Evidence {
 pub struct Assessment {
     pub nat_type: NatType,
     pub mapping: Mapping,
+    /// With an endpoint-independent mapping: the one address peers see our QUIC socket at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quic_mapped: Option<SocketAddr>,
     pub udp: Udp,
     /// `Some(true)` behind two NATs, `Some(false)` behind at most one, `None` when it cannot be told.
     pub double_nat: Option<bool>,
@@ -175,21 +178,21 @@ fn is_cgnat(ip: Ipv4Addr) -> bool {
 }
 
 /// The mapping behaviour, from QUIC observations over IPv4 (one per observer, newest first).
-fn mapping_of(e: &Evidence, reasons: &mut Vec<String>) -> Mapping {
+fn mapping_of(e: &Evidence, reasons: &mut Vec<String>) -> (Mapping, Option<SocketAddr>) {
     let quic: Vec<&Observation> =
         e.observations.iter().filter(|o| o.transport == Transport::Quic && o.observed.is_ipv4()).collect();
     if let Some(own) = quic.iter().find(|o| e.local_ips.contains(&o.observed.ip())) {
         reasons.push(format!("{} sees us at {}, an address of this host: no NAT", own.observer, own.observed));
-        return Mapping::None;
+        return (Mapping::None, Some(own.observed));
     }
     match quic.as_slice() {
         [] => {
             reasons.push("no public peer has told us over QUIC where it sees us".into());
-            Mapping::Unknown
+            (Mapping::Unknown, None)
         }
         [one] => {
             reasons.push(format!("only {} told us where it sees us over QUIC ({}): two peers are needed", one.observer, one.observed));
-            Mapping::Unknown
+            (Mapping::Unknown, None)
         }
         _ => {
             // Two peers seeing one address is what a NAT with one mapping per socket does; a
@@ -205,7 +208,7 @@ fn mapping_of(e: &Evidence, reasons: &mut Vec<String>) -> Mapping {
                     quic.len(),
                     seen.join(", ")
                 ));
-                Mapping::EndpointIndependent
+                (Mapping::EndpointIndependent, Some(agreed.observed))
             } else if quic.len() == 2 && quic.iter().any(|o| e.quic_ports.contains(&o.observed.port())) {
                 // A NAT that keeps our port where it can, and had to pick another for one flow
                 // (the port was taken for that peer), looks like this; so does a NAT that keeps
@@ -214,10 +217,10 @@ fn mapping_of(e: &Evidence, reasons: &mut Vec<String>) -> Mapping {
                     "two peers see our QUIC socket at different ports, one of them our own ({}): a third peer is needed to tell a port clash from a symmetric NAT",
                     seen.join(", ")
                 ));
-                Mapping::Unknown
+                (Mapping::Unknown, None)
             } else {
                 reasons.push(format!("peers see our QUIC socket at different addresses ({}): endpoint-dependent mapping", seen.join(", ")));
-                Mapping::EndpointDependent
+                (Mapping::EndpointDependent, None)
             }
         }
     }
@@ -290,7 +293,7 @@ fn double_nat_of(e: &Evidence, reasons: &mut Vec<String>) -> Option<bool> {
 pub fn assess(e: &Evidence) -> Assessment {
     let mut reasons = Vec::new();
     let udp = udp_of(e, &mut reasons);
-    let mapping = mapping_of(e, &mut reasons);
+    let (mapping, quic_mapped) = mapping_of(e, &mut reasons);
     let double_nat = double_nat_of(e, &mut reasons);
     let mapped_confirmed = e.port_mapped.iter().find(|(m, public)| *public && e.confirmed.contains(&IpAddr::V4(*m.ip())));
     let own_confirmed = e.confirmed.iter().find(|ip| e.local_ips.contains(ip));
@@ -302,7 +305,7 @@ pub fn assess(e: &Evidence) -> Assessment {
     } else if let Some((mapped, _)) = mapped_confirmed {
         (NatType::PortMapped, format!("behind a NAT that forwards our ports on request: reachable directly at {mapped}, no relay or hole punching needed"))
     } else if mapping == Mapping::EndpointDependent {
-        (NatType::Symmetric, "behind a symmetric NAT (a new public port for every peer): direct connections only to public peers; relayed otherwise".to_string())
+        (NatType::Symmetric, "behind a symmetric NAT (a new public port for every peer): direct connections to public peers, and to peers behind easy NATs by birthday punching; relayed to peers behind symmetric NATs".to_string())
     } else if double_nat == Some(true) {
         (NatType::DoubleNat, "behind two NATs: port mapping on your router cannot make this node reachable; hole punching works when both NATs are easy, relayed otherwise".to_string())
     } else if mapping == Mapping::EndpointIndependent {
@@ -310,7 +313,7 @@ pub fn assess(e: &Evidence) -> Assessment {
     } else {
         (NatType::Unknown, "cannot tell yet: this needs QUIC connections to at least two public peers".to_string())
     };
-    Assessment { nat_type, mapping, udp, double_nat, reasons, verdict }
+    Assessment { nat_type, mapping, quic_mapped, udp, double_nat, reasons, verdict }
 }
 
 #[cfg(test)]

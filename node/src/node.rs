@@ -86,7 +86,8 @@ pub async fn up(data_dir: &Path, mut config: Config) -> Result<(), UserError> {
     let (exposes, forwards) = (config.expose.clone(), config.forward.clone());
     let port_mapping = config.port_mapping;
     let (event_loop, handle) = EventLoop::new(swarm, config, book, writer, policy, listeners);
-    let mut event_loop = event_loop.with_relay(built.meter, built.reservations_by_ip);
+    let mut event_loop =
+        event_loop.with_relay(built.meter, built.reservations_by_ip).with_punch(built.punch_offers, built.punch_listeners);
     let shutdown = Shutdown::new();
     if port_mapping {
         let (ports_tx, ports_rx) = tokio::sync::watch::channel(Vec::new());

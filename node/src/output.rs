@@ -48,6 +48,17 @@ pub fn status(s: &api::Status) -> String {
         "hole punch    {} attempts: {} direct over QUIC, {} over TCP, {} failed",
         p.attempts, p.successes_quic, p.successes_tcp, p.failures
     );
+    let b = &p.birthday;
+    if b.attempts > 0 {
+        let _ = writeln!(
+            out,
+            "birthday      {} attempts: {} direct, {} failed; {} probes sent",
+            b.attempts, b.successes, b.failures, b.probes_sent
+        );
+        if let Some(e) = &b.last_error {
+            let _ = writeln!(out, "{:<13} last birthday failure: {e}", "");
+        }
+    }
     if let Some(r) = &s.relay {
         let _ = writeln!(
             out,
@@ -80,13 +91,18 @@ pub fn peers(peers: &[api::PeerEntry]) -> String {
     if peers.is_empty() {
         return "no connected peers".to_string();
     }
-    let mut out = format!("{:<52}  {:<7}  {:<4}  {:>9}  {:>8}  ADDRESS\n", "PEER", "PATH", "VIA", "RTT", "PUNCHED");
+    let mut out = format!("{:<52}  {:<17}  {:<4}  {:>9}  {:>8}  ADDRESS\n", "PEER", "PATH", "VIA", "RTT", "PUNCHED");
     for peer in peers {
         for (i, c) in peer.connections.iter().enumerate() {
             let rtt = c.rtt_ms.map(|r| format!("{r:.2} ms")).unwrap_or_else(|| "-".into());
             let name = if i == 0 { peer.peer_id.as_str() } else { "" };
             let punched = c.punched_after_ms.map(|ms| format!("{ms:.0} ms")).unwrap_or_else(|| "-".into());
-            let _ = writeln!(out, "{name:<52}  {:<7}  {:<4}  {rtt:>9}  {punched:>8}  {}", c.path, c.transport, c.address);
+            let path = if c.birthday.is_some() { format!("{} (birthday)", c.path) } else { c.path.clone() };
+            let _ = writeln!(out, "{name:<52}  {path:<17}  {:<4}  {rtt:>9}  {punched:>8}  {}", c.transport, c.address);
+            if let Some(b) = &c.birthday {
+                let what = if b.probes > 0 { format!("{} probes sent", b.probes) } else { format!("{} sockets opened", b.sockets) };
+                let _ = writeln!(out, "{:<52}  birthday punch: {what}, {:.1} s", "", b.took_ms / 1000.0);
+            }
         }
         if let Some(why) = &peer.relayed_because {
             let _ = writeln!(out, "{:<52}  relayed: {why}", "");

@@ -149,6 +149,11 @@ impl HolePunch {
         self.stats.clone()
     }
 
+    /// How long `peer` has been reached through relays only.
+    pub(super) fn relayed_for(&self, peer: &PeerId, now: Instant) -> Option<Duration> {
+        self.relayed_since.get(peer).map(|since| now.saturating_duration_since(*since))
+    }
+
     pub(super) fn punched_after(&self, connection: &ConnectionId) -> Option<Duration> {
         self.punched.get(connection).copied()
     }

@@ -12,6 +12,7 @@
 //! - [`relays`]: the relay service we offer and the reservations we hold (AutoRelay);
 //! - [`status`]: what `warren status` and `warren peers` report.
 
+mod birthday;
 mod bootstrap;
 mod connect;
 mod dht;
@@ -108,6 +109,11 @@ pub struct EventLoop {
     observations: crate::nat::Observations,
     /// A `warren netcheck` round of QUIC probes under way.
     netcheck: Option<netcheck::Round>,
+    birthday: birthday::Birthday,
+    /// Our own handle, lent to the punch tasks the loop spawns.
+    handle: NodeHandle,
+    /// Inbound birthday-punch offers, and the listeners a punch opens.
+    punch: Option<(warren_forward::Incoming, crate::punch::PunchListeners)>,
 }
 
 impl EventLoop {
@@ -153,6 +159,9 @@ impl EventLoop {
             port_mapping: None,
             observations: Default::default(),
             netcheck: None,
+            birthday: birthday::Birthday::new(),
+            handle: handle.clone(),
+            punch: None,
             config,
         };
         (event_loop, handle)
@@ -167,6 +176,13 @@ impl EventLoop {
     ) -> Self {
         self.meter = meter;
         self.reservations_by_ip = by_ip;
+        self
+    }
+
+    /// Gives the loop the punch offers the swarm accepts and the listeners a punch opens;
+    /// without them the node neither offers nor takes birthday punches.
+    pub fn with_punch(mut self, offers: warren_forward::Incoming, listeners: crate::punch::PunchListeners) -> Self {
+        self.punch = Some((offers, listeners));
         self
     }
 
@@ -201,6 +217,12 @@ impl EventLoop {
                         None => std::future::pending().await,
                     }
                 } => self.on_port_mapping(event),
+                Some((peer, stream)) = async {
+                    match &mut self.punch {
+                        Some((offers, _)) => offers.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => self.on_punch_offer(peer, stream),
                 _ = tick.tick() => {
                     self.flush_store();
                     self.first_dials_when_ready();
@@ -211,6 +233,7 @@ impl EventLoop {
                     self.refresh_dht_when_due();
                     self.repunch_when_due();
                     self.netcheck_when_due();
+                    self.birthday_when_due();
                 }
                 _ = &mut shutdown => break,
             }
@@ -285,6 +308,17 @@ impl EventLoop {
             Command::Netcheck(reply) => self.netcheck(reply),
             Command::Connect(peer, reply) => self.connect(peer, reply),
             Command::OpenStream(peer, protocol, reply) => self.swarm.behaviour_mut().forward.open(peer, protocol, reply),
+            Command::PunchAdmit(peer, ip, reply) => {
+                let _ = reply.send(self.punch_admit(peer, ip));
+            }
+            Command::PunchDial(peer, addr, reply) => {
+                self.punch_dial(peer, addr);
+                birthday::answered(reply);
+            }
+            Command::PunchDone(peer, outcome, reply) => {
+                self.punch_done(peer, outcome);
+                birthday::answered(reply);
+            }
             Command::StoreChurn(count, reply) => {
                 let now = unix_now();
                 for _ in 0..count {
@@ -417,6 +451,7 @@ impl EventLoop {
                     }
                 }
                 self.hole_punch.on_connection_closed(connection_id);
+                self.birthday.on_connection_closed(connection_id);
                 if num_established == 0 {
                     self.hole_punch.on_disconnected(&peer_id);
                     if let Some(by_ip) = &self.reservations_by_ip {

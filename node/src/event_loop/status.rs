@@ -89,7 +89,7 @@ impl EventLoop {
                     limits: self.config.relay_limits.clone(),
                 }
             }),
-            hole_punch: self.hole_punch.stats(),
+            hole_punch: api::HolePunchStats { birthday: self.birthday.stats(), ..self.hole_punch.stats() },
             nat_type: crate::nat::assess(&self.nat_evidence()).nat_type.as_str().to_string(),
         }
     }
@@ -106,7 +106,10 @@ impl EventLoop {
             .map(|(peer, mut conns)| {
                 conns.sort_by_key(|(_, c)| c.since);
                 let relayed_because = conns.iter().all(|(_, c)| is_relayed(&c.address)).then(|| {
-                    let punch = self.hole_punch.why_relayed(&peer, now).unwrap_or_else(|| "no direct address of it is known".to_string());
+                    let mut punch = self.hole_punch.why_relayed(&peer, now).unwrap_or_else(|| "no direct address of it is known".to_string());
+                    if let Some(birthday) = self.birthday.why_not(&peer, now) {
+                        punch = format!("{punch}; {birthday}");
+                    }
                     match own_nat {
                         NatType::Symmetric => format!("{punch}; this node is behind a symmetric NAT"),
                         NatType::UdpBlocked => format!("{punch}; UDP is blocked here, so only TCP can punch"),
@@ -119,15 +122,26 @@ impl EventLoop {
                     agent: self.agents.get(&peer).cloned(),
                     connections: conns
                         .into_iter()
-                        .map(|(id, c)| api::Connection {
+                        .map(|(id, c)| {
+                            let birthday = self.birthday.punched(id);
+                            api::Connection {
                             address: c.address.to_string(),
                             transport: transport_of(&c.address).to_string(),
                             path: if is_relayed(&c.address) { "relayed" } else { "direct" }.to_string(),
                             direction: if c.outbound { "outbound" } else { "inbound" }.to_string(),
                             rtt_ms: c.rtt.map(|d| d.as_secs_f64() * 1000.0),
                             age_secs: c.since.elapsed().as_secs(),
-                            punched_after_ms: self.hole_punch.punched_after(id).map(|d| d.as_secs_f64() * 1000.0),
-                        })
+                            punched_after_ms: self
+                                .hole_punch
+                                .punched_after(id)
+                                .or(birthday.and_then(|b| b.after))
+                                .map(|d| d.as_secs_f64() * 1000.0),
+                            birthday: birthday.map(|b| api::BirthdayPunched {
+                                probes: b.probes,
+                                sockets: b.sockets,
+                                took_ms: b.took.as_secs_f64() * 1000.0,
+                            }),
+                        }})
                         .collect(),
                 }
             })

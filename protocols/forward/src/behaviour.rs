@@ -1,6 +1,7 @@
 //! The forward protocol's libp2p behaviour: inbound `/warren/forward/1.0.0` streams on every
-//! connection, queued for the node's serving task; outbound streams of any protocol opened on
-//! request on a connection already open.
+//! connection, queued for the node's serving task (and streams of any other protocol the node
+//! asks for with [`Behaviour::accept`], each in a queue of its own); outbound streams of any
+//! protocol opened on request on a connection already open.
 //!
 //! A small behaviour of our own rather than `libp2p-stream`, for two reasons that matter under
 //! load: `libp2p-stream` drops inbound streams its single-slot channel cannot take at once, and
@@ -82,8 +83,11 @@ impl Direct {
     }
 }
 
+/// The inbound protocols accepted, each with the queue its streams go to.
+pub(crate) type Accepted = Arc<Vec<(StreamProtocol, mpsc::Sender<(PeerId, Stream)>)>>;
+
 pub struct Behaviour {
-    inbound: mpsc::Sender<(PeerId, Stream)>,
+    inbound: Accepted,
     /// Each peer's connections, oldest first, and whether each is relayed.
     connections: HashMap<PeerId, Vec<(ConnectionId, bool)>>,
     direct: Direct,
@@ -96,9 +100,21 @@ impl Behaviour {
     /// The behaviour, and the queue of inbound streams it accepts.
     pub fn new() -> (Self, Incoming) {
         let (inbound, incoming) = mpsc::channel(INBOUND_QUEUE);
+        let inbound = Arc::new(vec![(STREAM_PROTOCOL, inbound)]);
         let behaviour =
             Self { inbound, connections: HashMap::new(), direct: Direct::default(), events: VecDeque::new(), waker: None };
         (behaviour, incoming)
+    }
+
+    /// Accepts inbound streams of `protocol` too, into a queue of `capacity` streams (a full
+    /// queue refuses the stream). Call it before the swarm has connections: handlers already
+    /// running keep the protocols they started with.
+    pub fn accept(&mut self, protocol: StreamProtocol, capacity: usize) -> Incoming {
+        let (sender, incoming) = mpsc::channel(capacity);
+        let mut accepted = self.inbound.as_ref().clone();
+        accepted.push((protocol, sender));
+        self.inbound = Arc::new(accepted);
+        incoming
     }
 
     /// Which peers have a direct connection now.

@@ -15,7 +15,7 @@ use libp2p::{
 };
 use tokio::sync::mpsc;
 
-use crate::behaviour::{INBOUND_QUEUE, OpenError, Opened, Reply, STREAM_PROTOCOL};
+use crate::behaviour::{Accepted, OpenError, Opened, Reply};
 
 /// A request to open one outbound stream.
 #[derive(Debug)]
@@ -27,7 +27,7 @@ pub struct Open {
 pub struct Handler {
     peer: PeerId,
     relayed: bool,
-    inbound: mpsc::Sender<(PeerId, Stream)>,
+    inbound: Accepted,
     /// Requests not yet handed to the connection.
     to_open: VecDeque<Open>,
     /// Outbound negotiations running.
@@ -35,7 +35,7 @@ pub struct Handler {
 }
 
 impl Handler {
-    pub(crate) fn new(peer: PeerId, relayed: bool, inbound: mpsc::Sender<(PeerId, Stream)>) -> Self {
+    pub(crate) fn new(peer: PeerId, relayed: bool, inbound: Accepted) -> Self {
         Self { peer, relayed, inbound, to_open: VecDeque::new(), negotiating: 0 }
     }
 }
@@ -43,14 +43,14 @@ impl Handler {
 impl ConnectionHandler for Handler {
     type FromBehaviour = Open;
     type ToBehaviour = std::convert::Infallible;
-    type InboundProtocol = ReadyUpgrade<StreamProtocol>;
+    type InboundProtocol = AnyOf;
     type OutboundProtocol = ReadyUpgrade<StreamProtocol>;
     type InboundOpenInfo = ();
     /// The request's protocol (for the error) and where its answer goes.
     type OutboundOpenInfo = (StreamProtocol, Reply);
 
     fn listen_protocol(&self) -> SubstreamProtocol<Self::InboundProtocol> {
-        SubstreamProtocol::new(ReadyUpgrade::new(STREAM_PROTOCOL), ())
+        SubstreamProtocol::new(AnyOf(self.inbound.iter().map(|(protocol, _)| protocol.clone()).collect()), ())
     }
 
     fn connection_keep_alive(&self) -> bool {
@@ -81,14 +81,15 @@ impl ConnectionHandler for Handler {
         event: ConnectionEvent<Self::InboundProtocol, Self::OutboundProtocol, (), Self::OutboundOpenInfo>,
     ) {
         match event {
-            ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound { protocol: stream, .. }) => {
-                match self.inbound.try_send((self.peer, stream)) {
+            ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound { protocol: (stream, protocol), .. }) => {
+                let Some((_, queue)) = self.inbound.iter().find(|(p, _)| *p == protocol) else { return };
+                match queue.try_send((self.peer, stream)) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
-                        tracing::warn!(peer = %self.peer, "forward stream refused: {INBOUND_QUEUE} streams already waiting");
+                        tracing::warn!(peer = %self.peer, %protocol, "inbound stream refused: {} streams already waiting", queue.max_capacity());
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => {
-                        tracing::debug!(peer = %self.peer, "forward stream refused: not serving (shutting down)");
+                        tracing::debug!(peer = %self.peer, %protocol, "inbound stream refused: not serving (shutting down)");
                     }
                 }
             }
@@ -108,5 +109,28 @@ impl ConnectionHandler for Handler {
             }
             _ => {}
         }
+    }
+}
+
+/// The inbound upgrade: any one of the accepted protocols, handed over with the stream.
+#[derive(Debug, Clone)]
+pub struct AnyOf(Vec<StreamProtocol>);
+
+impl libp2p::core::UpgradeInfo for AnyOf {
+    type Info = StreamProtocol;
+    type InfoIter = std::vec::IntoIter<StreamProtocol>;
+
+    fn protocol_info(&self) -> Self::InfoIter {
+        self.0.clone().into_iter()
+    }
+}
+
+impl libp2p::core::upgrade::InboundUpgrade<Stream> for AnyOf {
+    type Output = (Stream, StreamProtocol);
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Output, Self::Error>>;
+
+    fn upgrade_inbound(self, stream: Stream, protocol: StreamProtocol) -> Self::Future {
+        std::future::ready(Ok((stream, protocol)))
     }
 }

@@ -49,8 +49,10 @@ const CORE_PORT: u16 = 4001;
 const RELAY_CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long A may take to find B in the DHT.
 const FIND_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long after first contact a direct connection may take to appear.
-const DIRECT_WAIT: Duration = Duration::from_secs(10);
+/// How long after first contact a direct connection may take to appear: a DCUtR punch takes
+/// about a second, a birthday punch through a symmetric NAT up to 35 s of probing (its target
+/// is direct within 40 s of first contact).
+const DIRECT_WAIT: Duration = Duration::from_secs(40);
 /// The checked transfer through the forward.
 const TRANSFER_BYTES: usize = 10 * 1024 * 1024;
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -136,8 +138,11 @@ pub struct Cell {
     /// From the first relayed contact to the direct connection (warren's own figure for a
     /// punched connection), else from the forward's first connection.
     pub direct_after_ms: Option<f64>,
-    /// `hole punch` when warren reported a punched connection.
+    /// `hole punch` when warren reported a punched connection, `birthday` for a birthday punch.
     pub direct_by: Option<String>,
+    /// For a birthday punch: the probes the easy side sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub birthday_probes: Option<u32>,
     /// For a relayed cell: why A and B say they are relayed (`warren peers`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relayed_because: Option<String>,
@@ -310,6 +315,7 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Cell)) -> Result<Vec<Cell>,
             direct_transport: None,
             direct_after_ms: None,
             direct_by: None,
+            birthday_probes: None,
             relayed_because: None,
             transfer_ok: false,
             transfer_path: None,
@@ -513,10 +519,21 @@ fn repunch(a: &Node, b: &Node, a_ns: &str, bind: SocketAddr, edge: &str, b_wan: 
 fn record_direct(cell: &mut Cell, conn: &Value, a: &Node, b: &Node, first: Instant) {
     cell.direct = true;
     cell.direct_transport = conn["transport"].as_str().map(String::from);
-    let punched = conn["punched_after_ms"]
-        .as_f64()
-        .or_else(|| direct_connection(b, &a.peer_id).and_then(|c| c["punched_after_ms"].as_f64()));
-    cell.direct_by = punched.map(|_| "hole punch".to_string());
+    let other = direct_connection(b, &a.peer_id);
+    let punched = conn["punched_after_ms"].as_f64().or_else(|| other.as_ref().and_then(|c| c["punched_after_ms"].as_f64()));
+    let birthday = [Some(conn), other.as_ref()].into_iter().flatten().find_map(|c| c["birthday"].as_object().cloned());
+    cell.direct_by = match (&birthday, punched) {
+        (Some(_), _) => Some("birthday".to_string()),
+        (None, Some(_)) => Some("hole punch".to_string()),
+        (None, None) => None,
+    };
+    // The easy side counted the probes (the hard side only its sockets).
+    cell.birthday_probes = [Some(conn), other.as_ref()]
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["birthday"]["probes"].as_u64())
+        .max()
+        .map(|p| p as u32);
     cell.direct_after_ms = punched.or(Some(first.elapsed().as_secs_f64() * 1000.0));
 }
 
@@ -540,7 +557,12 @@ pub fn describe(cell: &Cell) -> String {
         return format!("FAILED: {}", cell.error.as_deref().unwrap_or("unreachable"));
     }
     let path = if cell.direct {
-        let how = if cell.direct_by.is_some() { "punched" } else { "direct dial" };
+        let how = match (cell.direct_by.as_deref(), cell.birthday_probes) {
+            (Some("birthday"), Some(probes)) => format!("birthday-punched ({probes} probes)"),
+            (Some("birthday"), None) => "birthday-punched".to_string(),
+            (Some(_), _) => "punched".to_string(),
+            (None, _) => "direct dial".to_string(),
+        };
         format!(
             "direct, {} {how} in {:.2} s",
             cell.direct_transport.as_deref().unwrap_or("?"),
@@ -608,7 +630,12 @@ pub fn markdown(cells: &[Cell], latency: Duration) -> String {
             "| {} | {} | {} | {} | {} | {} | {} | {restart} |\n",
             label(c),
             if c.reached { "yes" } else { "**no**" },
-            if c.direct { if c.direct_by.is_some() { "yes (punched)" } else { "yes" } } else { "no (relayed)" },
+            match (c.direct, c.direct_by.as_deref()) {
+                (true, Some("birthday")) => "yes (birthday)",
+                (true, Some(_)) => "yes (punched)",
+                (true, None) => "yes",
+                (false, _) => "no (relayed)",
+            },
             c.direct_transport.as_deref().unwrap_or("-"),
             c.direct_after_ms.map(|ms| format!("{:.2} s", ms / 1000.0)).unwrap_or_else(|| "-".into()),
             if c.transfer_ok {

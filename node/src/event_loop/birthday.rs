@@ -1,0 +1,327 @@
+//! Birthday punching (see [`crate::punch`]): when to offer one (we are behind a symmetric NAT and
+//! reach a peer only through a relay), whether to take one (our NAT is easy), one at a time,
+//! with a pause between punches and a per-peer backoff; what each punch achieved, for `warren
+//! peers` and `warren status`. [`Birthday`] keeps the books (time passed in); the loop spawns
+//! the punches.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use libp2p::{Multiaddr, PeerId, swarm::{ConnectionId, dial_opts::{DialOpts, PeerCondition}}};
+use tokio::sync::oneshot;
+use warren_punch::Refusal;
+
+use super::EventLoop;
+use crate::addresses::is_relayed;
+use crate::api::BirthdayStats;
+use crate::handle::{Command, NodeHandle};
+use crate::nat::{Mapping, Udp};
+use crate::punch::{Admission, Failure, ListenGuard, Outcome};
+
+/// Waits before offering a peer another punch after one failed, by failures so far: a NAT
+/// that filled its table or a peer that was busy may do better soon; a NAT that never lets a
+/// probe through will not, so the wait grows to an hour.
+const RETRY_AFTER_FAILURE: [Duration; 4] =
+    [Duration::from_secs(30), Duration::from_secs(120), Duration::from_secs(600), Duration::from_secs(3600)];
+/// Waits before offering again after a refusal that will not change soon (both NATs symmetric,
+/// UDP blocked, punching turned off): networks change rarely.
+const RETRY_AFTER_REFUSAL: Duration = Duration::from_secs(3600);
+/// Waits before offering a busy peer again.
+const RETRY_WHEN_BUSY: Duration = Duration::from_secs(15);
+
+/// Which side of a punch we are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Role {
+    /// Behind the symmetric NAT: we offered and open the sockets.
+    Hard,
+    /// Behind the easy NAT: we were offered and send the probes.
+    Easy,
+}
+
+/// What a birthday punch made of one connection.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Punched {
+    pub(super) probes: u32,
+    pub(super) sockets: u16,
+    pub(super) took: Duration,
+    /// From the first relayed contact with the peer to the direct connection.
+    pub(super) after: Option<Duration>,
+}
+
+pub(super) struct Birthday {
+    active: Option<(PeerId, Role, Instant)>,
+    ended_at: Option<Instant>,
+    /// When each peer may be offered a punch again, and its failures so far.
+    retry: HashMap<PeerId, (Instant, usize)>,
+    /// Why the last punch with each peer made no direct connection.
+    failed: HashMap<PeerId, String>,
+    punched: HashMap<ConnectionId, Punched>,
+    /// The hard side's listeners, kept as long as their connections live.
+    guards: HashMap<ConnectionId, ListenGuard>,
+    stats: BirthdayStats,
+}
+
+impl Birthday {
+    pub(super) fn new() -> Self {
+        Birthday {
+            active: None,
+            ended_at: None,
+            retry: HashMap::new(),
+            failed: HashMap::new(),
+            punched: HashMap::new(),
+            guards: HashMap::new(),
+            stats: BirthdayStats::default(),
+        }
+    }
+
+    /// Whether a punch may start now: none running, and the pause after the last one over.
+    pub(super) fn idle(&self, min_interval: Duration, now: Instant) -> bool {
+        self.active.is_none() && self.ended_at.is_none_or(|t| now.saturating_duration_since(t) >= min_interval)
+    }
+
+    /// Whether we may offer `peer` a punch now (idle aside).
+    pub(super) fn may_offer(&self, peer: &PeerId, now: Instant) -> bool {
+        self.retry.get(peer).is_none_or(|(at, _)| *at <= now)
+    }
+
+    pub(super) fn start(&mut self, peer: PeerId, role: Role, now: Instant) {
+        self.active = Some((peer, role, now));
+        self.stats.attempts += 1;
+    }
+
+    /// A punch ended. On success, `connection` is the direct connection it made (if the loop
+    /// found it). Returns the guard back when there is no connection to keep it for.
+    pub(super) fn ended(
+        &mut self,
+        peer: PeerId,
+        outcome: Outcome,
+        connection: Option<ConnectionId>,
+        after: Option<Duration>,
+        now: Instant,
+    ) -> Result<Punched, Failure> {
+        let role = self.active.filter(|(p, _, _)| *p == peer).map(|(_, role, _)| role);
+        if role.is_some() {
+            self.active = None;
+            self.ended_at = Some(now);
+        }
+        self.stats.probes_sent += u64::from(outcome.probes);
+        let punched = Punched { probes: outcome.probes, sockets: outcome.sockets, took: outcome.took, after };
+        match outcome.result {
+            Ok(success) => {
+                self.stats.successes += 1;
+                self.retry.remove(&peer);
+                self.failed.remove(&peer);
+                if let Some(connection) = connection {
+                    self.punched.insert(connection, punched);
+                    if let Some(guard) = success.guard {
+                        self.guards.insert(connection, guard);
+                    }
+                }
+                Ok(punched)
+            }
+            Err(failure) => {
+                self.stats.failures += 1;
+                self.stats.last_error = Some(format!("{peer}: {failure}"));
+                self.failed.insert(peer, failure.to_string());
+                let failures = self.retry.get(&peer).map_or(0, |(_, n)| *n) + 1;
+                let wait = match &failure {
+                    Failure::Refused(Refusal::Busy) => RETRY_WHEN_BUSY,
+                    Failure::Refused(Refusal::BothSymmetric | Refusal::UdpBlocked | Refusal::Disabled | Refusal::Public) => {
+                        RETRY_AFTER_REFUSAL
+                    }
+                    _ => RETRY_AFTER_FAILURE[(failures - 1).min(RETRY_AFTER_FAILURE.len() - 1)],
+                };
+                // Only the side that offers retries; the easy side answers whatever comes.
+                if role != Some(Role::Easy) {
+                    self.retry.insert(peer, (now + wait, failures));
+                }
+                Err(failure)
+            }
+        }
+    }
+
+    pub(super) fn on_connection_closed(&mut self, connection: ConnectionId) {
+        self.punched.remove(&connection);
+        self.guards.remove(&connection);
+    }
+
+    pub(super) fn punched(&self, connection: &ConnectionId) -> Option<Punched> {
+        self.punched.get(connection).copied()
+    }
+
+    /// Why a birthday punch has not connected us to `peer`, if one was tried.
+    pub(super) fn why_not(&self, peer: &PeerId, now: Instant) -> Option<String> {
+        if let Some((p, _, since)) = &self.active
+            && p == peer
+        {
+            return Some(format!("birthday punch under way ({} s)", now.saturating_duration_since(*since).as_secs()));
+        }
+        self.failed.get(peer).map(|f| format!("birthday punch failed: {f}"))
+    }
+
+    pub(super) fn stats(&self) -> BirthdayStats {
+        self.stats.clone()
+    }
+}
+
+/// What a punch task asks of the node, through its handle.
+struct TaskNode(NodeHandle);
+
+impl crate::punch::Node for TaskNode {
+    fn has_direct(&self, peer: &PeerId) -> bool {
+        self.0.has_direct(peer)
+    }
+
+    async fn dial(&self, peer: PeerId, addr: Multiaddr) {
+        let _ = self.0.request(|reply| Command::PunchDial(peer, addr, reply)).await;
+    }
+}
+
+impl EventLoop {
+    /// Our public IPv4 address when our NAT is symmetric (we would be the hard side), else `None`.
+    fn hard_side_ip(&self) -> Option<IpAddr> {
+        let evidence = self.nat_evidence();
+        let assessment = crate::nat::assess(&evidence);
+        if assessment.mapping != Mapping::EndpointDependent || assessment.udp == Udp::Blocked {
+            return None;
+        }
+        evidence
+            .observations
+            .iter()
+            .find(|o| o.transport == crate::nat::Transport::Quic && o.observed.is_ipv4())
+            .map(|o| o.observed.ip())
+    }
+
+    /// Offers a punch to one peer we reach only through relays, when we are behind a symmetric
+    /// NAT and nothing stops it (called every tick).
+    pub(super) fn birthday_when_due(&mut self) {
+        let now = Instant::now();
+        let min_interval = Duration::from_secs(self.config.birthday.min_interval_secs);
+        if !self.config.birthday_punch || self.punch.is_none() || !self.birthday.idle(min_interval, now) {
+            return;
+        }
+        let mut relayed_only: Vec<PeerId> = Vec::new();
+        for conn in self.conns.values() {
+            if !relayed_only.contains(&conn.peer) {
+                relayed_only.push(conn.peer);
+            }
+        }
+        relayed_only.retain(|peer| {
+            self.conns.values().filter(|c| c.peer == *peer).all(|c| is_relayed(&c.address)) && self.birthday.may_offer(peer, now)
+        });
+        let Some(peer) = relayed_only.into_iter().next() else { return };
+        let Some(ip) = self.hard_side_ip() else { return };
+        self.birthday.start(peer, Role::Hard, now);
+        tracing::info!(peer = %peer, %ip, "behind a symmetric NAT: offering a birthday punch");
+        let handle = self.handle.clone();
+        let Some((_, listeners)) = &self.punch else { return };
+        let listeners = listeners.clone();
+        let limits = self.config.birthday.clone();
+        tokio::spawn(async move {
+            let node = TaskNode(handle.clone());
+            let outcome = match handle.open_stream(peer, crate::behaviour::PUNCH_PROTOCOL).await {
+                Ok(Ok(opened)) => {
+                    let mut stream = opened.stream;
+                    crate::punch::hard(&mut stream, peer, ip, &limits, &listeners, &node).await
+                }
+                Ok(Err(e)) => Outcome::failed(Failure::Protocol(format!("cannot open a punch stream: {e}"))),
+                Err(_) => return,
+            };
+            let _ = handle.request(|reply| Command::PunchDone(peer, outcome, reply)).await;
+        });
+    }
+
+    /// Reads an offer on an inbound punch stream and runs the easy side if it is admitted.
+    pub(super) fn on_punch_offer(&mut self, peer: PeerId, mut stream: libp2p::Stream) {
+        let handle = self.handle.clone();
+        tokio::spawn(async move {
+            let ip = match tokio::time::timeout(crate::punch::MESSAGE_WAIT, warren_punch::read(&mut stream)).await {
+                Ok(Ok(warren_punch::Message::Offer { version: warren_punch::VERSION, ip })) => ip,
+                Ok(Ok(warren_punch::Message::Offer { .. })) => {
+                    let refuse = warren_punch::Message::Refuse { reason: Refusal::BadOffer, detail: "unsupported version".into() };
+                    let _ = warren_punch::write(&mut stream, &refuse).await;
+                    return;
+                }
+                other => {
+                    tracing::debug!(peer = %peer, ?other, "punch stream without an offer");
+                    return;
+                }
+            };
+            let admission = match handle.request(|reply| Command::PunchAdmit(peer, ip, reply)).await {
+                Ok(Ok(admission)) => admission,
+                Ok(Err(reason)) => {
+                    tracing::info!(peer = %peer, reason = reason.explain(), "birthday punch offer refused");
+                    let refuse = warren_punch::Message::Refuse { reason, detail: String::new() };
+                    let _ = warren_punch::write(&mut stream, &refuse).await;
+                    return;
+                }
+                Err(_) => return,
+            };
+            tracing::info!(peer = %peer, %ip, "birthday punch offer taken: probing");
+            let outcome = crate::punch::easy(&mut stream, peer, ip, admission, &TaskNode(handle.clone())).await;
+            let _ = handle.request(|reply| Command::PunchDone(peer, outcome, reply)).await;
+        });
+    }
+
+    /// Whether we take `peer`'s offer (see [`Refusal`] for each reason).
+    pub(super) fn punch_admit(&mut self, peer: PeerId, ip: IpAddr) -> Result<Admission, Refusal> {
+        if !self.config.birthday_punch || self.punch.is_none() {
+            return Err(Refusal::Disabled);
+        }
+        let assessment = crate::nat::assess(&self.nat_evidence());
+        match (assessment.udp, assessment.mapping) {
+            (Udp::Blocked, _) => return Err(Refusal::UdpBlocked),
+            (_, Mapping::EndpointDependent) => return Err(Refusal::BothSymmetric),
+            (_, Mapping::None) => return Err(Refusal::Public),
+            (_, Mapping::Unknown) => return Err(Refusal::Unknown),
+            (_, Mapping::EndpointIndependent) => {}
+        }
+        let Some(addr) = assessment.quic_mapped.filter(|a| a.is_ipv4()) else { return Err(Refusal::Unknown) };
+        let public_ranges = self.config.public_ranges().unwrap_or_default();
+        if !crate::punch::offer_ip_acceptable(ip, &public_ranges) {
+            return Err(Refusal::BadOffer);
+        }
+        let local_port = self.listen_addrs.iter().find_map(|a| {
+            let (ip, port) = crate::addresses::endpoint_of(a)?;
+            (ip.is_ipv4() && crate::addresses::transport_of(a) == "quic").then_some(port.number())
+        });
+        let Some(local_port) = local_port else { return Err(Refusal::Unknown) };
+        let now = Instant::now();
+        if !self.birthday.idle(Duration::from_secs(self.config.birthday.min_interval_secs), now) {
+            return Err(Refusal::Busy);
+        }
+        self.birthday.start(peer, Role::Easy, now);
+        Ok(Admission { addr, local_port, limits: self.config.birthday.clone() })
+    }
+
+    pub(super) fn punch_dial(&mut self, peer: PeerId, addr: Multiaddr) {
+        tracing::info!(peer = %peer, %addr, "birthday punch hit: dialing the punched port");
+        let opts = DialOpts::peer_id(peer).addresses(vec![addr]).condition(PeerCondition::Always).build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::info!(peer = %peer, error = %e, "dialing the punched port failed");
+        }
+    }
+
+    pub(super) fn punch_done(&mut self, peer: PeerId, outcome: Outcome) {
+        let now = Instant::now();
+        // The direct connection the punch made: the newest one to the peer.
+        let connection = if outcome.result.is_ok() {
+            self.conns.iter().filter(|(_, c)| c.peer == peer && !is_relayed(&c.address)).max_by_key(|(_, c)| c.since).map(|(id, _)| *id)
+        } else {
+            None
+        };
+        let (probes, sockets) = (outcome.probes, outcome.sockets);
+        let after = self.hole_punch.relayed_for(&peer, now);
+        match self.birthday.ended(peer, outcome, connection, after, now) {
+            Ok(p) => tracing::info!(peer = %peer, probes, sockets, took_ms = p.took.as_millis() as u64, "birthday punch: direct connection"),
+            Err(failure) => tracing::info!(peer = %peer, probes, sockets, %failure, "birthday punch failed; staying on the relay"),
+        }
+    }
+}
+
+/// `reply` is answered once the command is handled (the punch tasks wait on it only to keep
+/// their order with the loop).
+pub(super) fn answered(reply: oneshot::Sender<()>) {
+    let _ = reply.send(());
+}
