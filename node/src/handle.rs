@@ -32,7 +32,7 @@ pub enum Command {
     Netcheck(oneshot::Sender<NetcheckDraft>),
     /// A peer offered a birthday punch, seen at the IP given: admitted (we are the easy side
     /// and start), or why not.
-    PunchAdmit(PeerId, std::net::IpAddr, oneshot::Sender<Result<crate::punch::Admission, warren_punch::Refusal>>),
+    PunchAdmit(PeerId, std::net::IpAddr, oneshot::Sender<Result<crate::punch::Admission, (warren_punch::Refusal, String)>>),
     /// Dials the port a birthday punch found (answered once the dial is under way).
     PunchDial(PeerId, libp2p::Multiaddr, oneshot::Sender<()>),
     /// A birthday punch ended, either role.

@@ -126,10 +126,10 @@ impl Birthday {
                 self.failed.insert(peer, failure.to_string());
                 let failures = self.retry.get(&peer).map_or(0, |(_, n)| *n) + 1;
                 let wait = match &failure {
-                    Failure::Refused(Refusal::Busy) => RETRY_WHEN_BUSY,
-                    Failure::Refused(Refusal::BothSymmetric | Refusal::UdpBlocked | Refusal::Disabled | Refusal::Public) => {
-                        RETRY_AFTER_REFUSAL
-                    }
+                    Failure::Refused { reason: Refusal::Busy, .. } => RETRY_WHEN_BUSY,
+                    Failure::Refused {
+                        reason: Refusal::BothSymmetric | Refusal::UdpBlocked | Refusal::Disabled | Refusal::Public, ..
+                    } => RETRY_AFTER_REFUSAL,
                     _ => RETRY_AFTER_FAILURE[(failures - 1).min(RETRY_AFTER_FAILURE.len() - 1)],
                 };
                 // Only the side that offers retries; the easy side answers whatever comes.
@@ -250,9 +250,9 @@ impl EventLoop {
             };
             let admission = match handle.request(|reply| Command::PunchAdmit(peer, ip, reply)).await {
                 Ok(Ok(admission)) => admission,
-                Ok(Err(reason)) => {
-                    tracing::info!(peer = %peer, reason = reason.explain(), "birthday punch offer refused");
-                    let refuse = warren_punch::Message::Refuse { reason, detail: String::new() };
+                Ok(Err((reason, detail))) => {
+                    tracing::info!(peer = %peer, reason = reason.explain(), %detail, "birthday punch offer refused");
+                    let refuse = warren_punch::Message::Refuse { reason, detail: warren_punch::detail(detail) };
                     let _ = warren_punch::write(&mut stream, &refuse).await;
                     return;
                 }
@@ -264,32 +264,41 @@ impl EventLoop {
         });
     }
 
-    /// Whether we take `peer`'s offer (see [`Refusal`] for each reason).
-    pub(super) fn punch_admit(&mut self, peer: PeerId, ip: IpAddr) -> Result<Admission, Refusal> {
+    /// Whether we take `peer`'s offer (see [`Refusal`] for each reason), with a detail for the
+    /// peer's `warren peers`: the first reason of our NAT assessment where that is the cause.
+    pub(super) fn punch_admit(&mut self, peer: PeerId, ip: IpAddr) -> Result<Admission, (Refusal, String)> {
         if !self.config.birthday_punch || self.punch.is_none() {
-            return Err(Refusal::Disabled);
+            return Err((Refusal::Disabled, String::new()));
         }
         let assessment = crate::nat::assess(&self.nat_evidence());
+        let why = assessment.reasons.first().cloned().unwrap_or_default();
         match (assessment.udp, assessment.mapping) {
-            (Udp::Blocked, _) => return Err(Refusal::UdpBlocked),
-            (_, Mapping::EndpointDependent) => return Err(Refusal::BothSymmetric),
-            (_, Mapping::None) => return Err(Refusal::Public),
-            (_, Mapping::Unknown) => return Err(Refusal::Unknown),
+            (Udp::Blocked, _) => return Err((Refusal::UdpBlocked, why)),
+            (_, Mapping::EndpointDependent) => return Err((Refusal::BothSymmetric, String::new())),
+            (_, Mapping::None) => return Err((Refusal::Public, String::new())),
+            // No QUIC connection at all while TCP reaches peers: UDP is most likely blocked,
+            // but only a QUIC probe (`warren netcheck`) says so for sure.
+            (Udp::Unknown, _) if self.conns.values().any(|c| !is_relayed(&c.address)) => {
+                return Err((Refusal::Unknown, "no QUIC connection to any peer while TCP works: UDP may be blocked here".into()));
+            }
+            (_, Mapping::Unknown) => return Err((Refusal::Unknown, why)),
             (_, Mapping::EndpointIndependent) => {}
         }
-        let Some(addr) = assessment.quic_mapped.filter(|a| a.is_ipv4()) else { return Err(Refusal::Unknown) };
+        let Some(addr) = assessment.quic_mapped.filter(|a| a.is_ipv4()) else {
+            return Err((Refusal::Unknown, "no IPv4 address peers agree on for our QUIC socket".into()));
+        };
         let public_ranges = self.config.public_ranges().unwrap_or_default();
         if !crate::punch::offer_ip_acceptable(ip, &public_ranges) {
-            return Err(Refusal::BadOffer);
+            return Err((Refusal::BadOffer, format!("{ip} is not a public IPv4 address")));
         }
         let local_port = self.listen_addrs.iter().find_map(|a| {
             let (ip, port) = crate::addresses::endpoint_of(a)?;
             (ip.is_ipv4() && crate::addresses::transport_of(a) == "quic").then_some(port.number())
         });
-        let Some(local_port) = local_port else { return Err(Refusal::Unknown) };
+        let Some(local_port) = local_port else { return Err((Refusal::Unknown, "no IPv4 QUIC listener".into())) };
         let now = Instant::now();
         if !self.birthday.idle(Duration::from_secs(self.config.birthday.min_interval_secs), now) {
-            return Err(Refusal::Busy);
+            return Err((Refusal::Busy, String::new()));
         }
         self.birthday.start(peer, Role::Easy, now);
         Ok(Admission { addr, local_port, limits: self.config.birthday.clone() })

@@ -131,9 +131,9 @@ pub struct Success {
 /// Why a punch made no direct connection.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Failure {
-    /// The easy side would not punch.
-    #[error("{}", .0.explain())]
-    Refused(Refusal),
+    /// The easy side would not punch; `detail` is what it added (maybe nothing).
+    #[error("{}{}{detail}", reason.explain(), if detail.is_empty() { "" } else { ": " })]
+    Refused { reason: Refusal, detail: String },
     /// The other side gave up (its probes or its time ran out, or it failed).
     #[error("the peer gave up: {0}")]
     PeerGaveUp(String),
@@ -199,7 +199,7 @@ pub async fn hard<S: AsyncRead + AsyncWrite + Unpin>(
     let mut outcome = Outcome { probes: 0, sockets: 0, took: Duration::ZERO, result: Err(Failure::NoConnection) };
     outcome.result = hard_steps(stream, peer, ip, sockets, listeners, node, &mut outcome.sockets).await;
     if let Err(failure) = &outcome.result
-        && !matches!(failure, Failure::Refused(_) | Failure::PeerGaveUp(_) | Failure::Protocol(_))
+        && !matches!(failure, Failure::Refused { .. } | Failure::PeerGaveUp(_) | Failure::Protocol(_))
     {
         let _ = write(stream, &Message::GiveUp { detail: warren_punch::detail(failure.to_string()) }).await;
     }
@@ -219,7 +219,7 @@ async fn hard_steps<S: AsyncRead + AsyncWrite + Unpin>(
     write(stream, &Message::Offer { version: warren_punch::VERSION, ip }).await?;
     let (addr, token, probes, interval_ms) = match read(stream).await? {
         Message::Accept { addr, token, probes, interval_ms } => (addr, token, probes, interval_ms),
-        Message::Refuse { reason, .. } => return Err(Failure::Refused(reason)),
+        Message::Refuse { reason, detail } => return Err(Failure::Refused { reason, detail }),
         other => return Err(Failure::Protocol(format!("expected an answer to our offer, got {other:?}"))),
     };
     if !addr.is_ipv4() {
@@ -227,7 +227,7 @@ async fn hard_steps<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let fan = sockets::Fan::open(sockets, addr, token).map_err(|e| Failure::Local(format!("opening {sockets} sockets: {e}")))?;
     *opened = fan.len();
-    fan.round(Some(FIRST_ROUND_TTL));
+    fan.round(Some(FIRST_ROUND_TTL)).await;
     write(stream, &Message::Ready { sockets: fan.len() }).await?;
     // The easy side sends `probes` probes, one per interval; a little more for the last to arrive.
     let probing = Duration::from_millis(u64::from(interval_ms.max(1)) * u64::from(probes)).min(Duration::from_secs(120));
@@ -240,7 +240,7 @@ async fn hard_steps<S: AsyncRead + AsyncWrite + Unpin>(
         loop {
             tokio::select! {
                 hit = fan.hit() => break hit.map_err(|e| Failure::Local(format!("receiving probes: {e}")))?,
-                _ = refresh.tick() => fan.round(Some(DEFAULT_TTL)),
+                _ = refresh.tick() => fan.round(Some(DEFAULT_TTL)).await,
                 message = &mut message => return Err(match message {
                     Ok(Message::GiveUp { detail }) => Failure::PeerGaveUp(detail),
                     Ok(other) => Failure::Protocol(format!("unexpected {other:?} while waiting for probes")),
@@ -314,8 +314,7 @@ async fn easy_steps<S: AsyncRead + AsyncWrite + Unpin>(
             _ = tick.tick(), if *sent < limits.probes => {
                 let port = rand::Rng::gen_range(&mut rand::thread_rng(), LOWEST_PROBED_PORT..=u16::MAX);
                 let packet = Packet { token, port }.encode();
-                // A full send buffer drops this probe; the next one goes out a tick later.
-                if socket.try_send_to(&packet, SocketAddr::new(ip, port)).is_ok() {
+                if socket.send_to(&packet, SocketAddr::new(ip, port)).await.is_ok() {
                     *sent += 1;
                 }
             }

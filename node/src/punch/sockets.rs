@@ -52,14 +52,15 @@ impl Fan {
         u16::try_from(self.sockets.len()).unwrap_or(u16::MAX)
     }
 
-    /// Every socket sends one packet to the target, with `ttl` when given. A socket whose send
-    /// buffer is full skips this round.
-    pub fn round(&self, ttl: Option<u32>) {
+    /// Every socket sends one packet to the target, with `ttl` when given. (Awaited, not
+    /// `try_send_to`: a fresh socket is not known to be writable until the reactor has polled
+    /// it once, so a first round of `try_send_to` sends nothing.)
+    pub async fn round(&self, ttl: Option<u32>) {
         for socket in &self.sockets {
             if let Some(ttl) = ttl {
                 let _ = socket.set_ttl(ttl);
             }
-            let _ = socket.try_send_to(&self.packet, self.target);
+            let _ = socket.send_to(&self.packet, self.target).await;
         }
     }
 
@@ -103,8 +104,9 @@ mod tests {
         let easy = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let target = easy.local_addr().unwrap();
         let token = [9u8; TOKEN_LEN];
+        easy.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
         let fan = Fan::open(4, target, token).unwrap();
-        fan.round(None);
+        fan.round(None).await;
         let mut buf = [0u8; 64];
         let (n, from) = easy.recv_from(&mut buf).unwrap();
         assert_eq!(Packet::decode(&buf[..n]), Some(Packet { token, port: 0 }));

@@ -675,6 +675,47 @@ pub fn markdown(cells: &[Cell], latency: Duration) -> String {
     out
 }
 
+/// The value at quantile `q` (0 to 1) of `values`, nearest rank.
+fn quantile(values: &[f64], q: f64) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len().max(1));
+    sorted.get(rank - 1).copied()
+}
+
+/// For repeated runs (`natlab --repeat`): per pair, how often it went direct (and within
+/// `within` of first contact), the time to direct and the birthday probes used (median, p90).
+pub fn repeat_summary(cells: &[Cell], within: Duration) -> String {
+    let mut out = "| A → B | runs | forward ok | direct | direct within {W} s | time to direct p50 / p90 | birthday probes p50 / p90 |\n|---|---|---|---|---|---|---|\n"
+        .replace("{W}", &within.as_secs().to_string());
+    let mut labels: Vec<String> = Vec::new();
+    for c in cells {
+        if !labels.contains(&label(c)) {
+            labels.push(label(c));
+        }
+    }
+    let pair = |v: Option<f64>, w: Option<f64>, f: &dyn Fn(f64) -> String| match (v, w) {
+        (Some(a), Some(b)) => format!("{} / {}", f(a), f(b)),
+        _ => "-".to_string(),
+    };
+    for name in labels {
+        let runs: Vec<&Cell> = cells.iter().filter(|c| label(c) == name).collect();
+        let ok = runs.iter().filter(|c| c.reached && c.transfer_ok).count();
+        let direct: Vec<&&Cell> = runs.iter().filter(|c| c.direct).collect();
+        let times: Vec<f64> = direct.iter().filter_map(|c| c.direct_after_ms).collect();
+        let in_time = times.iter().filter(|ms| **ms <= within.as_millis() as f64).count();
+        let probes: Vec<f64> = direct.iter().filter_map(|c| c.birthday_probes.map(f64::from)).collect();
+        out.push_str(&format!(
+            "| {name} | {} | {ok} | {} | {in_time} | {} | {} |\n",
+            runs.len(),
+            direct.len(),
+            pair(quantile(&times, 0.5), quantile(&times, 0.9), &|ms| format!("{:.1} s", ms / 1000.0)),
+            pair(quantile(&probes, 0.5), quantile(&probes, 0.9), &|p| format!("{p:.0}")),
+        ));
+    }
+    out
+}
+
 /// A heat-map of the cells: green direct, amber relayed (forward working), red failed.
 pub fn svg(cells: &[Cell]) -> String {
     let row_h = 34;

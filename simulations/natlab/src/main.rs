@@ -31,6 +31,10 @@ struct Args {
     /// every cell checked again)
     #[arg(long)]
     no_restart: bool,
+    /// Run every cell this many times (fresh nodes and ports each time) and add a summary per
+    /// pair: how often it went direct, time to direct and birthday probes (median, p90)
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    repeat: usize,
     /// Remove every lab namespace left behind (by any run) and exit
     #[arg(long)]
     cleanup: bool,
@@ -83,7 +87,10 @@ fn main() -> ExitCode {
     let opts = Options {
         warren: std::fs::canonicalize(&args.warren).unwrap_or(args.warren.clone()),
         latency: Duration::from_millis(args.latency_ms),
-        pairs: if args.pairs.is_empty() { full_matrix() } else { args.pairs.clone() },
+        pairs: {
+            let pairs = if args.pairs.is_empty() { full_matrix() } else { args.pairs.clone() };
+            (0..args.repeat.max(1)).flat_map(|_| pairs.clone()).collect()
+        },
         work_dir: work_dir.clone(),
         keep_logs: args.keep_logs,
         restart: !args.no_restart,
@@ -124,7 +131,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let table = markdown(&cells, opts.latency);
+    let mut table = markdown(&cells, opts.latency);
+    if args.repeat > 1 {
+        table.push_str(&format!("\n{}", warren_natlab::repeat_summary(&cells, Duration::from_secs(40))));
+    }
     println!("\n{table}\nwhole run: {:.0} s", started.elapsed().as_secs_f64());
     if let Err(e) = std::fs::create_dir_all(&args.out)
         .and_then(|()| std::fs::write(args.out.join("matrix.md"), &table))
