@@ -234,16 +234,19 @@ pub struct Connection {
     /// For a direct connection made by hole punching: milliseconds from the first relayed
     /// contact with the peer to this connection.
     pub punched_after_ms: Option<f64>,
-    /// For a connection a birthday punch made: the probes we sent (the easy side) or the
-    /// sockets we opened (the hard side), and how long the punch took.
+    /// For a connection a birthday punch made: our side, the probes and sockets, and how long
+    /// the punch took.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub birthday: Option<BirthdayPunched>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BirthdayPunched {
+    /// Our side: `symmetric` (we offered and opened the sockets) or `easy` (we probed).
+    pub side: String,
+    /// Probes we sent (the easy side; 0 on the symmetric side).
     pub probes: u32,
-    /// Sockets opened, when we were the hard side.
+    /// Sockets the symmetric side opened.
     pub sockets: u16,
     pub took_ms: f64,
 }

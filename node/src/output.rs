@@ -100,7 +100,11 @@ pub fn peers(peers: &[api::PeerEntry]) -> String {
             let path = if c.birthday.is_some() { format!("{} (birthday)", c.path) } else { c.path.clone() };
             let _ = writeln!(out, "{name:<52}  {path:<17}  {:<4}  {rtt:>9}  {punched:>8}  {}", c.transport, c.address);
             if let Some(b) = &c.birthday {
-                let what = if b.probes > 0 { format!("{} probes sent", b.probes) } else { format!("{} sockets opened", b.sockets) };
+                let what = if b.side == "easy" {
+                    format!("we sent {} probes to the peer's {} sockets", b.probes, b.sockets)
+                } else {
+                    format!("we opened {} sockets for the peer's probes", b.sockets)
+                };
                 let _ = writeln!(out, "{:<52}  birthday punch: {what}, {:.1} s", "", b.took_ms / 1000.0);
             }
         }

@@ -42,6 +42,7 @@ pub(super) enum Role {
 /// What a birthday punch made of one connection.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct Punched {
+    pub(super) hard: bool,
     pub(super) probes: u32,
     pub(super) sockets: u16,
     pub(super) took: Duration,
@@ -59,6 +60,9 @@ pub(super) struct Birthday {
     punched: HashMap<ConnectionId, Punched>,
     /// The hard side's listeners, kept as long as their connections live.
     guards: HashMap<ConnectionId, ListenGuard>,
+    /// The punched address we last dialed (the easy side): a mapping that lasts only while the
+    /// connection does, so it is not stored as an address of the peer.
+    dialed: Option<Multiaddr>,
     stats: BirthdayStats,
 }
 
@@ -71,6 +75,7 @@ impl Birthday {
             failed: HashMap::new(),
             punched: HashMap::new(),
             guards: HashMap::new(),
+            dialed: None,
             stats: BirthdayStats::default(),
         }
     }
@@ -106,7 +111,7 @@ impl Birthday {
             self.ended_at = Some(now);
         }
         self.stats.probes_sent += u64::from(outcome.probes);
-        let punched = Punched { probes: outcome.probes, sockets: outcome.sockets, took: outcome.took, after };
+        let punched = Punched { hard: outcome.hard, probes: outcome.probes, sockets: outcome.sockets, took: outcome.took, after };
         match outcome.result {
             Ok(success) => {
                 self.stats.successes += 1;
@@ -127,7 +132,8 @@ impl Birthday {
                 let failures = self.retry.get(&peer).map_or(0, |(_, n)| *n) + 1;
                 let wait = match &failure {
                     Failure::Refused { reason: Refusal::Busy, .. } => RETRY_WHEN_BUSY,
-                    Failure::Refused {
+                    Failure::Unsupported
+                    | Failure::Refused {
                         reason: Refusal::BothSymmetric | Refusal::UdpBlocked | Refusal::Disabled | Refusal::Public, ..
                     } => RETRY_AFTER_REFUSAL,
                     _ => RETRY_AFTER_FAILURE[(failures - 1).min(RETRY_AFTER_FAILURE.len() - 1)],
@@ -141,9 +147,22 @@ impl Birthday {
         }
     }
 
-    pub(super) fn on_connection_closed(&mut self, connection: ConnectionId) {
-        self.punched.remove(&connection);
+    /// A connection closed; if a birthday punch made it, what the punch was.
+    pub(super) fn on_connection_closed(&mut self, connection: ConnectionId) -> Option<Punched> {
         self.guards.remove(&connection);
+        self.punched.remove(&connection)
+    }
+
+    /// A punched connection to `peer` died (its NAT mapping changed or expired): the next punch
+    /// may start at once, without the pause or the peer's backoff.
+    pub(super) fn punch_again_now(&mut self, peer: PeerId) {
+        self.retry.remove(&peer);
+        self.ended_at = None;
+    }
+
+    /// Whether `addr` is the punched address we dialed (see `dialed`).
+    pub(super) fn is_punched_addr(&self, addr: &Multiaddr) -> bool {
+        self.dialed.as_ref().is_some_and(|d| crate::addresses::without_p2p(addr) == *d)
     }
 
     pub(super) fn punched(&self, connection: &ConnectionId) -> Option<Punched> {
@@ -179,6 +198,29 @@ impl crate::punch::Node for TaskNode {
 }
 
 impl EventLoop {
+    /// A connection closed: if a birthday punch made it and we were the side that offers, punch
+    /// again at once, reaching the peer through a relay first if nothing else is left.
+    pub(super) fn birthday_connection_closed(&mut self, peer: PeerId, connection: ConnectionId) {
+        let Some(punched) = self.birthday.on_connection_closed(connection) else { return };
+        if !punched.hard {
+            return; // the easy side waits for the peer's next offer
+        }
+        let direct = self.conns.values().any(|c| c.peer == peer && !is_relayed(&c.address));
+        if direct {
+            return;
+        }
+        tracing::info!(peer = %peer, "birthday-punched connection lost; punching again");
+        self.birthday.punch_again_now(peer);
+        if !self.conns.values().any(|c| c.peer == peer) {
+            let handle = self.handle.clone();
+            tokio::spawn(async move {
+                if let Err(e) = handle.connect(peer).await {
+                    tracing::info!(peer = %peer, error = %e, "cannot reach the peer again to punch");
+                }
+            });
+        }
+    }
+
     /// Our public IPv4 address when our NAT is symmetric (we would be the hard side), else `None`.
     fn hard_side_ip(&self) -> Option<IpAddr> {
         let evidence = self.nat_evidence();
@@ -225,6 +267,9 @@ impl EventLoop {
                     let mut stream = opened.stream;
                     crate::punch::hard(&mut stream, peer, ip, &limits, &listeners, &node).await
                 }
+                // A peer that does not speak the protocol (another implementation, an old warren)
+                // is asked again only as rarely as one that turned punching off.
+                Ok(Err(warren_forward::OpenError::Unsupported(_))) => Outcome::failed(Failure::Unsupported),
                 Ok(Err(e)) => Outcome::failed(Failure::Protocol(format!("cannot open a punch stream: {e}"))),
                 Err(_) => return,
             };
@@ -270,6 +315,9 @@ impl EventLoop {
         if !self.config.birthday_punch || self.punch.is_none() {
             return Err((Refusal::Disabled, String::new()));
         }
+        if self.conns.values().any(|c| c.peer == peer && !is_relayed(&c.address)) {
+            return Err((Refusal::AlreadyDirect, String::new()));
+        }
         let assessment = crate::nat::assess(&self.nat_evidence());
         let why = assessment.reasons.first().cloned().unwrap_or_default();
         match (assessment.udp, assessment.mapping) {
@@ -306,6 +354,7 @@ impl EventLoop {
 
     pub(super) fn punch_dial(&mut self, peer: PeerId, addr: Multiaddr) {
         tracing::info!(peer = %peer, %addr, "birthday punch hit: dialing the punched port");
+        self.birthday.dialed = Some(addr.clone());
         let opts = DialOpts::peer_id(peer).addresses(vec![addr]).condition(PeerCondition::Always).build();
         if let Err(e) = self.swarm.dial(opts) {
             tracing::info!(peer = %peer, error = %e, "dialing the punched port failed");
@@ -333,4 +382,59 @@ impl EventLoop {
 /// their order with the loop).
 pub(super) fn answered(reply: oneshot::Sender<()>) {
     let _ = reply.send(());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::punch::Success;
+
+    fn outcome(result: Result<Success, Failure>) -> Outcome {
+        Outcome { hard: false, probes: 300, sockets: 256, took: Duration::from_secs(6), result }
+    }
+
+    #[test]
+    fn one_punch_runs_at_a_time_with_a_pause_after_it() {
+        let (mut b, peer, now) = (Birthday::new(), PeerId::random(), Instant::now());
+        let pause = Duration::from_secs(10);
+        assert!(b.idle(pause, now));
+        b.start(peer, Role::Easy, now);
+        assert!(!b.idle(pause, now + Duration::from_secs(100)), "busy while one runs");
+        let conn = ConnectionId::new_unchecked(3);
+        let ended = b.ended(peer, outcome(Ok(Success { guard: None, port: None })), Some(conn), Some(Duration::from_secs(7)), now);
+        assert_eq!(ended.unwrap().probes, 300);
+        assert!(!b.idle(pause, now + Duration::from_secs(9)));
+        assert!(b.idle(pause, now + Duration::from_secs(10)));
+        assert_eq!(b.punched(&conn).unwrap().after, Some(Duration::from_secs(7)));
+        b.on_connection_closed(conn);
+        assert_eq!(b.punched(&conn), None);
+        let stats = b.stats();
+        assert_eq!((stats.attempts, stats.successes, stats.failures, stats.probes_sent), (1, 1, 0, 300));
+    }
+
+    #[test]
+    fn the_offering_side_backs_off_by_what_went_wrong_and_the_easy_side_never_does() {
+        let (mut b, now) = (Birthday::new(), Instant::now());
+        let (busy, both, lost, offered) = (PeerId::random(), PeerId::random(), PeerId::random(), PeerId::random());
+        for (peer, failure) in [
+            (busy, Failure::Refused { reason: Refusal::Busy, detail: String::new() }),
+            (both, Failure::Refused { reason: Refusal::BothSymmetric, detail: String::new() }),
+            (lost, Failure::NoHit(1750)),
+            (lost, Failure::NoHit(1750)),
+        ] {
+            b.start(peer, Role::Hard, now);
+            assert!(b.ended(peer, outcome(Err(failure)), None, None, now).is_err());
+        }
+        assert!(!b.may_offer(&busy, now + RETRY_WHEN_BUSY - Duration::from_secs(1)));
+        assert!(b.may_offer(&busy, now + RETRY_WHEN_BUSY));
+        assert!(!b.may_offer(&both, now + Duration::from_secs(3599)), "symmetric NATs do not change soon");
+        assert!(!b.may_offer(&lost, now + RETRY_AFTER_FAILURE[0]), "the second failure waits longer");
+        assert!(b.may_offer(&lost, now + RETRY_AFTER_FAILURE[1]));
+        assert!(b.why_not(&lost, now).unwrap().contains("none of 1750 probes"), "{:?}", b.why_not(&lost, now));
+        b.start(offered, Role::Easy, now);
+        assert!(b.why_not(&offered, now).unwrap().contains("under way"));
+        let _ = b.ended(offered, outcome(Err(Failure::NoHit(1750))), None, None, now);
+        assert!(b.may_offer(&offered, now), "the easy side answers; it schedules nothing");
+        assert_eq!(b.stats().failures, 5);
+    }
 }

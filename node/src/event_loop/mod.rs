@@ -407,6 +407,7 @@ impl EventLoop {
                     policy.scope(&address)
                 };
                 let worked = without_p2p(&address);
+                let punched = self.birthday.is_punched_addr(&address);
                 self.book.update(peer_id, |r| {
                     r.last_seen = now;
                     if let Some(scope) = scope {
@@ -414,7 +415,7 @@ impl EventLoop {
                         scopes.insert(scope);
                         r.scopes = scopes.0;
                     }
-                    if outbound {
+                    if outbound && !punched {
                         r.last_dial_ok = Some(now);
                         r.addr_worked(worked, now);
                     }
@@ -451,7 +452,7 @@ impl EventLoop {
                     }
                 }
                 self.hole_punch.on_connection_closed(connection_id);
-                self.birthday.on_connection_closed(connection_id);
+                self.birthday_connection_closed(peer_id, connection_id);
                 if num_established == 0 {
                     self.hole_punch.on_disconnected(&peer_id);
                     if let Some(by_ip) = &self.reservations_by_ip {

@@ -137,6 +137,7 @@ impl EventLoop {
                                 .or(birthday.and_then(|b| b.after))
                                 .map(|d| d.as_secs_f64() * 1000.0),
                             birthday: birthday.map(|b| api::BirthdayPunched {
+                                side: if b.hard { "symmetric" } else { "easy" }.to_string(),
                                 probes: b.probes,
                                 sockets: b.sockets,
                                 took_ms: b.took.as_secs_f64() * 1000.0,

@@ -105,8 +105,11 @@ pub trait Node: Send + Sync {
 /// How a punch ended.
 #[derive(Debug)]
 pub struct Outcome {
-    /// Probes sent (easy side) or sockets opened (hard side).
+    /// Whether we were the hard side (we offered and opened the sockets).
+    pub hard: bool,
+    /// Probes we sent (the easy side).
     pub probes: u32,
+    /// Sockets the hard side opened (we, or the peer as it told us).
     pub sockets: u16,
     pub took: Duration,
     pub result: Result<Success, Failure>,
@@ -115,7 +118,7 @@ pub struct Outcome {
 impl Outcome {
     /// A punch that failed before it sent or opened anything.
     pub fn failed(failure: Failure) -> Self {
-        Outcome { probes: 0, sockets: 0, took: Duration::ZERO, result: Err(failure) }
+        Outcome { hard: true, probes: 0, sockets: 0, took: Duration::ZERO, result: Err(failure) }
     }
 }
 
@@ -134,6 +137,9 @@ pub enum Failure {
     /// The easy side would not punch; `detail` is what it added (maybe nothing).
     #[error("{}{}{detail}", reason.explain(), if detail.is_empty() { "" } else { ": " })]
     Refused { reason: Refusal, detail: String },
+    /// The peer does not speak the protocol (another implementation, an older warren).
+    #[error("the peer does not speak {}", warren_punch::PROTOCOL)]
+    Unsupported,
     /// The other side gave up (its probes or its time ran out, or it failed).
     #[error("the peer gave up: {0}")]
     PeerGaveUp(String),
@@ -196,7 +202,7 @@ pub async fn hard<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Outcome {
     let started = Instant::now();
     let sockets = limits.sockets.min(warren_punch::MAX_SOCKETS);
-    let mut outcome = Outcome { probes: 0, sockets: 0, took: Duration::ZERO, result: Err(Failure::NoConnection) };
+    let mut outcome = Outcome { hard: true, probes: 0, sockets: 0, took: Duration::ZERO, result: Err(Failure::NoConnection) };
     outcome.result = hard_steps(stream, peer, ip, sockets, listeners, node, &mut outcome.sockets).await;
     if let Err(failure) = &outcome.result
         && !matches!(failure, Failure::Refused { .. } | Failure::PeerGaveUp(_) | Failure::Protocol(_))
@@ -271,7 +277,7 @@ pub async fn easy<S: AsyncRead + AsyncWrite + Unpin>(
     node: &impl Node,
 ) -> Outcome {
     let started = Instant::now();
-    let mut outcome = Outcome { probes: 0, sockets: 0, took: Duration::ZERO, result: Err(Failure::NoConnection) };
+    let mut outcome = Outcome { hard: false, probes: 0, sockets: 0, took: Duration::ZERO, result: Err(Failure::NoConnection) };
     outcome.result = easy_steps(stream, peer, ip, &admission, node, &mut outcome.probes, &mut outcome.sockets).await;
     if let Err(failure) = &outcome.result
         && !matches!(failure, Failure::PeerGaveUp(_) | Failure::Protocol(_))

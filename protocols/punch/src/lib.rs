@@ -90,6 +90,8 @@ pub enum Refusal {
     Unknown,
     /// The offer is not acceptable (version, a non-public IP).
     BadOffer,
+    /// The two nodes already have a direct connection.
+    AlreadyDirect,
 }
 
 impl Refusal {
@@ -103,6 +105,7 @@ impl Refusal {
             Refusal::Public => "the peer is publicly reachable",
             Refusal::Unknown => "the peer does not know its NAT's mapping yet",
             Refusal::BadOffer => "the peer refused our offer as invalid",
+            Refusal::AlreadyDirect => "the peer already has a direct connection to us",
         }
     }
 }

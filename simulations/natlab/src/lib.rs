@@ -83,17 +83,54 @@ pub struct Pair {
     /// After the transfer, cut the direct path at A's router: traffic must fall back to the
     /// relay; then restore it: the nodes must punch again.
     pub repunch: bool,
+    /// Once direct, change A's router's mappings in the middle of a 100 MB transfer.
+    pub rebind: Option<Rebind>,
 }
+
+/// How a rebinding cell changes A's router in the middle of a transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Rebind {
+    /// Every conntrack entry flushed: each flow is mapped afresh (the same port where the NAT
+    /// keeps ports and the port is free).
+    Flush,
+    /// The masquerade moved to other ports, then the entries flushed: every flow gets a new
+    /// public port.
+    Ports,
+}
+
+/// What a rebinding cell saw.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Rebinding {
+    /// The 100 MB transfer came back intact.
+    pub transfer_ok: bool,
+    pub error: Option<String>,
+    /// The longest time no byte came back during the transfer, seconds.
+    pub stall_s: Option<f64>,
+    pub took_s: Option<f64>,
+    /// The path the forward reported afterwards.
+    pub path_after: Option<String>,
+    /// A direct connection existed right after the transfer.
+    pub direct_after: bool,
+    /// If not: seconds until one was back.
+    pub direct_again_after_s: Option<f64>,
+}
+
+/// The transfer a rebinding cell disturbs.
+const REBIND_BYTES: usize = 100 * 1024 * 1024;
+/// When, into that transfer, the router is changed.
+const REBIND_AFTER: Duration = Duration::from_secs(2);
 
 impl Pair {
     pub fn new(a: SiteKind, b: SiteKind) -> Pair {
-        Pair { a, b, transports: Transports::Both, repunch: false }
+        Pair { a, b, transports: Transports::Both, repunch: false, rebind: None }
     }
 }
 
 impl std::str::FromStr for Pair {
     type Err = String;
-    /// `A:B`, `A:B:tcp` or `A:B:repunch`, kinds by name (`eim:symmetric`, `same-lan:same-lan`).
+    /// `A:B`, `A:B:tcp`, `A:B:repunch`, `A:B:rebind` or `A:B:rebind-ports`, kinds by name
+    /// (`eim:symmetric`, `same-lan:same-lan`).
     fn from_str(s: &str) -> Result<Self, String> {
         use clap::ValueEnum;
         let parts: Vec<&str> = s.split(':').collect();
@@ -102,7 +139,9 @@ impl std::str::FromStr for Pair {
             [a, b] => Ok(Pair::new(kind(a)?, kind(b)?)),
             [a, b, "tcp"] => Ok(Pair { transports: Transports::Tcp, ..Pair::new(kind(a)?, kind(b)?) }),
             [a, b, "repunch"] => Ok(Pair { repunch: true, ..Pair::new(kind(a)?, kind(b)?) }),
-            _ => Err(format!("{s:?}: expected A:B, A:B:tcp or A:B:repunch, e.g. eim:symmetric")),
+            [a, b, "rebind"] => Ok(Pair { rebind: Some(Rebind::Flush), ..Pair::new(kind(a)?, kind(b)?) }),
+            [a, b, "rebind-ports"] => Ok(Pair { rebind: Some(Rebind::Ports), ..Pair::new(kind(a)?, kind(b)?) }),
+            _ => Err(format!("{s:?}: expected A:B, A:B:tcp, A:B:repunch, A:B:rebind or A:B:rebind-ports, e.g. eim:symmetric")),
         }
     }
 }
@@ -158,6 +197,11 @@ pub struct Cell {
     pub error: Option<String>,
     /// For a re-punch cell: what happened when the direct path was cut, then restored.
     pub repunch: Option<Repunch>,
+    /// The disturbance asked for, and what it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub a_rebind: Option<Rebind>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rebind: Option<Rebinding>,
     /// What the same forward did after the whole lab was restarted with its data dirs.
     pub after_restart: Option<AfterRestart>,
 }
@@ -324,10 +368,13 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Cell)) -> Result<Vec<Cell>,
             seconds: 0.0,
             error: None,
             repunch: None,
+            a_rebind: pair.rebind,
+            rebind: None,
             after_restart: None,
         };
         let cut = pair.repunch.then(|| a_site.edge.clone().map(|edge| (edge, b_site.wan))).flatten();
-        match run_cell(&core, &a_host, &b_host, port, pair.transports, cut, &dir, opts, &mut cell) {
+        let rebind = pair.rebind.and_then(|r| a_site.edge.clone().map(|edge| (r, edge)));
+        match run_cell(&core, &a_host, &b_host, port, pair.transports, cut, rebind, &dir, opts, &mut cell) {
             Ok(mut nodes) => {
                 // Stopped until the restart phase, so that later cells run as before.
                 nodes.a.terminate();
@@ -414,6 +461,7 @@ fn run_cell(
     port: u16,
     transports: Transports,
     cut: Option<(String, std::net::Ipv4Addr)>,
+    rebind: Option<(Rebind, String)>,
     dir: &Path,
     opts: &Options,
     cell: &mut Cell,
@@ -489,6 +537,11 @@ fn run_cell(
     {
         cell.repunch = Some(repunch(&a, &b, &a_host.ns, bind, &edge, b_wan));
     }
+    if let Some((how, edge)) = rebind
+        && cell.direct
+    {
+        cell.rebind = Some(rebinding(&a, &b, &a_host.ns, bind, how, &edge));
+    }
     Ok(Kept { index: 0, a, b, a_ns: a_host.ns.clone(), bind, _echo: echo })
 }
 
@@ -510,6 +563,37 @@ fn repunch(a: &Node, b: &Node, a_ns: &str, bind: SocketAddr, edge: &str, b_wan: 
     let restored = Instant::now();
     if wait_for(Duration::from_secs(40), || direct_connection(a, &b.peer_id)).is_some() {
         result.direct_again_after_s = Some(restored.elapsed().as_secs_f64());
+    }
+    result
+}
+
+/// Changes A's router (`how`) 2 s into a 100 MB transfer over the direct path: the transfer
+/// must come back intact; the longest stall and the path afterwards are recorded.
+fn rebinding(a: &Node, b: &Node, a_ns: &str, bind: SocketAddr, how: Rebind, edge: &str) -> Rebinding {
+    let mut result = Rebinding::default();
+    let ns = a_ns.to_string();
+    let transfer = std::thread::spawn(move || nodes::transfer_watched(&ns, bind, REBIND_BYTES, TRANSFER_TIMEOUT * 2));
+    // The disturbance is scheduled into the transfer, not a condition to wait for.
+    std::thread::sleep(REBIND_AFTER);
+    if let Err(e) = topo::rebind(edge, how == Rebind::Ports) {
+        result.error = Some(e);
+    }
+    match transfer.join() {
+        Ok(Ok(watched)) => {
+            result.transfer_ok = result.error.is_none();
+            result.stall_s = Some(watched.longest_stall.as_secs_f64());
+            result.took_s = Some(watched.took.as_secs_f64());
+        }
+        Ok(Err(e)) => result.error = Some(e),
+        Err(_) => result.error = Some("the transfer thread panicked".into()),
+    }
+    result.path_after = forward_info(a, bind).and_then(|f| f["path"].as_str().map(String::from));
+    result.direct_after = direct_connection(a, &b.peer_id).is_some();
+    if !result.direct_after {
+        let since = Instant::now();
+        if wait_for(DIRECT_WAIT, || direct_connection(a, &b.peer_id)).is_some() {
+            result.direct_again_after_s = Some(since.elapsed().as_secs_f64());
+        }
     }
     result
 }
@@ -590,11 +674,21 @@ pub fn describe(cell: &Cell) -> String {
         ),
         None => String::new(),
     };
+    let rebind = match &cell.rebind {
+        Some(r) => format!(
+            "; router rebound 2 s into 100 MB: {}, longest stall {}, then {}{}",
+            if r.transfer_ok { "intact".to_string() } else { format!("FAILED ({})", r.error.as_deref().unwrap_or("?")) },
+            r.stall_s.map(|s| format!("{s:.2} s")).unwrap_or_else(|| "-".into()),
+            if r.direct_after { "still direct" } else { "no direct connection" },
+            r.direct_again_after_s.map(|s| format!(", direct again after {s:.1} s")).unwrap_or_default(),
+        ),
+        None => String::new(),
+    };
     let restart = match &cell.after_restart {
         Some(r) => format!("; after a restart: {}", describe_restart(r)),
         None => String::new(),
     };
-    format!("{path}; {transfer}{repunch}{restart}")
+    format!("{path}; {transfer}{repunch}{rebind}{restart}")
 }
 
 /// A cell after the restart as a short phrase: `reached in 4.1 s, direct (quic), 10 MB ok`.
@@ -614,7 +708,12 @@ pub fn describe_restart(r: &AfterRestart) -> String {
 fn label(cell: &Cell) -> String {
     let tcp = if cell.transports == Transports::Tcp { " (TCP only)" } else { "" };
     let repunch = if cell.repunch.is_some() { " (path cut, then restored)" } else { "" };
-    format!("{} → {}{tcp}{repunch}", cell.a.name(), cell.b.name())
+    let rebind = match (&cell.rebind, cell.a_rebind) {
+        (_, Some(Rebind::Flush)) => " (A's router flushed mid-transfer)",
+        (_, Some(Rebind::Ports)) => " (A's router moved its ports mid-transfer)",
+        _ => "",
+    };
+    format!("{} → {}{tcp}{repunch}{rebind}", cell.a.name(), cell.b.name())
 }
 
 /// A Markdown table, one row per cell.

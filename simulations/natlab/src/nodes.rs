@@ -217,6 +217,18 @@ fn echo(tcp: TcpStream) {
 /// Sends `n` pseudo-random bytes to `addr` from inside `ns` and reads the echo; Ok when every byte
 /// came back (SHA-256 equal), with the time it took.
 pub fn transfer(ns: &str, addr: SocketAddr, n: usize, timeout: Duration) -> Result<Duration, String> {
+    transfer_watched(ns, addr, n, timeout).map(|w| w.took)
+}
+
+/// A transfer that went through, and the longest time no echoed byte arrived in the middle of it.
+#[derive(Debug, Clone, Copy)]
+pub struct Watched {
+    pub took: Duration,
+    pub longest_stall: Duration,
+}
+
+/// [`transfer`], also timing the longest wait between two reads of the echo.
+pub fn transfer_watched(ns: &str, addr: SocketAddr, n: usize, timeout: Duration) -> Result<Watched, String> {
     sys::in_netns(ns, move || {
         let started = Instant::now();
         let tcp = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
@@ -244,10 +256,15 @@ pub fn transfer(ns: &str, addr: SocketAddr, n: usize, timeout: Duration) -> Resu
         let mut hash = Sha256::new();
         let mut buf = vec![0u8; 64 * 1024];
         let mut got = 0;
+        let (mut last, mut longest_stall) = (Instant::now(), Duration::ZERO);
         loop {
             match r.read(&mut buf) {
                 Ok(0) => break,
                 Ok(k) => {
+                    if got > 0 {
+                        longest_stall = longest_stall.max(last.elapsed());
+                    }
+                    last = Instant::now();
                     hash.update(&buf[..k]);
                     got += k;
                 }
@@ -259,7 +276,7 @@ pub fn transfer(ns: &str, addr: SocketAddr, n: usize, timeout: Duration) -> Resu
         if got != n || sent != echoed {
             return Err(format!("{got} of {n} bytes came back, digest {}", if sent == echoed { "equal" } else { "differs" }));
         }
-        Ok(started.elapsed())
+        Ok(Watched { took: started.elapsed(), longest_stall })
     })
 }
 

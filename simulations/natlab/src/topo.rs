@@ -362,6 +362,30 @@ pub fn cut(edge: &str, peer: Ipv4Addr, cut: bool) -> Result<(), String> {
     }
 }
 
+/// The public ports a rebinding cell moves a router's masquerade to.
+pub const REBIND_PORTS: &str = "20000-29999";
+
+/// Changes A's router under a running connection: `ports` first moves its masquerade to
+/// [`REBIND_PORTS`] (every new mapping gets a new port), then every conntrack entry is flushed,
+/// so each flow is mapped afresh on its next packet.
+pub fn rebind(edge: &str, ports: bool) -> Result<(), String> {
+    if ports {
+        let out = Command::new("ip")
+            .args(["netns", "exec", edge, "nft", "list", "chain", "ip", "natlab", "nat_out"])
+            .output()
+            .map_err(|e| format!("nft: {e}"))?;
+        let listing = String::from_utf8_lossy(&out.stdout);
+        let rule = listing
+            .lines()
+            .map(str::trim)
+            .find(|l| l.contains("masquerade"))
+            .ok_or_else(|| format!("no masquerade rule on {edge}"))?;
+        let moved = rule.replacen("masquerade", &format!("masquerade to :{REBIND_PORTS}"), 1);
+        nft(edge, &format!("flush chain ip natlab nat_out\nadd rule ip natlab nat_out {moved}\n"))?;
+    }
+    ns_run(edge, &["conntrack", "-F"]).map_err(|e| format!("conntrack -F (is the conntrack package installed?): {e}"))
+}
+
 /// Removes namespaces left by labs whose process is gone (a crash, a SIGKILL); `all` removes
 /// every lab namespace.
 pub fn cleanup_stale(all: bool) -> Vec<String> {
