@@ -27,8 +27,12 @@ const RETRY_AFTER_FAILURE: [Duration; 4] =
 /// Waits before offering again after a refusal that will not change soon (both NATs symmetric,
 /// UDP blocked, punching turned off): networks change rarely.
 const RETRY_AFTER_REFUSAL: Duration = Duration::from_secs(3600);
-/// Waits before offering a busy peer again.
+/// Waits before offering a busy peer again, or after the relayed stream broke mid-punch.
 const RETRY_WHEN_BUSY: Duration = Duration::from_secs(15);
+/// How long a peer whose punched connection died is punched again even when no connection to
+/// it is left (reaching it through a relay first): the forward that used the connection
+/// wants it back, and the NAT change that killed it may have taken the relayed one too.
+const LOST_KEPT: Duration = Duration::from_secs(600);
 
 /// Which side of a punch we are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +64,8 @@ pub(super) struct Birthday {
     punched: HashMap<ConnectionId, Punched>,
     /// The hard side's listeners, kept as long as their connections live.
     guards: HashMap<ConnectionId, ListenGuard>,
+    /// Peers whose punched connection died, since when (see [`LOST_KEPT`]).
+    lost: HashMap<PeerId, Instant>,
     /// The punched address we last dialed (the easy side): a mapping that lasts only while the
     /// connection does, so it is not stored as an address of the peer.
     dialed: Option<Multiaddr>,
@@ -76,6 +82,7 @@ impl Birthday {
             punched: HashMap::new(),
             guards: HashMap::new(),
             dialed: None,
+            lost: HashMap::new(),
             stats: BirthdayStats::default(),
         }
     }
@@ -115,6 +122,7 @@ impl Birthday {
         match outcome.result {
             Ok(success) => {
                 self.stats.successes += 1;
+                self.lost.remove(&peer);
                 self.retry.remove(&peer);
                 self.failed.remove(&peer);
                 if let Some(connection) = connection {
@@ -131,7 +139,7 @@ impl Birthday {
                 self.failed.insert(peer, failure.to_string());
                 let failures = self.retry.get(&peer).map_or(0, |(_, n)| *n) + 1;
                 let wait = match &failure {
-                    Failure::Refused { reason: Refusal::Busy, .. } => RETRY_WHEN_BUSY,
+                    Failure::Refused { reason: Refusal::Busy, .. } | Failure::Protocol(_) => RETRY_WHEN_BUSY,
                     Failure::Unsupported
                     | Failure::Refused {
                         reason: Refusal::BothSymmetric | Refusal::UdpBlocked | Refusal::Disabled | Refusal::Public, ..
@@ -155,9 +163,16 @@ impl Birthday {
 
     /// A punched connection to `peer` died (its NAT mapping changed or expired): the next punch
     /// may start at once, without the pause or the peer's backoff.
-    pub(super) fn punch_again_now(&mut self, peer: PeerId) {
+    pub(super) fn punch_again_now(&mut self, peer: PeerId, now: Instant) {
         self.retry.remove(&peer);
         self.ended_at = None;
+        self.lost.insert(peer, now);
+    }
+
+    /// Peers whose punched connection died lately, to punch again whether connected or not.
+    pub(super) fn lost(&mut self, now: Instant) -> Vec<PeerId> {
+        self.lost.retain(|_, since| now.saturating_duration_since(*since) < LOST_KEPT);
+        self.lost.keys().copied().collect()
     }
 
     /// Whether `addr` is the punched address we dialed (see `dialed`).
@@ -181,6 +196,15 @@ impl Birthday {
 
     pub(super) fn stats(&self) -> BirthdayStats {
         self.stats.clone()
+    }
+}
+
+/// Puts a failure to reach the peer in the terms of opening a stream.
+fn reach_to_open(e: crate::handle::ReachError) -> Result<warren_forward::OpenError, crate::handle::ShuttingDown> {
+    match e {
+        crate::handle::ReachError::ShuttingDown(s) => Err(s),
+        crate::handle::ReachError::Open { source, .. } => Ok(source),
+        other => Ok(warren_forward::OpenError::Failed(other.to_string())),
     }
 }
 
@@ -210,15 +234,7 @@ impl EventLoop {
             return;
         }
         tracing::info!(peer = %peer, "birthday-punched connection lost; punching again");
-        self.birthday.punch_again_now(peer);
-        if !self.conns.values().any(|c| c.peer == peer) {
-            let handle = self.handle.clone();
-            tokio::spawn(async move {
-                if let Err(e) = handle.connect(peer).await {
-                    tracing::info!(peer = %peer, error = %e, "cannot reach the peer again to punch");
-                }
-            });
-        }
+        self.birthday.punch_again_now(peer, Instant::now());
     }
 
     /// Our public IPv4 address when our NAT is symmetric (we would be the hard side), else `None`.
@@ -249,9 +265,19 @@ impl EventLoop {
                 relayed_only.push(conn.peer);
             }
         }
-        relayed_only.retain(|peer| {
-            self.conns.values().filter(|c| c.peer == *peer).all(|c| is_relayed(&c.address)) && self.birthday.may_offer(peer, now)
-        });
+        // Peers whose punched connection died come first, connected or not (the punch reaches
+        // them through a relay first).
+        let mut candidates = self.birthday.lost(now);
+        for peer in relayed_only {
+            if !candidates.contains(&peer) {
+                candidates.push(peer);
+            }
+        }
+        let relayed_only: Vec<PeerId> = candidates
+            .into_iter()
+            .filter(|peer| !self.conns.values().any(|c| c.peer == *peer && !is_relayed(&c.address)))
+            .filter(|peer| self.birthday.may_offer(peer, now))
+            .collect();
         let Some(peer) = relayed_only.into_iter().next() else { return };
         let Some(ip) = self.hard_side_ip() else { return };
         self.birthday.start(peer, Role::Hard, now);
@@ -262,16 +288,18 @@ impl EventLoop {
         let limits = self.config.birthday.clone();
         tokio::spawn(async move {
             let node = TaskNode(handle.clone());
-            let outcome = match handle.open_stream(peer, crate::behaviour::PUNCH_PROTOCOL).await {
-                Ok(Ok(opened)) => {
+            // Connected already, as a rule; a peer whose punched connection died may need a
+            // relayed connection first.
+            let outcome = match handle.reach_and_open(peer, crate::behaviour::PUNCH_PROTOCOL).await.map_err(reach_to_open) {
+                Ok(opened) => {
                     let mut stream = opened.stream;
                     crate::punch::hard(&mut stream, peer, ip, &limits, &listeners, &node).await
                 }
                 // A peer that does not speak the protocol (another implementation, an old warren)
                 // is asked again only as rarely as one that turned punching off.
-                Ok(Err(warren_forward::OpenError::Unsupported(_))) => Outcome::failed(Failure::Unsupported),
-                Ok(Err(e)) => Outcome::failed(Failure::Protocol(format!("cannot open a punch stream: {e}"))),
-                Err(_) => return,
+                Err(Ok(warren_forward::OpenError::Unsupported(_))) => Outcome::failed(Failure::Unsupported),
+                Err(Ok(e)) => Outcome::failed(Failure::Protocol(format!("cannot open a punch stream: {e}"))),
+                Err(Err(_)) => return,
             };
             let _ = handle.request(|reply| Command::PunchDone(peer, outcome, reply)).await;
         });

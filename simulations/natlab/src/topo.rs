@@ -380,8 +380,9 @@ pub fn rebind(edge: &str, ports: bool) -> Result<(), String> {
             .map(str::trim)
             .find(|l| l.contains("masquerade"))
             .ok_or_else(|| format!("no masquerade rule on {edge}"))?;
-        let moved = rule.replacen("masquerade", &format!("masquerade to :{REBIND_PORTS}"), 1);
-        nft(edge, &format!("flush chain ip natlab nat_out\nadd rule ip natlab nat_out {moved}\n"))?;
+        // A port range needs a transport protocol match; other protocols keep the plain rule.
+        let moved = rule.replacen("masquerade", &format!("meta l4proto {{ tcp, udp }} masquerade to :{REBIND_PORTS}"), 1);
+        nft(edge, &format!("flush chain ip natlab nat_out\nadd rule ip natlab nat_out {moved}\nadd rule ip natlab nat_out {rule}\n"))?;
     }
     ns_run(edge, &["conntrack", "-F"]).map_err(|e| format!("conntrack -F (is the conntrack package installed?): {e}"))
 }
