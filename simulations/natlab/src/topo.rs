@@ -362,10 +362,11 @@ pub fn cut(edge: &str, peer: Ipv4Addr, cut: bool) -> Result<(), String> {
     }
 }
 
-/// The public ports a rebinding cell moves a router's masquerade to.
-pub const REBIND_PORTS: &str = "20000-29999";
+/// The public port ranges a rebinding cell moves a router's masquerade to, in turn (a site's
+/// router serves every cell of its kind).
+pub const REBIND_PORTS: [&str; 2] = ["20000-29999", "30000-39999"];
 
-/// Changes A's router under a running connection: `ports` first moves its masquerade to
+/// Changes A's router under a running connection: `ports` first moves its masquerade to one of
 /// [`REBIND_PORTS`] (every new mapping gets a new port), then every conntrack entry is flushed,
 /// so each flow is mapped afresh on its next packet.
 pub fn rebind(edge: &str, ports: bool) -> Result<(), String> {
@@ -378,10 +379,11 @@ pub fn rebind(edge: &str, ports: bool) -> Result<(), String> {
         let rule = listing
             .lines()
             .map(str::trim)
-            .find(|l| l.contains("masquerade"))
+            .find(|l| l.contains("masquerade") && !l.contains(" to :"))
             .ok_or_else(|| format!("no masquerade rule on {edge}"))?;
+        let range = if listing.contains(REBIND_PORTS[0]) { REBIND_PORTS[1] } else { REBIND_PORTS[0] };
         // A port range needs a transport protocol match; other protocols keep the plain rule.
-        let moved = rule.replacen("masquerade", &format!("meta l4proto {{ tcp, udp }} masquerade to :{REBIND_PORTS}"), 1);
+        let moved = rule.replacen("masquerade", &format!("meta l4proto {{ tcp, udp }} masquerade to :{range}"), 1);
         nft(edge, &format!("flush chain ip natlab nat_out\nadd rule ip natlab nat_out {moved}\nadd rule ip natlab nat_out {rule}\n"))?;
     }
     ns_run(edge, &["conntrack", "-F"]).map_err(|e| format!("conntrack -F (is the conntrack package installed?): {e}"))
