@@ -179,6 +179,16 @@ async fn write<S: AsyncWrite + Unpin>(stream: &mut S, message: &Message) -> Resu
     warren_punch::write(stream, message).await.map_err(|e| Failure::Protocol(format!("writing the punch stream: {e}")))
 }
 
+/// Tells the peer why we stopped, unless it knows already (it refused, it gave up, or the stream
+/// broke).
+async fn tell_why<S: AsyncWrite + Unpin>(stream: &mut S, result: &Result<Success, Failure>) {
+    if let Err(failure) = result
+        && !matches!(failure, Failure::Refused { .. } | Failure::PeerGaveUp(_) | Failure::Protocol(_))
+    {
+        let _ = write(stream, &Message::GiveUp { detail: warren_punch::detail(failure.to_string()) }).await;
+    }
+}
+
 /// Waits until `node` has a direct connection to `peer`, at most [`CONNECT_WAIT`].
 async fn direct_up(node: &impl Node, peer: &PeerId) -> bool {
     let deadline = Instant::now() + CONNECT_WAIT;
@@ -204,11 +214,7 @@ pub async fn hard<S: AsyncRead + AsyncWrite + Unpin>(
     let sockets = limits.sockets.min(warren_punch::MAX_SOCKETS);
     let mut outcome = Outcome { hard: true, probes: 0, sockets: 0, took: Duration::ZERO, result: Err(Failure::NoConnection) };
     outcome.result = hard_steps(stream, peer, ip, sockets, listeners, node, &mut outcome.sockets).await;
-    if let Err(failure) = &outcome.result
-        && !matches!(failure, Failure::Refused { .. } | Failure::PeerGaveUp(_) | Failure::Protocol(_))
-    {
-        let _ = write(stream, &Message::GiveUp { detail: warren_punch::detail(failure.to_string()) }).await;
-    }
+    tell_why(stream, &outcome.result).await;
     outcome.took = started.elapsed();
     outcome
 }
@@ -279,11 +285,7 @@ pub async fn easy<S: AsyncRead + AsyncWrite + Unpin>(
     let started = Instant::now();
     let mut outcome = Outcome { hard: false, probes: 0, sockets: 0, took: Duration::ZERO, result: Err(Failure::NoConnection) };
     outcome.result = easy_steps(stream, peer, ip, &admission, node, &mut outcome.probes, &mut outcome.sockets).await;
-    if let Err(failure) = &outcome.result
-        && !matches!(failure, Failure::PeerGaveUp(_) | Failure::Protocol(_))
-    {
-        let _ = write(stream, &Message::GiveUp { detail: warren_punch::detail(failure.to_string()) }).await;
-    }
+    tell_why(stream, &outcome.result).await;
     outcome.took = started.elapsed();
     outcome
 }
