@@ -27,6 +27,9 @@ const RETRY_AFTER_FAILURE: [Duration; 4] =
 /// Waits before offering again after a refusal that will not change soon (both NATs symmetric,
 /// UDP blocked, punching turned off): networks change rarely.
 const RETRY_AFTER_REFUSAL: Duration = Duration::from_secs(3600);
+/// How long after asking peers where they see us the easy side trusts its address again: an
+/// identify round trip, with room to spare.
+const REOBSERVE_SETTLE: Duration = Duration::from_secs(3);
 /// Waits before offering a busy peer again, or after the relayed stream broke mid-punch.
 const RETRY_WHEN_BUSY: Duration = Duration::from_secs(15);
 /// How long a peer whose punched connection died is punched again even when no connection to
@@ -226,6 +229,9 @@ impl EventLoop {
     /// again at once, reaching the peer through a relay first if nothing else is left.
     pub(super) fn birthday_connection_closed(&mut self, peer: PeerId, connection: ConnectionId) {
         let Some(punched) = self.birthday.on_connection_closed(connection) else { return };
+        // Our NAT may have mapped us afresh; the easy side must know its new address before
+        // the peer's next offer.
+        self.reobserve();
         if !punched.hard {
             return; // the easy side waits for the peer's next offer
         }
@@ -375,6 +381,11 @@ impl EventLoop {
         let now = Instant::now();
         if !self.birthday.idle(Duration::from_secs(self.config.birthday.min_interval_secs), now) {
             return Err((Refusal::Busy, String::new()));
+        }
+        // Peers are being asked where they see us now (a direct connection just died, maybe
+        // because our mapping changed): the address above may be stale for a moment more.
+        if self.reobserved_at.is_some_and(|t| now.saturating_duration_since(t) < REOBSERVE_SETTLE) {
+            return Err((Refusal::Busy, "re-learning our public address".into()));
         }
         self.birthday.start(peer, Role::Easy, now);
         Ok(Admission { addr, local_port, limits: self.config.birthday.clone() })

@@ -175,6 +175,8 @@ impl EventLoop {
         }
         tracing::info!(peer = %peer, "direct connection lost; new streams use the relay");
         self.hole_punch.on_direct_lost(peer, circuit, Instant::now());
+        // The NAT may have given us a new port: learn it before the next punch hands out the old one.
+        self.reobserve();
     }
 
     pub(super) fn repunch_when_due(&mut self) {

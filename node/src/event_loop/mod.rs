@@ -109,6 +109,8 @@ pub struct EventLoop {
     observations: crate::nat::Observations,
     /// A `warren netcheck` round of QUIC probes under way.
     netcheck: Option<netcheck::Round>,
+    /// When public peers were last asked where they see us after a lost direct connection.
+    reobserved_at: Option<Instant>,
     birthday: birthday::Birthday,
     /// Our own handle, lent to the punch tasks the loop spawns.
     handle: NodeHandle,
@@ -159,6 +161,7 @@ impl EventLoop {
             port_mapping: None,
             observations: Default::default(),
             netcheck: None,
+            reobserved_at: None,
             birthday: birthday::Birthday::new(),
             handle: handle.clone(),
             punch: None,

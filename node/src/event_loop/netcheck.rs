@@ -30,6 +30,11 @@ pub const PROBES: usize = 3;
 pub const PROBE_WAIT: Duration = Duration::from_secs(5);
 /// Checks that may wait on one round of probes; more are answered from what is known already
 /// (the control socket is the owner's, so this only keeps a runaway script bounded).
+/// Public peers asked again where they see us after a direct connection died: two, since
+/// two agreeing observers make an endpoint-independent mapping (see `nat`).
+const REOBSERVE_PEERS: usize = 2;
+/// At most one such round per this long: a node losing many connections at once asks once.
+const REOBSERVE_INTERVAL: Duration = Duration::from_secs(10);
 const MAX_WAITERS: usize = 16;
 
 /// A round of QUIC probes and the checks waiting for it.
@@ -84,6 +89,37 @@ impl EventLoop {
         }
         if round.probes.values().all(|p| p.done) {
             self.finish_netcheck();
+        }
+    }
+
+    /// Our NAT may have mapped us afresh (a direct connection just died): a new QUIC connection
+    /// to each of up to [`REOBSERVE_PEERS`] public peers we are connected to tells, through
+    /// identify, where they see us now. Existing connections cannot: identify answers once per
+    /// connection, and a peer that saw our flow move (QUIC migration) does not say so. At most
+    /// once per [`REOBSERVE_INTERVAL`].
+    pub(super) fn reobserve(&mut self) {
+        let now = Instant::now();
+        if self.reobserved_at.is_some_and(|t| now.saturating_duration_since(t) < REOBSERVE_INTERVAL) {
+            return;
+        }
+        let public: Vec<(PeerId, Multiaddr)> = {
+            let policy = self.policy.lock().expect("policy lock");
+            let mut seen = HashSet::new();
+            self.conns
+                .values()
+                .filter(|c| c.outbound && transport_of(&c.address) == "quic" && !is_relayed(&c.address) && policy.is_public(&c.address))
+                .filter(|c| seen.insert(c.peer))
+                .map(|c| (c.peer, crate::addresses::without_p2p(&c.address)))
+                .take(REOBSERVE_PEERS)
+                .collect()
+        };
+        if public.is_empty() {
+            return;
+        }
+        self.reobserved_at = Some(now);
+        tracing::info!(peers = public.len(), "asking public peers where they see us now");
+        for (peer, addr) in public {
+            let _ = self.swarm.dial(DialOpts::peer_id(peer).condition(PeerCondition::Always).addresses(vec![addr]).build());
         }
     }
 

@@ -595,6 +595,11 @@ fn rebinding(a: &Node, b: &Node, a_ns: &str, bind: SocketAddr, how: Rebind, edge
             result.direct_again_after_s = Some(since.elapsed().as_secs_f64());
         }
     }
+    if how == Rebind::Ports
+        && let Err(e) = topo::unrebind(edge)
+    {
+        result.error.get_or_insert(e);
+    }
     result
 }
 

@@ -389,6 +389,21 @@ pub fn rebind(edge: &str, ports: bool) -> Result<(), String> {
     ns_run(edge, &["conntrack", "-F"]).map_err(|e| format!("conntrack -F (is the conntrack package installed?): {e}"))
 }
 
+/// Puts a router's masquerade back as [`rebind`] found it (a site serves later cells too, and a
+/// masquerade with a port range maps a flow whose port is outside the range per destination).
+pub fn unrebind(edge: &str) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", edge, "nft", "list", "chain", "ip", "natlab", "nat_out"])
+        .output()
+        .map_err(|e| format!("nft: {e}"))?;
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let Some(plain) = listing.lines().map(str::trim).find(|l| l.contains("masquerade") && !l.contains(" to :")) else {
+        return Ok(());
+    };
+    nft(edge, &format!("flush chain ip natlab nat_out\nadd rule ip natlab nat_out {plain}\n"))?;
+    ns_run(edge, &["conntrack", "-F"])
+}
+
 /// Removes namespaces left by labs whose process is gone (a crash, a SIGKILL); `all` removes
 /// every lab namespace.
 pub fn cleanup_stale(all: bool) -> Vec<String> {
