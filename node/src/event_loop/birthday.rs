@@ -27,6 +27,15 @@ const RETRY_AFTER_FAILURE: [Duration; 4] =
 /// Waits before offering again after a refusal that will not change soon (both NATs symmetric,
 /// UDP blocked, punching turned off): networks change rarely.
 const RETRY_AFTER_REFUSAL: Duration = Duration::from_secs(3600);
+/// A punch that has run this long is over whatever its task says: the longest legitimate one
+/// is two message waits, [`crate::punch::MAX_PROBING`] of probing and the connect wait.
+const ACTIVE_STALE: Duration = Duration::from_secs(180);
+/// Easy-side punches towards one IP per hour at most, and in all: an offer names the IP we
+/// probe, so a peer could otherwise aim our probes at a third party again and again.
+const PUNCHES_PER_IP_PER_HOUR: usize = 4;
+const PUNCHES_PER_HOUR: usize = 20;
+/// Inbound offers read at once; more are dropped unread (a node runs one punch at a time).
+pub(super) const OFFERS_AT_ONCE: usize = 4;
 /// How long after asking peers where they see us the easy side trusts its address again: an
 /// identify round trip, with room to spare.
 const REOBSERVE_SETTLE: Duration = Duration::from_secs(3);
@@ -69,6 +78,8 @@ pub(super) struct Birthday {
     guards: HashMap<ConnectionId, ListenGuard>,
     /// Peers whose punched connection died, since when (see [`LOST_KEPT`]).
     lost: HashMap<PeerId, Instant>,
+    /// The easy-side punches of the last hour and the IPs they probed.
+    probed: std::collections::VecDeque<(Instant, IpAddr)>,
     /// The punched address we last dialed (the easy side): a mapping that lasts only while the
     /// connection does, so it is not stored as an address of the peer.
     dialed: Option<Multiaddr>,
@@ -86,13 +97,34 @@ impl Birthday {
             guards: HashMap::new(),
             dialed: None,
             lost: HashMap::new(),
+            probed: std::collections::VecDeque::new(),
             stats: BirthdayStats::default(),
         }
     }
 
     /// Whether a punch may start now: none running, and the pause after the last one over.
     pub(super) fn idle(&self, min_interval: Duration, now: Instant) -> bool {
-        self.active.is_none() && self.ended_at.is_none_or(|t| now.saturating_duration_since(t) >= min_interval)
+        self.active.is_none_or(|(_, _, since)| now.saturating_duration_since(since) >= ACTIVE_STALE)
+            && self.ended_at.is_none_or(|t| now.saturating_duration_since(t) >= min_interval)
+    }
+
+    /// Whether the easy side may probe `ip` now (see [`PUNCHES_PER_IP_PER_HOUR`]); if so, counts it.
+    pub(super) fn may_probe(&mut self, ip: IpAddr, now: Instant) -> bool {
+        while self.probed.front().is_some_and(|(t, _)| now.saturating_duration_since(*t) >= Duration::from_secs(3600)) {
+            self.probed.pop_front();
+        }
+        let to_ip = self.probed.iter().filter(|(_, i)| *i == ip).count();
+        if to_ip >= PUNCHES_PER_IP_PER_HOUR || self.probed.len() >= PUNCHES_PER_HOUR {
+            return false;
+        }
+        self.probed.push_back((now, ip));
+        true
+    }
+
+    /// A peer disconnected: why its last punch failed is no longer shown (the retry schedule
+    /// stays, so a reconnecting peer is not offered sooner).
+    pub(super) fn on_disconnected(&mut self, peer: &PeerId) {
+        self.failed.remove(peer);
     }
 
     /// Whether we may offer `peer` a punch now (idle aside).
@@ -140,14 +172,24 @@ impl Birthday {
                 self.stats.failures += 1;
                 self.stats.last_error = Some(format!("{peer}: {failure}"));
                 self.failed.insert(peer, failure.to_string());
-                let failures = self.retry.get(&peer).map_or(0, |(_, n)| *n) + 1;
+                let before = self.retry.get(&peer).map_or(0, |(_, n)| *n);
+                let mut failures = before;
                 let wait = match &failure {
-                    Failure::Refused { reason: Refusal::Busy, .. } | Failure::Protocol(_) => RETRY_WHEN_BUSY,
+                    Failure::Refused { reason: Refusal::Busy, .. } => RETRY_WHEN_BUSY,
+                    // A stream that broke before anything was sent is retried soon; once it
+                    // keeps breaking, it waits like any failure.
+                    Failure::Protocol(_) if before == 0 => {
+                        failures = 1;
+                        RETRY_WHEN_BUSY
+                    }
                     Failure::Unsupported
                     | Failure::Refused {
                         reason: Refusal::BothSymmetric | Refusal::UdpBlocked | Refusal::Disabled | Refusal::Public, ..
                     } => RETRY_AFTER_REFUSAL,
-                    _ => RETRY_AFTER_FAILURE[(failures - 1).min(RETRY_AFTER_FAILURE.len() - 1)],
+                    _ => {
+                        failures += 1;
+                        RETRY_AFTER_FAILURE[(failures - 1).min(RETRY_AFTER_FAILURE.len() - 1)]
+                    }
                 };
                 // Only the side that offers retries; the easy side answers whatever comes.
                 if role != Some(Role::Easy) {
@@ -227,8 +269,12 @@ impl crate::punch::Node for TaskNode {
 impl EventLoop {
     /// A connection closed: if a birthday punch made it and we were the side that offers, punch
     /// again at once, reaching the peer through a relay first if nothing else is left.
-    pub(super) fn birthday_connection_closed(&mut self, peer: PeerId, connection: ConnectionId) {
+    pub(super) fn birthday_connection_closed(&mut self, peer: PeerId, connection: ConnectionId, failed: bool) {
         let Some(punched) = self.birthday.on_connection_closed(connection) else { return };
+        // Closed as idle, or by either side on purpose: nothing to mend.
+        if !failed {
+            return;
+        }
         // Our NAT may have mapped us afresh; the easy side must know its new address before
         // the peer's next offer.
         self.reobserve();
@@ -286,12 +332,13 @@ impl EventLoop {
             .collect();
         let Some(peer) = relayed_only.into_iter().next() else { return };
         let Some(ip) = self.hard_side_ip() else { return };
+        let Some((_, listeners)) = &self.punch else { return };
+        let listeners = listeners.clone();
         self.birthday.start(peer, Role::Hard, now);
         tracing::info!(peer = %peer, %ip, "behind a symmetric NAT: offering a birthday punch");
         let handle = self.handle.clone();
-        let Some((_, listeners)) = &self.punch else { return };
-        let listeners = listeners.clone();
         let limits = self.config.birthday.clone();
+        let public_ranges = self.config.public_ranges().unwrap_or_default();
         tokio::spawn(async move {
             let node = TaskNode(handle.clone());
             // Connected already, as a rule; a peer whose punched connection died may need a
@@ -299,13 +346,15 @@ impl EventLoop {
             let outcome = match handle.reach_and_open(peer, crate::behaviour::PUNCH_PROTOCOL).await.map_err(reach_to_open) {
                 Ok(opened) => {
                     let mut stream = opened.stream;
-                    crate::punch::hard(&mut stream, peer, ip, &limits, &listeners, &node).await
+                    crate::punch::hard(&mut stream, peer, ip, &limits, &public_ranges, &listeners, &node).await
                 }
                 // A peer that does not speak the protocol (another implementation, an old warren)
                 // is asked again only as rarely as one that turned punching off.
                 Err(Ok(warren_forward::OpenError::Unsupported(_))) => Outcome::failed(Failure::Unsupported),
                 Err(Ok(e)) => Outcome::failed(Failure::Protocol(format!("cannot open a punch stream: {e}"))),
-                Err(Err(_)) => return,
+                // The loop is shutting down, or the connection went away under the request:
+                // either way the punch is over (and must be reported, or the node stays busy).
+                Err(Err(_)) => Outcome::failed(Failure::Protocol("the connection closed while opening the punch stream".into())),
             };
             let _ = handle.request(|reply| Command::PunchDone(peer, outcome, reply)).await;
         });
@@ -313,8 +362,13 @@ impl EventLoop {
 
     /// Reads an offer on an inbound punch stream and runs the easy side if it is admitted.
     pub(super) fn on_punch_offer(&mut self, peer: PeerId, mut stream: libp2p::Stream) {
+        let Ok(slot) = self.offer_slots.clone().try_acquire_owned() else {
+            tracing::debug!(peer = %peer, "punch offer dropped: {OFFERS_AT_ONCE} offers already being read");
+            return;
+        };
         let handle = self.handle.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let ip = match tokio::time::timeout(crate::punch::MESSAGE_WAIT, warren_punch::read(&mut stream)).await {
                 Ok(Ok(warren_punch::Message::Offer { version: warren_punch::VERSION, ip })) => ip,
                 Ok(Ok(warren_punch::Message::Offer { .. })) => {
@@ -339,6 +393,7 @@ impl EventLoop {
             };
             tracing::info!(peer = %peer, %ip, "birthday punch offer taken: probing");
             let outcome = crate::punch::easy(&mut stream, peer, ip, admission, &TaskNode(handle.clone())).await;
+            // The slot is for reading offers; a running punch is bounded by `active` already.
             let _ = handle.request(|reply| Command::PunchDone(peer, outcome, reply)).await;
         });
     }
@@ -387,6 +442,9 @@ impl EventLoop {
         if self.reobserved_at.is_some_and(|t| now.saturating_duration_since(t) < REOBSERVE_SETTLE) {
             return Err((Refusal::Busy, "re-learning our public address".into()));
         }
+        if !self.birthday.may_probe(ip, now) {
+            return Err((Refusal::Busy, format!("probed {ip} often enough this hour")));
+        }
         self.birthday.start(peer, Role::Easy, now);
         Ok(Admission { addr, local_port, limits: self.config.birthday.clone() })
     }
@@ -402,11 +460,20 @@ impl EventLoop {
 
     pub(super) fn punch_done(&mut self, peer: PeerId, outcome: Outcome) {
         let now = Instant::now();
-        // The direct connection the punch made: the newest one to the peer.
-        let connection = if outcome.result.is_ok() {
-            self.conns.iter().filter(|(_, c)| c.peer == peer && !is_relayed(&c.address)).max_by_key(|(_, c)| c.since).map(|(id, _)| *id)
-        } else {
-            None
+        // The direct connection the punch made: on the hard side the one that came in on the
+        // punched port, on the easy side the one to the punched address.
+        let connection = match &outcome.result {
+            Ok(success) => self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.peer == peer && !is_relayed(&c.address))
+                .filter(|(_, c)| match success.port {
+                    Some(port) => c.local_port == Some(port),
+                    None => self.birthday.is_punched_addr(&c.address),
+                })
+                .max_by_key(|(_, c)| c.since)
+                .map(|(id, _)| *id),
+            Err(_) => None,
         };
         let (probes, sockets) = (outcome.probes, outcome.sockets);
         let after = self.hole_punch.relayed_for(&peer, now);

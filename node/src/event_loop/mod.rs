@@ -62,6 +62,8 @@ const LISTENERS_SETTLE: Duration = Duration::from_secs(2);
 struct ConnInfo {
     peer: PeerId,
     address: Multiaddr,
+    /// For an inbound connection, the local port it came in on.
+    local_port: Option<u16>,
     outbound: bool,
     since: Instant,
     rtt: Option<Duration>,
@@ -111,6 +113,8 @@ pub struct EventLoop {
     netcheck: Option<netcheck::Round>,
     /// When public peers were last asked where they see us after a lost direct connection.
     reobserved_at: Option<Instant>,
+    /// Inbound punch offers being read at once (see `birthday::OFFERS_AT_ONCE`).
+    offer_slots: Arc<tokio::sync::Semaphore>,
     birthday: birthday::Birthday,
     /// Our own handle, lent to the punch tasks the loop spawns.
     handle: NodeHandle,
@@ -162,6 +166,7 @@ impl EventLoop {
             observations: Default::default(),
             netcheck: None,
             reobserved_at: None,
+            offer_slots: Arc::new(tokio::sync::Semaphore::new(birthday::OFFERS_AT_ONCE)),
             birthday: birthday::Birthday::new(),
             handle: handle.clone(),
             punch: None,
@@ -441,7 +446,11 @@ impl EventLoop {
                         self.hole_punch.on_relayed_connection(peer_id, Instant::now());
                     }
                 }
-                self.conns.insert(connection_id, ConnInfo { peer: peer_id, address, outbound, since: Instant::now(), rtt: None });
+                let local_port = match &endpoint {
+                    ConnectedPoint::Listener { local_addr, .. } => crate::addresses::endpoint_of(local_addr).map(|(_, p)| p.number()),
+                    ConnectedPoint::Dialer { .. } => None,
+                };
+                self.conns.insert(connection_id, ConnInfo { peer: peer_id, address, local_port, outbound, since: Instant::now(), rtt: None });
                 self.finish_connect(&peer_id, Ok(()));
                 self.on_probe_event(connection_id, Some(true));
             }
@@ -455,9 +464,11 @@ impl EventLoop {
                     }
                 }
                 self.hole_punch.on_connection_closed(connection_id);
-                self.birthday_connection_closed(peer_id, connection_id);
+                let failed = matches!(cause, Some(libp2p::swarm::ConnectionError::IO(_)));
+                self.birthday_connection_closed(peer_id, connection_id, failed);
                 if num_established == 0 {
                     self.hole_punch.on_disconnected(&peer_id);
+                    self.birthday.on_disconnected(&peer_id);
                     if let Some(by_ip) = &self.reservations_by_ip {
                         by_ip.on_disconnected(&peer_id);
                     }

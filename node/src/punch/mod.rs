@@ -41,6 +41,9 @@ const DEFAULT_TTL: u32 = 64;
 /// Between the hard side's refresh rounds: well inside Linux's 30 s timeout for a UDP mapping
 /// that saw no reply, so no mapping expires while the easy side probes.
 pub const REFRESH_ROUND: Duration = Duration::from_secs(10);
+/// The longest either side probes or waits for probes, whatever the limits say: a punch
+/// that has not met by then will not (99.9 % meet within 35 s at the defaults).
+pub const MAX_PROBING: Duration = Duration::from_secs(120);
 /// Lowest port the easy side probes: NATs hand out ports from 1024 up.
 pub const LOWEST_PROBED_PORT: u16 = 1024;
 
@@ -207,13 +210,14 @@ pub async fn hard<S: AsyncRead + AsyncWrite + Unpin>(
     peer: PeerId,
     ip: IpAddr,
     limits: &Limits,
+    public_ranges: &[crate::addresses::Cidr],
     listeners: &PunchListeners,
     node: &impl Node,
 ) -> Outcome {
     let started = Instant::now();
     let sockets = limits.sockets.min(warren_punch::MAX_SOCKETS);
     let mut outcome = Outcome { hard: true, probes: 0, sockets: 0, took: Duration::ZERO, result: Err(Failure::NoConnection) };
-    outcome.result = hard_steps(stream, peer, ip, sockets, listeners, node, &mut outcome.sockets).await;
+    outcome.result = hard_steps(stream, peer, ip, sockets, public_ranges, listeners, node, &mut outcome.sockets).await;
     tell_why(stream, &outcome.result).await;
     outcome.took = started.elapsed();
     outcome
@@ -224,6 +228,7 @@ async fn hard_steps<S: AsyncRead + AsyncWrite + Unpin>(
     peer: PeerId,
     ip: IpAddr,
     sockets: u16,
+    public_ranges: &[crate::addresses::Cidr],
     listeners: &PunchListeners,
     node: &impl Node,
     opened: &mut u16,
@@ -234,15 +239,17 @@ async fn hard_steps<S: AsyncRead + AsyncWrite + Unpin>(
         Message::Refuse { reason, detail } => return Err(Failure::Refused { reason, detail }),
         other => return Err(Failure::Protocol(format!("expected an answer to our offer, got {other:?}"))),
     };
-    if !addr.is_ipv4() {
-        return Err(Failure::Protocol(format!("the peer's address {addr} is not IPv4")));
+    // Our sockets send there for as long as the punch lasts: only to a public IPv4 address
+    // and a real port, never to a private network or a third party's port 0 on a peer's word.
+    if !addr.is_ipv4() || addr.port() == 0 || !crate::addresses::is_public_ip(addr.ip(), public_ranges) {
+        return Err(Failure::Protocol(format!("the peer's address {addr} is not a public IPv4 address and port")));
     }
     let fan = sockets::Fan::open(sockets, addr, token).map_err(|e| Failure::Local(format!("opening {sockets} sockets: {e}")))?;
     *opened = fan.len();
     fan.round(Some(FIRST_ROUND_TTL)).await;
     write(stream, &Message::Ready { sockets: fan.len() }).await?;
     // The easy side sends `probes` probes, one per interval; a little more for the last to arrive.
-    let probing = Duration::from_millis(u64::from(interval_ms.max(1)) * u64::from(probes)).min(Duration::from_secs(120));
+    let probing = Duration::from_millis(u64::from(interval_ms.max(1)) * u64::from(probes)).min(MAX_PROBING);
     let deadline = tokio::time::Instant::now() + probing + MESSAGE_WAIT;
     let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(1), REFRESH_ROUND);
     let hit = {
@@ -317,16 +324,21 @@ async fn easy_steps<S: AsyncRead + AsyncWrite + Unpin>(
     let mut tick = tokio::time::interval(limits.probe_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut message = std::pin::pin!(warren_punch::read(stream));
+    // Attempts, not sends, end the probing (a send that keeps failing must not make it endless);
+    // so does the time.
+    let (mut attempts, deadline) = (0u32, tokio::time::Instant::now() + MAX_PROBING);
     let port = loop {
+        let probing = attempts < limits.probes && tokio::time::Instant::now() < deadline;
         tokio::select! {
-            _ = tick.tick(), if *sent < limits.probes => {
+            _ = tick.tick(), if probing => {
+                attempts += 1;
                 let port = rand::Rng::gen_range(&mut rand::thread_rng(), LOWEST_PROBED_PORT..=u16::MAX);
                 let packet = Packet { token, port }.encode();
                 if socket.send_to(&packet, SocketAddr::new(ip, port)).await.is_ok() {
                     *sent += 1;
                 }
             }
-            _ = tokio::time::sleep(MESSAGE_WAIT), if *sent >= limits.probes => return Err(Failure::NoHit(*sent)),
+            _ = tokio::time::sleep(MESSAGE_WAIT), if !probing => return Err(Failure::NoHit(*sent)),
             message = &mut message => match message {
                 Ok(Message::Hit { port }) => break port,
                 Ok(Message::GiveUp { detail }) => return Err(Failure::PeerGaveUp(detail)),

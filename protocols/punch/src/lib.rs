@@ -133,12 +133,19 @@ impl Message {
         cbor4ii::serde::to_vec(Vec::new(), self).expect("messages encode")
     }
 
-    /// Decodes a frame body, refusing over-long details.
+    /// Decodes a frame body, refusing over-long details and replacing control characters in
+    /// them (a detail ends up on an operator's terminal).
     pub fn decode(body: &[u8]) -> Result<Message, FrameError> {
-        let message: Message = cbor4ii::serde::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
-        match &message {
-            Message::Refuse { detail, .. } | Message::GiveUp { detail } if detail.len() > MAX_DETAIL => {
-                Err(FrameError::Invalid(format!("detail of {} bytes, over {MAX_DETAIL}", detail.len())))
+        let mut message: Message = cbor4ii::serde::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
+        match &mut message {
+            Message::Refuse { detail, .. } | Message::GiveUp { detail } => {
+                if detail.len() > MAX_DETAIL {
+                    return Err(FrameError::Invalid(format!("detail of {} bytes, over {MAX_DETAIL}", detail.len())));
+                }
+                if detail.chars().any(char::is_control) {
+                    *detail = detail.chars().map(|c| if c.is_control() { '?' } else { c }).collect();
+                }
+                Ok(message)
             }
             _ => Ok(message),
         }
@@ -231,6 +238,12 @@ mod tests {
                 assert_eq!(read(&mut buf.as_slice()).await.unwrap(), m);
             }
         });
+    }
+
+    #[test]
+    fn control_characters_in_a_detail_never_reach_the_terminal() {
+        let body = Message::GiveUp { detail: "ok\x1b[2Jgone\n".into() }.encode();
+        assert_eq!(Message::decode(&body).unwrap(), Message::GiveUp { detail: "ok?[2Jgone?".into() });
     }
 
     #[test]
