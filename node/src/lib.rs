@@ -16,7 +16,8 @@
 //! - [`event_loop`]: the task that owns the swarm, one file per capability: `bootstrap`,
 //!   `connect`, `dht` (the WAN and LAN Kademlia DHTs; [`lan_dht`] serves the LAN one only to
 //!   peers on a private network), `identify`, `mdns`, `holepunch` (DCUtR
-//!   and re-punching), `relays` (the relay service and AutoRelay's reservations), `status`.
+//!   and re-punching), `birthday` (when to offer or take a birthday punch), `netcheck`,
+//!   `relays` (the relay service and AutoRelay's reservations), `status`.
 //! - [`behaviour`]: the composed libp2p behaviour and swarm; [`identify_scope`]: identify
 //!   showing each peer only the addresses of its scope ([`scoped`]: the per-connection
 //!   wrapper it and [`lan_dht`] use); [`ip_limits`]: inbound connections
