@@ -138,7 +138,8 @@ impl Birthday {
     }
 
     /// A punch ended. On success, `connection` is the direct connection it made (if the loop
-    /// found it). Returns the guard back when there is no connection to keep it for.
+    /// found it), which keeps the hard side's listener guard; with none, the guard is dropped
+    /// (and its listener closed) here.
     pub(super) fn ended(
         &mut self,
         peer: PeerId,

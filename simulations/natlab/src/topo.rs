@@ -371,16 +371,8 @@ pub const REBIND_PORTS: [&str; 2] = ["20000-29999", "30000-39999"];
 /// so each flow is mapped afresh on its next packet.
 pub fn rebind(edge: &str, ports: bool) -> Result<(), String> {
     if ports {
-        let out = Command::new("ip")
-            .args(["netns", "exec", edge, "nft", "list", "chain", "ip", "natlab", "nat_out"])
-            .output()
-            .map_err(|e| format!("nft: {e}"))?;
-        let listing = String::from_utf8_lossy(&out.stdout);
-        let rule = listing
-            .lines()
-            .map(str::trim)
-            .find(|l| l.contains("masquerade") && !l.contains(" to :"))
-            .ok_or_else(|| format!("no masquerade rule on {edge}"))?;
+        let (listing, rule) = masquerade_rule(edge)?;
+        let rule = rule.ok_or_else(|| format!("no masquerade rule on {edge}"))?;
         let range = if listing.contains(REBIND_PORTS[0]) { REBIND_PORTS[1] } else { REBIND_PORTS[0] };
         // A port range needs a transport protocol match; other protocols keep the plain rule.
         let moved = rule.replacen("masquerade", &format!("meta l4proto {{ tcp, udp }} masquerade to :{range}"), 1);
@@ -389,17 +381,22 @@ pub fn rebind(edge: &str, ports: bool) -> Result<(), String> {
     ns_run(edge, &["conntrack", "-F"]).map_err(|e| format!("conntrack -F (is the conntrack package installed?): {e}"))
 }
 
-/// Puts a router's masquerade back as [`rebind`] found it (a site serves later cells too, and a
-/// masquerade with a port range maps a flow whose port is outside the range per destination).
-pub fn unrebind(edge: &str) -> Result<(), String> {
+/// A router's `nat_out` chain as nft lists it, and its plain masquerade rule (the one without
+/// a port range), if any.
+fn masquerade_rule(edge: &str) -> Result<(String, Option<String>), String> {
     let out = Command::new("ip")
         .args(["netns", "exec", edge, "nft", "list", "chain", "ip", "natlab", "nat_out"])
         .output()
         .map_err(|e| format!("nft: {e}"))?;
-    let listing = String::from_utf8_lossy(&out.stdout);
-    let Some(plain) = listing.lines().map(str::trim).find(|l| l.contains("masquerade") && !l.contains(" to :")) else {
-        return Ok(());
-    };
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    let plain = listing.lines().map(str::trim).find(|l| l.contains("masquerade") && !l.contains(" to :")).map(String::from);
+    Ok((listing, plain))
+}
+
+/// Puts a router's masquerade back as [`rebind`] found it (a site serves later cells too, and a
+/// masquerade with a port range maps a flow whose port is outside the range per destination).
+pub fn unrebind(edge: &str) -> Result<(), String> {
+    let Some(plain) = masquerade_rule(edge)?.1 else { return Ok(()) };
     nft(edge, &format!("flush chain ip natlab nat_out\nadd rule ip natlab nat_out {plain}\n"))?;
     ns_run(edge, &["conntrack", "-F"])
 }
