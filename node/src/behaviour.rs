@@ -154,10 +154,34 @@ fn kademlia(peer_id: libp2p::PeerId, protocol: StreamProtocol) -> kad::Behaviour
     kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), config)
 }
 
+/// A byte stream another transport hands the node (see [`Wire::Streams`]).
+pub trait ByteStream: futures::AsyncRead + futures::AsyncWrite + Send + Unpin + 'static {}
+impl<S: futures::AsyncRead + futures::AsyncWrite + Send + Unpin + 'static> ByteStream for S {}
+
+/// What carries the node's connections.
+pub enum Wire {
+    /// QUIC first, TCP beside it, on real sockets: what `warren up` uses.
+    Sockets,
+    /// Byte streams from another transport in place of both, upgraded with Noise and Yamux as
+    /// TCP is: an in-process network for simulations of many nodes (`simulations/dht-scale`).
+    /// Everything above the transport is the node's own.
+    Streams(libp2p::core::transport::Boxed<Box<dyn ByteStream>>),
+}
+
 pub fn build_swarm(
     keypair: Keypair,
     config: &Config,
     policy: Arc<Mutex<Policy>>,
+) -> Result<Built, BuildError> {
+    build_swarm_over(keypair, config, policy, Wire::Sockets)
+}
+
+/// [`build_swarm`] over the given wire.
+pub fn build_swarm_over(
+    keypair: Keypair,
+    config: &Config,
+    policy: Arc<Mutex<Policy>>,
+    wire: Wire,
 ) -> Result<Built, BuildError> {
     let (mut forward, inbound) = warren_forward::Behaviour::new();
     let punch_offers = forward.accept(PUNCH_PROTOCOL, PUNCH_OFFERS_QUEUED);
@@ -186,13 +210,24 @@ pub fn build_swarm(
         .with_other_transport(|key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
             // TCP and QUIC built here rather than by the builder's with_tcp/with_quic, so that a
             // relay's connections can be metered (see relay_meter); otherwise the same stacks.
-            let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
-                .upgrade(libp2p::core::upgrade::Version::V1Lazy)
-                .authenticate(noise::Config::new(key)?)
-                .multiplex(yamux::Config::default())
-                .map(meter_muxer(meter.clone()));
-            let quic = libp2p::quic::tokio::Transport::new(quic_config(key)).map(meter_muxer(meter.clone()));
-            let direct = quic.or_transport(tcp).map(|either, _| either.into_inner()).map_err(std::io::Error::other);
+            let direct = match wire {
+                Wire::Sockets => {
+                    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                        .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                        .authenticate(noise::Config::new(key)?)
+                        .multiplex(yamux::Config::default())
+                        .map(meter_muxer(meter.clone()));
+                    let quic = libp2p::quic::tokio::Transport::new(quic_config(key)).map(meter_muxer(meter.clone()));
+                    quic.or_transport(tcp).map(|either, _| either.into_inner()).map_err(std::io::Error::other).boxed()
+                }
+                Wire::Streams(streams) => streams
+                    .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                    .authenticate(noise::Config::new(key)?)
+                    .multiplex(yamux::Config::default())
+                    .map(meter_muxer(meter.clone()))
+                    .map_err(std::io::Error::other)
+                    .boxed(),
+            };
             let wrap = meter_muxer(meter.clone());
             let punch = crate::punch::PunchListeners::new(quic_config(key), move |peer, connection| wrap((peer, connection), ()));
             punch_listeners = Some(punch.clone());

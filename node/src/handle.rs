@@ -26,6 +26,8 @@ pub enum Command {
     Connect(PeerId, oneshot::Sender<Result<(), ConnectError>>),
     /// Opens a stream on a connection to the peer that is already open (never dials).
     OpenStream(PeerId, StreamProtocol, oneshot::Sender<Result<Opened, OpenError>>),
+    /// The peers in the WAN DHT's routing table (diagnostics and simulations).
+    RoutingTable(oneshot::Sender<Vec<PeerId>>),
     /// Adds synthetic records to the peer store (diagnostics and crash tests).
     StoreChurn(u32, oneshot::Sender<api::ChurnReply>),
     /// Gathers what `warren netcheck` judges from, probing over QUIC first where that helps.

@@ -5,7 +5,8 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use crate::behaviour::build_swarm;
+use crate::behaviour::{Wire, build_swarm_over};
+use crate::handle::NodeHandle;
 use crate::addresses::Policy;
 use crate::config::Config;
 use crate::control::server;
@@ -25,6 +26,23 @@ pub async fn up(data_dir: &Path, mut config: Config) -> Result<(), UserError> {
     // From here on `config.listen` is what we really listen on (a busy default port replaced),
     // which the address policy needs to tell our own addresses from a neighbour's.
     config.listen = crate::ports::choose(&config.listen, defaults)?;
+    run(data_dir, config, defaults, Wire::Sockets, shutdown_signal(), |_| {}).await
+}
+
+/// Runs a node until `stop` resolves, then shuts it down in order; `ready` gets its handle once
+/// it listens. `up` runs it on real sockets with `config.listen` checked first; a simulation
+/// runs many in one process over its own wire. `defaults`: the listen addresses are warren's
+/// defaults, so one that cannot be bound is skipped rather than fatal.
+pub async fn run(
+    data_dir: &Path,
+    mut config: Config,
+    defaults: bool,
+    wire: Wire,
+    stop: impl std::future::Future<Output = ()>,
+    ready: impl FnOnce(NodeHandle),
+) -> Result<(), UserError> {
+    // The lines a person starting `warren up` reads; a simulation's thousands of nodes stay quiet.
+    let announce = matches!(wire, Wire::Sockets);
     let fd_limit = crate::resources::raise_fd_limit();
     let cap = crate::resources::incoming_cap(config.max_incoming_connections, fd_limit);
     if cap < config.max_incoming_connections {
@@ -43,7 +61,7 @@ pub async fn up(data_dir: &Path, mut config: Config) -> Result<(), UserError> {
     }
     let book = PeerBook::new(config.max_stored_peers, store.load_peers(), crate::peer_record::unix_now());
     let policy = Arc::new(Mutex::new(Policy::new(config.public_ranges()?, &config.bootstrap, &config.listen)));
-    let built = build_swarm(store.keypair.clone(), &config, policy.clone())
+    let built = build_swarm_over(store.keypair.clone(), &config, policy.clone(), wire)
         .map_err(|e| UserError::operation(format!("cannot set up networking: {e}")))?;
     let mut swarm = built.swarm;
     let mut listeners = Vec::new();
@@ -77,8 +95,10 @@ pub async fn up(data_dir: &Path, mut config: Config) -> Result<(), UserError> {
         None => None,
     };
     let (listener, socket_path) = server::bind(data_dir).await?;
-    println!("warren node {peer_id}");
-    println!("data dir {}", data_dir.display());
+    if announce {
+        println!("warren node {peer_id}");
+        println!("data dir {}", data_dir.display());
+    }
     tracing::info!(peer = %peer_id, data_dir = %data_dir.display(), stored_peers = book.len(), "node starting");
 
     let writer = store.spawn_writer();
@@ -88,6 +108,9 @@ pub async fn up(data_dir: &Path, mut config: Config) -> Result<(), UserError> {
     let (event_loop, handle) = EventLoop::new(swarm, config, book, writer, policy, listeners);
     let mut event_loop =
         event_loop.with_relay(built.meter, built.reservations_by_ip).with_punch(built.punch_offers, built.punch_listeners);
+    if !announce {
+        event_loop = event_loop.quiet();
+    }
     let shutdown = Shutdown::new();
     if port_mapping {
         let (ports_tx, ports_rx) = tokio::sync::watch::channel(Vec::new());
@@ -109,13 +132,14 @@ pub async fn up(data_dir: &Path, mut config: Config) -> Result<(), UserError> {
     if let Some(metrics) = metrics {
         shutdown.spawn(crate::metrics::serve(metrics, handle.clone(), forwarding.clone()));
     }
+    ready(handle.clone());
     shutdown.spawn(server::serve(listener, handle, forwarding));
 
     // Shutdown, in the order `crate::shutdown` documents: stop accepting and end the tasks in
     // flight while the swarm still runs, then close the swarm, which writes the peer store out.
     let (close_swarm, swarm_closing) = tokio::sync::oneshot::channel::<()>();
     let stop = async {
-        shutdown_signal().await;
+        stop.await;
         tracing::info!("shutting down: accepting nothing new, ending the connections in flight");
         let left = shutdown.stop_tasks().await;
         if left > 0 {

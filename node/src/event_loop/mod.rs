@@ -120,6 +120,8 @@ pub struct EventLoop {
     handle: NodeHandle,
     /// Inbound birthday-punch offers, and the listeners a punch opens.
     punch: Option<(warren_forward::Incoming, crate::punch::PunchListeners)>,
+    /// Print listen addresses for the person who started the node (not in simulations).
+    announce: bool,
 }
 
 impl EventLoop {
@@ -170,6 +172,7 @@ impl EventLoop {
             birthday: birthday::Birthday::new(),
             handle: handle.clone(),
             punch: None,
+            announce: true,
             config,
         };
         (event_loop, handle)
@@ -191,6 +194,12 @@ impl EventLoop {
     /// without them the node neither offers nor takes birthday punches.
     pub fn with_punch(mut self, offers: warren_forward::Incoming, listeners: crate::punch::PunchListeners) -> Self {
         self.punch = Some((offers, listeners));
+        self
+    }
+
+    /// Keeps the loop from printing its listen addresses (a simulation's many nodes).
+    pub fn quiet(mut self) -> Self {
+        self.announce = false;
         self
     }
 
@@ -327,6 +336,10 @@ impl EventLoop {
                 self.punch_done(peer, outcome);
                 birthday::answered(reply);
             }
+            Command::RoutingTable(reply) => {
+                let peers = self.swarm.behaviour_mut().kad.kbuckets().flat_map(|b| b.iter().map(|e| *e.node.key.preimage()).collect::<Vec<_>>()).collect();
+                let _ = reply.send(peers);
+            }
             Command::StoreChurn(count, reply) => {
                 let now = unix_now();
                 for _ in 0..count {
@@ -361,7 +374,9 @@ impl EventLoop {
             SwarmEvent::NewListenAddr { listener_id, address } => {
                 let full = address.clone().with(Protocol::P2p(*self.swarm.local_peer_id()));
                 tracing::info!(addr = %full, "listening");
-                println!("listening on {full}");
+                if self.announce {
+                    println!("listening on {full}");
+                }
                 if self.autorelay.is_relay_listener(listener_id) {
                     self.autorelay.on_listening(listener_id);
                     self.own_record_changed();
