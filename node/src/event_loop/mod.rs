@@ -445,15 +445,20 @@ impl EventLoop {
                 });
                 self.autorelay.on_connected(peer_id);
                 self.redials.remove(&peer_id);
-                self.bootstrap.on_connected(&peer_id);
-                if self.bootstrap.contains(&peer_id) && num_established.get() == 1 {
+                let first_bootstrap = self.bootstrap.on_connected(&peer_id);
+                let has_dht_peers = self.table_size(Dht::Wan) + self.table_size(Dht::Lan) > 0;
+                // One DHT bootstrap to join, and another whenever the node has lost every DHT
+                // peer; the periodic refresh does the rest.
+                if self.bootstrap.contains(&peer_id) && num_established.get() == 1 && (first_bootstrap || !has_dht_peers) {
                     tracing::info!(peer = %peer_id, "connected to bootstrap peer; bootstrapping the DHT");
                     // Either may have no peers yet (identify feeds them next): then Kademlia
                     // bootstraps by itself once the first peer is added.
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                     let _ = self.swarm.behaviour_mut().lan_kad.bootstrap();
                 }
-                if is_relayed(&address) {
+                if !is_relayed(&address) {
+                    self.hole_punch.on_direct(peer_id);
+                } else {
                     let direct = self.conns.values().any(|c| c.peer == peer_id && !is_relayed(&c.address));
                     if outbound && !direct {
                         self.hole_punch.on_relayed_dial(peer_id, address.clone(), Instant::now());

@@ -47,6 +47,9 @@ const SAMPLE_TIMEOUT: Duration = Duration::from_secs(40);
 const TARGET_SETTLE: Duration = Duration::from_secs(30);
 /// Nodes started at once while the network builds up (each costs a few handshakes).
 const JOIN_BATCH: usize = 50;
+/// How long the background cost (traffic, dials, CPU with no lookups) is measured for, after
+/// measuring: several ping and keep-alive periods.
+const IDLE_WINDOW: Duration = Duration::from_secs(30);
 /// How long a node that leaves to come back stays away, at most.
 const MAX_DOWNTIME: Duration = Duration::from_secs(60);
 
@@ -89,7 +92,7 @@ impl Default for Params {
             restart_share: 0.5,
             settle_timeout_secs: 180,
             measure_secs: 60,
-            samples_per_sec: 4.0,
+            samples_per_sec: 2.0,
             seed: 1,
         }
     }
@@ -210,9 +213,11 @@ async fn settled(node: &NodeHandle, role: Role) -> bool {
 }
 
 /// One lookup or forward stream.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Sample {
     pub ok: bool,
+    /// Why it failed, PeerIds and addresses left out so that alike failures read alike.
+    pub failure: Option<String>,
     pub millis: f64,
     /// The target is behind a NAT (reached through a relay).
     pub natted_target: bool,
@@ -362,6 +367,20 @@ pub async fn run(params: &Params, root: &Path) -> Result<Report, String> {
     let traffic_after = total_traffic(&net, &live);
     let traffic = (traffic_after.0 + traffic_gone.0 - traffic_before.0, traffic_after.1 + traffic_gone.1 - traffic_before.1);
 
+    // The background: what nodes cost when nobody looks anything up and nobody leaves (after
+    // measuring, so that the joins' burst of connections is long over).
+    let idle_traffic = total_traffic(&net, &live);
+    let idle_cpu = report::cpu_seconds();
+    let idle_start = Instant::now();
+    tokio::time::sleep(IDLE_WINDOW).await;
+    let idle_secs = idle_start.elapsed().as_secs_f64();
+    let idle_cpu = report::cpu_seconds() - idle_cpu;
+    let idle_traffic = {
+        let now = total_traffic(&net, &live);
+        let per_node_min = |a: u64, b: u64| a.saturating_sub(b) as f64 / params.nodes as f64 / (idle_secs / 60.0);
+        (per_node_min(now.0, idle_traffic.0), per_node_min(now.1, idle_traffic.1))
+    };
+
     // Routing-table health: the share of entries that are nodes still up.
     let (handles, live_peers): (Vec<NodeHandle>, std::collections::HashSet<PeerId>) = {
         let live = live.lock().expect("live");
@@ -375,6 +394,32 @@ pub async fn run(params: &Params, root: &Path) -> Result<Report, String> {
     }
     let nodes_now = handles.len();
     let rss = report::rss_bytes();
+    let statuses = futures::future::join_all(handles.iter().map(|h| h.request(Command::Status))).await;
+    let connection_kinds = {
+        let roles: HashMap<PeerId, Role> = live.lock().expect("live").iter().map(|(p, n)| (*p, n.role)).collect();
+        let mut kinds: std::collections::BTreeMap<String, usize> = Default::default();
+        let name = |role: Option<&Role>| match role {
+            Some(Role::Natted) => "natted",
+            Some(Role::Bootstrap) => "bootstrap",
+            Some(Role::Public { relay: true }) => "relay",
+            Some(Role::Public { relay: false }) => "public",
+            None => "gone",
+        };
+        for handle in &handles {
+            let Ok(peers) = handle.request(Command::Peers).await else { continue };
+            let own = name(roles.get(&handle.peer_id));
+            for entry in peers {
+                let remote = entry.peer_id.parse::<PeerId>().ok();
+                for conn in &entry.connections {
+                    let key = format!("{own} -> {} ({}, {}, idle ≥ 60 s: {})", name(remote.as_ref().and_then(|p| roles.get(p))), conn.path, conn.direction, conn.age_secs >= 60);
+                    *kinds.entry(key).or_default() += 1;
+                }
+            }
+        }
+        kinds.into_iter().collect::<Vec<_>>()
+    };
+    let relays = report::RelaySummary::of(statuses.iter().flatten().filter_map(|s| s.relay.as_ref()));
+    let connections = statuses.iter().flatten().map(|s| s.connections).sum::<usize>() as f64 / nodes_now.max(1) as f64;
 
     let finds = finds.lock().expect("samples").clone();
     let forwards = forwards.lock().expect("samples").clone();
@@ -393,6 +438,12 @@ pub async fn run(params: &Params, root: &Path) -> Result<Report, String> {
         dials_per_node_per_min: traffic.1 as f64 / nodes_now.max(1) as f64 / (measured_secs / 60.0),
         rss_per_node_kib: rss.saturating_sub(rss_before) as f64 / 1024.0 / nodes_now.max(1) as f64,
         cpu_share: cpu_secs / measured_secs / report::cores() as f64,
+        relays,
+        connections_per_node: connections,
+        connection_kinds,
+        idle_bytes_per_node_per_min: idle_traffic.0,
+        idle_dials_per_node_per_min: idle_traffic.1,
+        idle_cpu_ms_per_node_per_sec: idle_cpu * 1000.0 / idle_secs / params.nodes as f64,
     };
 
     let nodes: Vec<SimNode> = live.lock().expect("live").drain().map(|(_, n)| n).collect();
@@ -409,8 +460,14 @@ fn total_traffic(net: &Net, live: &Live) -> (u64, u64) {
 async fn sample_find((from, target, natted_target): (NodeHandle, PeerId, bool), live: Live, out: Arc<Mutex<Vec<Sample>>>) {
     let started = Instant::now();
     let reply = tokio::time::timeout(SAMPLE_TIMEOUT, from.request(|tx| Command::Find(target, tx))).await;
-    let ok = matches!(&reply, Ok(Ok(r)) if r.found && !r.addrs.is_empty());
-    record(started, ok, natted_target, &[from.peer_id, target], &live, &out);
+    let failure = match &reply {
+        Ok(Ok(r)) if r.found && !r.addrs.is_empty() => None,
+        Ok(Ok(r)) if r.found => Some("found without a usable address".to_string()),
+        Ok(Ok(_)) => Some("not found".to_string()),
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some("no answer in time".to_string()),
+    };
+    record(started, failure, natted_target, &[from.peer_id, target], &live, &out);
 }
 
 /// A forward stream, as `warren forward` opens one for a new connection: reach the peer (its
@@ -429,17 +486,23 @@ async fn sample_forward((from, target, natted_target): (NodeHandle, PeerId, bool
             Err(e) => Err(e.to_string()),
         }
     };
-    let ok = matches!(tokio::time::timeout(SAMPLE_TIMEOUT, attempt).await, Ok(Ok(())));
-    record(started, ok, natted_target, &[from.peer_id, target], &live, &out);
+    let failure = match tokio::time::timeout(SAMPLE_TIMEOUT, attempt).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        Err(_) => Some("no answer in time".to_string()),
+    };
+    record(started, failure, natted_target, &[from.peer_id, target], &live, &out);
 }
 
 /// Keeps a sample unless one of its ends left while it ran (that is churn, not a failed lookup).
-fn record(started: Instant, ok: bool, natted_target: bool, ends: &[PeerId], live: &Live, out: &Mutex<Vec<Sample>>) {
+fn record(started: Instant, failure: Option<String>, natted_target: bool, ends: &[PeerId], live: &Live, out: &Mutex<Vec<Sample>>) {
     let still_up = {
         let live = live.lock().expect("live");
         ends.iter().all(|p| live.get(p).is_some_and(|n| n.up_since <= started))
     };
     if still_up {
-        out.lock().expect("samples").push(Sample { ok, millis: started.elapsed().as_secs_f64() * 1000.0, natted_target });
+        let ok = failure.is_none();
+        let failure = failure.map(|f| report::generalise(&f));
+        out.lock().expect("samples").push(Sample { ok, failure, millis: started.elapsed().as_secs_f64() * 1000.0, natted_target });
     }
 }

@@ -100,6 +100,23 @@ fn main() -> std::process::ExitCode {
         }
     };
     print!("{}", report::markdown(std::slice::from_ref(&report)));
+    println!("connections per node at the end: {:.1}", report.connections_per_node);
+    for (kind, count) in &report.connection_kinds {
+        println!("  {count:6} {kind}");
+    }
+    let relays = &report.relays;
+    println!(
+        "relays: {} up, {} peers reserved, circuits open {} (most on one {}), accepted {}, denied {}; reservations denied {}",
+        relays.relays, relays.reservation_peers, relays.circuits_open, relays.most_circuits_open, relays.circuits_accepted, relays.circuits_denied, relays.reservations_denied
+    );
+    for (denial, count) in &relays.denials {
+        println!("relay denial (last at {count} relays): {denial}");
+    }
+    for (kind, outcomes) in [("find", &report.finds), ("forward", &report.forwards)] {
+        for (reason, count) in &outcomes.failures {
+            println!("{kind} failed {count}×: {reason}");
+        }
+    }
     if let Some(out) = &cli.out {
         let line = serde_json::to_string(&report).expect("a report serialises");
         let written = std::fs::OpenOptions::new().create(true).append(true).open(out).and_then(|mut f| writeln!(f, "{line}"));

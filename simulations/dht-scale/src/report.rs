@@ -31,6 +31,81 @@ pub struct Report {
     /// The share of the machine's cores the simulation used while measuring; near 1, the
     /// machine bounded the run and its latencies include waiting for a core.
     pub cpu_share: f64,
+    /// What the relays did, summed over the relays up at the end.
+    #[serde(default)]
+    pub relays: RelaySummary,
+    /// Connections a node has open, on average, at the end.
+    #[serde(default)]
+    pub connections_per_node: f64,
+    /// Connections at the end by the roles at both ends, path and direction, and age.
+    #[serde(default)]
+    pub connection_kinds: Vec<(String, usize)>,
+    /// The same with no lookups running (the background a node costs), before measuring.
+    #[serde(default)]
+    pub idle_bytes_per_node_per_min: f64,
+    #[serde(default)]
+    pub idle_dials_per_node_per_min: f64,
+    /// CPU milliseconds per node per second with no lookups running.
+    #[serde(default)]
+    pub idle_cpu_ms_per_node_per_sec: f64,
+}
+
+/// The relays' counters at the end of a run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RelaySummary {
+    pub relays: usize,
+    pub reservation_peers: usize,
+    pub circuits_open: u64,
+    pub most_circuits_open: u64,
+    pub circuits_accepted: u64,
+    pub circuits_denied: u64,
+    pub reservations_denied: u64,
+    /// The last denial each relay saw, counted alike.
+    pub denials: Vec<(String, usize)>,
+}
+
+impl RelaySummary {
+    pub fn of<'a>(relays: impl Iterator<Item = &'a warren_node::api::RelayStatus>) -> Self {
+        let mut summary = RelaySummary::default();
+        for relay in relays {
+            summary.relays += 1;
+            summary.reservation_peers += relay.reservation_peers;
+            summary.circuits_open += relay.circuits;
+            summary.most_circuits_open = summary.most_circuits_open.max(relay.circuits);
+            summary.circuits_accepted += relay.circuits_accepted;
+            summary.circuits_denied += relay.circuits_denied;
+            summary.reservations_denied += relay.reservations_denied;
+            if let Some(denial) = &relay.last_denial {
+                let denial = generalise(denial);
+                match summary.denials.iter_mut().find(|(d, _)| *d == denial) {
+                    Some((_, n)) => *n += 1,
+                    None => summary.denials.push((denial, 1)),
+                }
+            }
+        }
+        summary
+    }
+}
+
+/// Failure reasons kept per kind of sample.
+const TOP_FAILURES: usize = 5;
+
+/// A failure's text with PeerIds, addresses and numbers taken out, so alike failures count as one.
+pub fn generalise(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for word in text.split(' ') {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        if word.starts_with('/') || word.starts_with("12D3Koo") || word.starts_with("(/") || word.starts_with("[(/") {
+            out.push('…');
+        } else if word.trim_end_matches(['s', ',', ')']).parse::<f64>().is_ok() {
+            out.push('N');
+        } else {
+            out.push_str(word);
+        }
+    }
+    out.chars().take(200).collect()
 }
 
 /// Success and latency of one kind of sample.
@@ -45,6 +120,9 @@ pub struct Outcomes {
     pub p50_ms: f64,
     pub p90_ms: f64,
     pub p99_ms: f64,
+    /// The commonest reasons for failure, with how often each came up.
+    #[serde(default)]
+    pub failures: Vec<(String, usize)>,
 }
 
 impl Outcomes {
@@ -52,7 +130,17 @@ impl Outcomes {
         let mut times: Vec<f64> = samples.iter().filter(|s| s.ok).map(|s| s.millis).collect();
         times.sort_by(f64::total_cmp);
         let at = |q: f64| if times.is_empty() { 0.0 } else { times[((times.len() - 1) as f64 * q).round() as usize] };
+        let mut failures: Vec<(String, usize)> = Vec::new();
+        for reason in samples.iter().filter_map(|s| s.failure.as_ref()) {
+            match failures.iter_mut().find(|(r, _)| r == reason) {
+                Some((_, n)) => *n += 1,
+                None => failures.push((reason.clone(), 1)),
+            }
+        }
+        failures.sort_by(|a, b| b.1.cmp(&a.1));
+        failures.truncate(TOP_FAILURES);
         Outcomes {
+            failures,
             tried: samples.len(),
             ok: times.len(),
             natted_tried: samples.iter().filter(|s| s.natted_target).count(),
@@ -72,14 +160,14 @@ impl Outcomes {
 /// The Markdown table of runs.
 pub fn markdown(reports: &[Report]) -> String {
     let mut out = String::from(
-        "| nodes | churn /10 min | find ok | find p50 / p90 / p99 | forward ok | forward p50 / p90 / p99 | table live | table size | KiB sent /node/min | dials /node/min | RSS /node | CPU used | unsettled |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| nodes | churn /10 min | find ok | find p50 / p90 / p99 | forward ok | forward p50 / p90 / p99 | table live | table size | KiB sent /node/min (idle) | dials /node/min (idle) | CPU ms /node/s idle | RSS /node | CPU used | unsettled |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in reports {
         let times = |o: &Outcomes| format!("{:.0} / {:.0} / {:.0} ms", o.p50_ms, o.p90_ms, o.p99_ms);
         let rate = |o: &Outcomes| format!("{:.1} % ({}/{})", o.rate(), o.ok, o.tried);
         out.push_str(&format!(
-            "| {} | {:.0} % | {} | {} | {} | {} | {:.1} % | {:.0} | {:.0} | {:.1} | {:.0} KiB | {:.0} % | {} |\n",
+            "| {} | {:.0} % | {} | {} | {} | {} | {:.1} % | {:.0} | {:.0} ({:.0}) | {:.1} ({:.1}) | {:.2} | {:.0} KiB | {:.0} % | {} |\n",
             r.params.nodes,
             r.params.churn_per_10min * 100.0,
             rate(&r.finds),
@@ -89,7 +177,10 @@ pub fn markdown(reports: &[Report]) -> String {
             r.table_live_share * 100.0,
             r.table_entries_per_node,
             r.bytes_per_node_per_min / 1024.0,
+            r.idle_bytes_per_node_per_min / 1024.0,
             r.dials_per_node_per_min,
+            r.idle_dials_per_node_per_min,
+            r.idle_cpu_ms_per_node_per_sec,
             r.rss_per_node_kib,
             r.cpu_share * 100.0,
             r.unsettled,
