@@ -37,8 +37,8 @@ pub(super) struct PendingFind {
 }
 
 impl EventLoop {
-    /// Looks `peer` up four ways at once (see `start_connect_lookups`) and answers when all
-    /// four are done. Our own PeerId is answered at once with our own addresses.
+    /// Looks `peer` up four ways at once (see `start_connect_lookups`) and answers as soon as
+    /// one found it with usable addresses (the others are stopped), or when all four are done. Our own PeerId is answered at once with our own addresses.
     pub(super) fn find(&mut self, peer: PeerId, reply: oneshot::Sender<api::FindReply>) {
         if peer == *self.swarm.local_peer_id() {
             let _ = reply.send(api::FindReply {
@@ -172,12 +172,13 @@ impl EventLoop {
                     self.on_connect_lookup(target, addrs, done);
                 }
             }
-            kad::Event::OutboundQueryProgressed { result: kad::QueryResult::Bootstrap(Ok(_)), step, .. } if step.last => {
+            kad::Event::OutboundQueryProgressed { result: kad::QueryResult::Bootstrap(Ok(_)), step, stats, .. } if step.last => {
                 let routing_table = match dht {
                     Dht::Wan => self.table_size(Dht::Wan),
                     Dht::Lan => self.table_size(Dht::Lan),
                 };
-                tracing::info!(?dht, routing_table, "DHT bootstrap finished");
+                let (requests, took) = (stats.num_requests(), stats.duration().unwrap_or_default());
+                tracing::info!(?dht, routing_table, requests, ?took, "DHT bootstrap finished");
             }
             kad::Event::ModeChanged { new_mode } => tracing::info!(?dht, mode = %new_mode, "DHT mode changed"),
             kad::Event::InboundRequest { request: kad::InboundRequest::AddProvider { record: Some(record) } } => {
@@ -234,11 +235,27 @@ impl EventLoop {
         if done {
             find.lookups = find.lookups.saturating_sub(1);
         }
-        if find.lookups > 0 {
+        // Found with addresses: answer now. The other lookups would only add the wait for the
+        // slowest peer on their paths (a node that left keeps a lookup waiting for its dial to
+        // time out: `simulations/dht-scale` measured finds at 5 s p50 under churn, 0.35 s without).
+        let answered = find.found && !find.addrs.is_empty();
+        if find.lookups > 0 && !answered {
             return;
         }
         let find = self.finds.remove(&id).expect("present above");
-        self.find_aliases.retain(|_, f| *f != id);
+        let mut queries = vec![id];
+        self.find_aliases.retain(|alias, f| {
+            let ours = *f == id;
+            if ours {
+                queries.push(*alias);
+            }
+            !ours
+        });
+        for (dht, query) in queries {
+            if let Some(mut query) = self.kad(dht).query_mut(&query) {
+                query.finish();
+            }
+        }
         if !find.addrs.is_empty() {
             self.remember(find.peer, &find.addrs);
         }

@@ -26,6 +26,9 @@ struct Cli {
     /// One-way link latency, milliseconds (each link gets 0.5× to 1.5× of it).
     #[arg(long, default_value_t = Params::default().latency_ms)]
     latency_ms: u64,
+    /// Nodes joining per second while the network builds up.
+    #[arg(long, default_value_t = Params::default().join_per_sec)]
+    join_per_sec: f64,
     /// Seconds to measure, once the nodes have settled.
     #[arg(long, default_value_t = Params::default().measure_secs)]
     measure_secs: u64,
@@ -71,6 +74,7 @@ fn main() -> std::process::ExitCode {
         churn_per_10min: cli.churn,
         public_share: cli.public_share,
         latency_ms: cli.latency_ms,
+        join_per_sec: cli.join_per_sec,
         measure_secs: cli.measure_secs,
         samples_per_sec: cli.samples_per_sec,
         settle_timeout_secs: cli.settle_timeout_secs,

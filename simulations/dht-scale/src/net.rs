@@ -263,6 +263,17 @@ impl Transport for SimTransport {
     }
 }
 
+/// A node that stops closes its listeners: its addresses become absent hosts, and free for the
+/// node when it comes back.
+impl Drop for SimTransport {
+    fn drop(&mut self) {
+        let mut shared = self.net.shared.lock().expect("net lock");
+        for listener in &self.listeners {
+            shared.listeners.remove(&listener.addr);
+        }
+    }
+}
+
 /// One direction of a stream: chunks with the time they may be read.
 #[derive(Default)]
 struct Direction {
