@@ -38,7 +38,8 @@ pub(super) struct PendingFind {
 
 impl EventLoop {
     /// Looks `peer` up four ways at once (see `start_connect_lookups`) and answers as soon as
-    /// one found it with usable addresses (the others are stopped), or when all four are done. Our own PeerId is answered at once with our own addresses.
+    /// one found it with usable addresses (the others are stopped), or when all four are done.
+    /// Our own PeerId is answered at once with our own addresses.
     pub(super) fn find(&mut self, peer: PeerId, reply: oneshot::Sender<api::FindReply>) {
         if peer == *self.swarm.local_peer_id() {
             let _ = reply.send(api::FindReply {

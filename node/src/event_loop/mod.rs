@@ -59,7 +59,6 @@ const STORE_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// addresses, so that none of them is one of our own; at most this long.
 const LISTENERS_SETTLE: Duration = Duration::from_secs(2);
 
-
 struct ConnInfo {
     peer: PeerId,
     address: Multiaddr,

@@ -249,23 +249,17 @@ pub async fn run(params: &Params, root: &Path) -> Result<Report, String> {
     world.bootstrap_addrs = boot_addrs;
 
     let publics = ((params.nodes as f64 * params.public_share).round() as usize).saturating_sub(params.bootstrap);
-    let mut roles: Vec<Role> = (0..params.nodes.saturating_sub(params.bootstrap))
+    // Public nodes first, so that relays exist when the NATed nodes look for them.
+    let mut joining: Vec<Role> = (0..params.nodes.saturating_sub(params.bootstrap))
         .map(|i| if i < publics { Role::Public { relay: rng.gen_bool(params.relay_share.clamp(0.0, 1.0)) } } else { Role::Natted })
         .collect();
-    // Public nodes first, so that relays exist when the NATed nodes look for them.
-    let mut joining = roles.drain(..).collect::<Vec<_>>();
     let per_batch = (params.join_per_sec.max(1.0)).ceil() as usize;
     let mut next_batch = Instant::now();
     while !joining.is_empty() {
         tokio::time::sleep_until(next_batch).await;
         next_batch += Duration::from_secs(1);
         let batch: Vec<Role> = joining.drain(..per_batch.min(joining.len())).collect();
-        let starts = batch.into_iter().map(|role| {
-            let host = world.host(role);
-            let dir = world.new_dir();
-            (role, host, dir)
-        });
-        let starts: Vec<_> = starts.collect();
+        let starts: Vec<_> = batch.into_iter().map(|role| (role, world.host(role), world.new_dir())).collect();
         let nodes = futures::future::join_all(starts.into_iter().map(|(role, host, dir)| world.start(role, host, dir))).await;
         for node in nodes {
             let node = node?;
