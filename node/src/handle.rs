@@ -33,8 +33,9 @@ pub enum Command {
     /// Gathers what `warren netcheck` judges from, probing over QUIC first where that helps.
     Netcheck(oneshot::Sender<NetcheckDraft>),
     /// A peer offered a birthday punch, seen at the IP given: admitted (we are the easy side
-    /// and start), or why not.
-    PunchAdmit(PeerId, std::net::IpAddr, oneshot::Sender<Result<crate::punch::Admission, (warren_punch::Refusal, String)>>),
+    /// and start), or why not. With the flag set, a mapping that is not settled but most likely
+    /// keeps our port is taken as easy (the last try before refusing).
+    PunchAdmit(PeerId, std::net::IpAddr, bool, oneshot::Sender<Result<crate::punch::Admission, (warren_punch::Refusal, String)>>),
     /// Dials the port a birthday punch found (answered once the dial is under way).
     PunchDial(PeerId, libp2p::Multiaddr, oneshot::Sender<()>),
     /// A birthday punch ended, either role.

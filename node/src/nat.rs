@@ -178,7 +178,7 @@ fn is_cgnat(ip: Ipv4Addr) -> bool {
 }
 
 /// The mapping behaviour, from QUIC observations over IPv4 (one per observer, newest first).
-fn mapping_of(e: &Evidence, reasons: &mut Vec<String>) -> (Mapping, Option<SocketAddr>) {
+pub fn mapping_of(e: &Evidence, reasons: &mut Vec<String>) -> (Mapping, Option<SocketAddr>) {
     let quic: Vec<&Observation> =
         e.observations.iter().filter(|o| o.transport == Transport::Quic && o.observed.is_ipv4()).collect();
     if let Some(own) = quic.iter().find(|o| e.local_ips.contains(&o.observed.ip())) {
@@ -223,6 +223,18 @@ fn mapping_of(e: &Evidence, reasons: &mut Vec<String>) -> (Mapping, Option<Socke
                 (Mapping::EndpointDependent, None)
             }
         }
+    }
+}
+
+/// When the mapping is not settled: a QUIC observation over IPv4 at the port our socket has,
+/// which is what a port-keeping NAT shows every peer but one it had to give another port (a
+/// clash on the router). Only [`mapping_of`]'s "third peer needed" case has this shape.
+pub fn port_kept(e: &Evidence) -> Option<SocketAddr> {
+    let quic: Vec<&Observation> =
+        e.observations.iter().filter(|o| o.transport == Transport::Quic && o.observed.is_ipv4()).collect();
+    match quic.as_slice() {
+        [a, b] if a.observed != b.observed => [a, b].into_iter().find(|o| e.quic_ports.contains(&o.observed.port())).map(|o| o.observed),
+        _ => None,
     }
 }
 
@@ -356,9 +368,14 @@ mod tests {
         // third peer must tell.
         let two = vec![obs("198.51.100.1", "203.0.113.5:35387", Transport::Quic), obs("198.51.100.2", "203.0.113.5:4001", Transport::Quic)];
         assert_eq!(assess(&evidence(two.clone())).mapping, Mapping::Unknown);
+        // With no third peer to ask, the birthday punch's easy side may try the kept port.
+        assert_eq!(port_kept(&evidence(two.clone())), Some("203.0.113.5:4001".parse().unwrap()));
+        let apart = vec![obs("198.51.100.1", "203.0.113.5:35387", Transport::Quic), obs("198.51.100.2", "203.0.113.5:40999", Transport::Quic)];
+        assert_eq!(port_kept(&evidence(apart)), None, "neither kept our port: symmetric");
         let mut three = two;
         three.push(obs("198.51.100.3", "203.0.113.5:40999", Transport::Quic));
-        assert_eq!(assess(&evidence(three)).mapping, Mapping::EndpointDependent);
+        assert_eq!(assess(&evidence(three.clone())).mapping, Mapping::EndpointDependent);
+        assert_eq!(port_kept(&evidence(three)), None, "settled: symmetric");
         let one = assess(&evidence(vec![obs("198.51.100.1", "203.0.113.5:4001", Transport::Quic)]));
         assert_eq!((one.nat_type, one.mapping), (NatType::Unknown, Mapping::Unknown));
     }

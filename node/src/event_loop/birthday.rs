@@ -39,6 +39,12 @@ pub(super) const OFFERS_AT_ONCE: usize = 4;
 /// How long after asking peers where they see us the easy side trusts its address again: an
 /// identify round trip, with room to spare.
 const REOBSERVE_SETTLE: Duration = Duration::from_secs(3);
+/// How long the easy side, not knowing its mapping when an offer comes, waits for the peers it
+/// just asked to say where they see us (a QUIC handshake and an identify round trip on a slow
+/// path) before refusing; well inside the hard side's [`crate::punch::MESSAGE_WAIT`].
+const LEARN_WAIT: Duration = Duration::from_secs(4);
+/// How often the admission is asked again during [`LEARN_WAIT`].
+const LEARN_POLL: Duration = Duration::from_millis(200);
 /// Waits before offering a busy peer again, or after the relayed stream broke mid-punch.
 const RETRY_WHEN_BUSY: Duration = Duration::from_secs(15);
 /// How long a peer whose punched connection died is punched again even when no connection to
@@ -332,7 +338,12 @@ impl EventLoop {
             .filter(|peer| self.birthday.may_offer(peer, now))
             .collect();
         let Some(peer) = relayed_only.into_iter().next() else { return };
-        let Some(ip) = self.hard_side_ip() else { return };
+        let Some(ip) = self.hard_side_ip() else {
+            // Whether we are the hard side is not known yet: find out, so that the next tick can
+            // offer (or the peer's offer can be taken).
+            self.learn_mapping();
+            return;
+        };
         let Some((_, listeners)) = &self.punch else { return };
         let listeners = listeners.clone();
         self.birthday.start(peer, Role::Hard, now);
@@ -382,7 +393,19 @@ impl EventLoop {
                     return;
                 }
             };
-            let admission = match handle.request(|reply| Command::PunchAdmit(peer, ip, reply)).await {
+            // Not knowing our mapping yet, the admission has asked peers where they see us:
+            // wait a moment for the answers rather than send the peer away for half a minute.
+            // The last try takes a mapping that most likely keeps our port.
+            let learn_until = tokio::time::Instant::now() + LEARN_WAIT;
+            let admitted = loop {
+                let last_try = tokio::time::Instant::now() + LEARN_POLL >= learn_until;
+                let admitted = handle.request(|reply| Command::PunchAdmit(peer, ip, last_try, reply)).await;
+                match admitted {
+                    Ok(Err((Refusal::Unknown, _))) if !last_try => tokio::time::sleep(LEARN_POLL).await,
+                    other => break other,
+                }
+            };
+            let admission = match admitted {
                 Ok(Ok(admission)) => admission,
                 Ok(Err((reason, detail))) => {
                     tracing::info!(peer = %peer, reason = reason.explain(), %detail, "birthday punch offer refused");
@@ -401,16 +424,29 @@ impl EventLoop {
 
     /// Whether we take `peer`'s offer (see [`Refusal`] for each reason), with a detail for the
     /// peer's `warren peers`: the first reason of our NAT assessment where that is the cause.
-    pub(super) fn punch_admit(&mut self, peer: PeerId, ip: IpAddr) -> Result<Admission, (Refusal, String)> {
+    pub(super) fn punch_admit(&mut self, peer: PeerId, ip: IpAddr, last_try: bool) -> Result<Admission, (Refusal, String)> {
         if !self.config.birthday_punch || self.punch.is_none() {
             return Err((Refusal::Disabled, String::new()));
         }
         if self.conns.values().any(|c| c.peer == peer && !is_relayed(&c.address)) {
             return Err((Refusal::AlreadyDirect, String::new()));
         }
-        let assessment = crate::nat::assess(&self.nat_evidence());
+        let evidence = self.nat_evidence();
+        let assessment = crate::nat::assess(&evidence);
         let why = assessment.reasons.first().cloned().unwrap_or_default();
-        match (assessment.udp, assessment.mapping) {
+        if assessment.mapping == Mapping::Unknown {
+            self.learn_mapping();
+        }
+        // Two peers disagreeing, one of them seeing our own port, is most likely a port-keeping
+        // NAT that had to pick another port for one flow (in the lab: a restarted relay's packet
+        // got to the router before ours did). With no third peer to ask, punch with our port:
+        // if the NAT is symmetric after all, the punch fails and the peer backs off.
+        let port_kept = if last_try && assessment.mapping == Mapping::Unknown { crate::nat::port_kept(&evidence) } else { None };
+        if let Some(addr) = port_kept {
+            tracing::info!(peer = %peer, %addr, "our NAT's mapping is not settled; taking the offer with the port it most likely keeps");
+        }
+        let mapping = if port_kept.is_some() { Mapping::EndpointIndependent } else { assessment.mapping };
+        match (assessment.udp, mapping) {
             (Udp::Blocked, _) => return Err((Refusal::UdpBlocked, why)),
             (_, Mapping::EndpointDependent) => return Err((Refusal::BothSymmetric, String::new())),
             (_, Mapping::None) => return Err((Refusal::Public, String::new())),
@@ -419,10 +455,14 @@ impl EventLoop {
             (Udp::Unknown, _) if self.conns.values().any(|c| !is_relayed(&c.address)) => {
                 return Err((Refusal::Unknown, "no QUIC connection to any peer while TCP works: UDP may be blocked here".into()));
             }
-            (_, Mapping::Unknown) => return Err((Refusal::Unknown, why)),
+            (_, Mapping::Unknown) => {
+                let mut why = Vec::new();
+                crate::nat::mapping_of(&evidence, &mut why);
+                return Err((Refusal::Unknown, why.join("; ")));
+            }
             (_, Mapping::EndpointIndependent) => {}
         }
-        let Some(addr) = assessment.quic_mapped.filter(|a| a.is_ipv4()) else {
+        let Some(addr) = assessment.quic_mapped.or(port_kept).filter(|a| a.is_ipv4()) else {
             return Err((Refusal::Unknown, "no IPv4 address peers agree on for our QUIC socket".into()));
         };
         let public_ranges = self.config.public_ranges().unwrap_or_default();

@@ -58,6 +58,9 @@ const STORE_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// The first dials (stored peers, bootstrap peers) wait for every listener to report its
 /// addresses, so that none of them is one of our own; at most this long.
 const LISTENERS_SETTLE: Duration = Duration::from_secs(2);
+/// Least time between two DHT bootstraps started to join (or rejoin) the network: a bootstrap
+/// query takes a few seconds, and the routing table fills as it runs.
+const REJOIN_INTERVAL: Duration = Duration::from_secs(30);
 
 struct ConnInfo {
     peer: PeerId,
@@ -113,6 +116,10 @@ pub struct EventLoop {
     netcheck: Option<netcheck::Round>,
     /// When public peers were last asked where they see us after a lost direct connection.
     reobserved_at: Option<Instant>,
+    /// When dials last went out to learn an unknown NAT mapping, and how many rounds in a row
+    /// have not settled it.
+    mapping_learned_at: Option<Instant>,
+    mapping_learn_rounds: u32,
     /// Inbound punch offers being read at once (see `birthday::OFFERS_AT_ONCE`).
     offer_slots: Arc<tokio::sync::Semaphore>,
     birthday: birthday::Birthday,
@@ -122,6 +129,8 @@ pub struct EventLoop {
     punch: Option<(warren_forward::Incoming, crate::punch::PunchListeners)>,
     /// Print listen addresses for the person who started the node (not in simulations).
     announce: bool,
+    /// When a DHT bootstrap to join the network last started.
+    joined_at: Option<Instant>,
 }
 
 impl EventLoop {
@@ -168,11 +177,14 @@ impl EventLoop {
             observations: Default::default(),
             netcheck: None,
             reobserved_at: None,
+            mapping_learned_at: None,
+            mapping_learn_rounds: 0,
             offer_slots: Arc::new(tokio::sync::Semaphore::new(birthday::OFFERS_AT_ONCE)),
             birthday: birthday::Birthday::new(),
             handle: handle.clone(),
             punch: None,
             announce: true,
+            joined_at: None,
             config,
         };
         (event_loop, handle)
@@ -325,8 +337,8 @@ impl EventLoop {
             Command::Netcheck(reply) => self.netcheck(reply),
             Command::Connect(peer, reply) => self.connect(peer, reply),
             Command::OpenStream(peer, protocol, reply) => self.swarm.behaviour_mut().forward.open(peer, protocol, reply),
-            Command::PunchAdmit(peer, ip, reply) => {
-                let _ = reply.send(self.punch_admit(peer, ip));
+            Command::PunchAdmit(peer, ip, last_try, reply) => {
+                let _ = reply.send(self.punch_admit(peer, ip, last_try));
             }
             Command::PunchDial(peer, addr, reply) => {
                 self.punch_dial(peer, addr);
@@ -445,8 +457,14 @@ impl EventLoop {
                 });
                 self.autorelay.on_connected(peer_id);
                 self.redials.remove(&peer_id);
-                self.bootstrap.on_connected(&peer_id);
-                if self.bootstrap.contains(&peer_id) && num_established.get() == 1 {
+                let first_bootstrap = self.bootstrap.on_connected(&peer_id);
+                let has_dht_peers = self.table_size(Dht::Wan) + self.table_size(Dht::Lan) > 0;
+                // One DHT bootstrap to join, and another whenever the node has lost every DHT
+                // peer; the periodic refresh does the rest. (Every bootstrap peer that answered
+                // at start used to start one: four queries at once where one does.)
+                let rejoin = !has_dht_peers && self.joined_at.is_none_or(|t| t.elapsed() >= REJOIN_INTERVAL);
+                if self.bootstrap.contains(&peer_id) && num_established.get() == 1 && (first_bootstrap || rejoin) {
+                    self.joined_at = Some(Instant::now());
                     tracing::info!(peer = %peer_id, "connected to bootstrap peer; bootstrapping the DHT");
                     // Either may have no peers yet (identify feeds them next): then Kademlia
                     // bootstraps by itself once the first peer is added.

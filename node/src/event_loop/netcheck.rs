@@ -35,6 +35,12 @@ pub const PROBE_WAIT: Duration = Duration::from_secs(5);
 const REOBSERVE_PEERS: usize = 2;
 /// At most one such round per this long: a node losing many connections at once asks once.
 const REOBSERVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Rounds of dials to learn an unknown mapping (see [`EventLoop::learn_mapping`]) wait this
+/// long after the first, doubling after each that does not settle it, up to the most: each
+/// round is up to [`PROBES`] QUIC handshakes, and a network with no third public peer never
+/// settles a port clash, so the rounds must thin out.
+const LEARN_INTERVAL: Duration = Duration::from_secs(30);
+const LEARN_INTERVAL_MAX: Duration = Duration::from_secs(30 * 60);
 const MAX_WAITERS: usize = 16;
 
 /// A round of QUIC probes and the checks waiting for it.
@@ -121,6 +127,35 @@ impl EventLoop {
         for (peer, addr) in public {
             let _ = self.swarm.dial(DialOpts::peer_id(peer).condition(PeerCondition::Always).addresses(vec![addr]).build());
         }
+    }
+
+    /// The birthday punch needs our mapping (an easy side tells the peer its one address, a
+    /// hard side must know it is one). Peers see us once per connection, and a node that joined
+    /// through one public peer over QUIC and another over TCP, or whose QUIC dial lost the race
+    /// to TCP, may never hear a second QUIC observer: then ask public peers that have not seen
+    /// us over QUIC, as `warren netcheck` does, without waiting for the answers. At most once
+    /// per [`LEARN_INTERVAL`], growing to [`LEARN_INTERVAL_MAX`]; returns whether dials went out.
+    pub(super) fn learn_mapping(&mut self) -> bool {
+        let now = Instant::now();
+        if nat::assess(&self.nat_evidence()).mapping != nat::Mapping::Unknown {
+            self.mapping_learn_rounds = 0;
+            return false;
+        }
+        let wait = LEARN_INTERVAL.saturating_mul(1 << self.mapping_learn_rounds.min(16)).min(LEARN_INTERVAL_MAX);
+        if self.netcheck.is_some() || self.mapping_learned_at.is_some_and(|t| now.saturating_duration_since(t) < wait) {
+            return false;
+        }
+        let targets = self.probe_targets();
+        if targets.is_empty() {
+            return false;
+        }
+        self.mapping_learned_at = Some(now);
+        self.mapping_learn_rounds = self.mapping_learn_rounds.saturating_add(1);
+        tracing::info!(peers = targets.len(), "our NAT's mapping is not known yet: asking public peers where they see our QUIC socket");
+        for (peer, addrs) in targets {
+            let _ = self.swarm.dial(DialOpts::peer_id(peer).condition(PeerCondition::Always).addresses(addrs).build());
+        }
+        true
     }
 
     /// Ends a round of probes whose time is up.
