@@ -272,6 +272,10 @@ pub struct FindReply {
     pub addrs: Vec<String>,
     /// How long the DHT lookup took.
     pub elapsed_ms: f64,
+    /// DHT requests sent before the answer, over the four lookups a find runs (WAN and LAN,
+    /// closest peers and provider records); a lookup's path length shows in it.
+    #[serde(default)]
+    pub requests: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

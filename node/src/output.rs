@@ -187,7 +187,7 @@ pub fn find(reply: &api::FindReply) -> String {
     if !reply.found {
         return format!("{} not found ({:.1} ms)", reply.peer_id, reply.elapsed_ms);
     }
-    let mut out = format!("found {} in {:.1} ms", reply.peer_id, reply.elapsed_ms);
+    let mut out = format!("found {} in {:.1} ms ({} DHT requests)", reply.peer_id, reply.elapsed_ms, reply.requests);
     for addr in &reply.addrs {
         let _ = write!(out, "\n  {addr}");
     }

@@ -33,6 +33,8 @@ pub(super) struct PendingFind {
     lookups: u8,
     found: bool,
     addrs: Vec<Multiaddr>,
+    /// DHT requests sent by the lookups that have finished.
+    requests: u32,
     reply: oneshot::Sender<api::FindReply>,
 }
 
@@ -47,6 +49,7 @@ impl EventLoop {
                 found: true,
                 addrs: self.own_addresses().iter().map(|a| a.to_string()).collect(),
                 elapsed_ms: 0.0,
+                requests: 0,
             });
             return;
         }
@@ -55,7 +58,7 @@ impl EventLoop {
         let providers = (Dht::Wan, behaviour.kad.get_providers(peer_key(&peer)));
         let lan = (Dht::Lan, behaviour.lan_kad.get_closest_peers(peer));
         let lan_providers = (Dht::Lan, behaviour.lan_kad.get_providers(peer_key(&peer)));
-        let find = PendingFind { peer, started: Instant::now(), lookups: 4, found: false, addrs: Vec::new(), reply };
+        let find = PendingFind { peer, started: Instant::now(), lookups: 4, found: false, addrs: Vec::new(), requests: 0, reply };
         // All queries lead to the same pending find; the other ids point at the first.
         self.finds.insert(closest, find);
         for other in [providers, lan, lan_providers] {
@@ -77,7 +80,7 @@ impl EventLoop {
 
     pub(super) fn on_kad_event(&mut self, dht: Dht, event: kad::Event) {
         match event {
-            kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetClosestPeers(result), .. } => {
+            kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetClosestPeers(result), stats, .. } => {
                 let id = (dht, id);
                 let peers = match result {
                     Ok(ok) => ok.peers,
@@ -98,7 +101,7 @@ impl EventLoop {
                 }
                 let addrs = self.usable_lookup_addresses(target, addrs);
                 match find {
-                    Some(find) => self.on_find_progress(find, found, addrs, true),
+                    Some(find) => self.on_find_progress(find, found, addrs, Some(stats.num_requests())),
                     None => self.on_connect_lookup(target, addrs, true),
                 }
             }
@@ -135,7 +138,7 @@ impl EventLoop {
                     self.kad(dht).add_address(&peer, without_p2p(&address));
                 }
             }
-            kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetProviders(result), step, .. } => {
+            kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetProviders(result), step, stats, .. } => {
                 let providers = match result {
                     Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => providers,
                     _ => Default::default(),
@@ -165,7 +168,7 @@ impl EventLoop {
                     if done {
                         self.find_aliases.remove(&query);
                     }
-                    self.on_find_progress(find, !addrs.is_empty(), addrs, done);
+                    self.on_find_progress(find, !addrs.is_empty(), addrs, done.then(|| stats.num_requests()));
                 } else {
                     if done {
                         self.connect_lookups.remove(&query);
@@ -225,7 +228,8 @@ impl EventLoop {
         out
     }
 
-    pub(super) fn on_find_progress(&mut self, id: Query, found: bool, addrs: Vec<Multiaddr>, done: bool) {
+    /// One of a find's lookups has news; `done` carries the requests it sent when it is over.
+    pub(super) fn on_find_progress(&mut self, id: Query, found: bool, addrs: Vec<Multiaddr>, done: Option<u32>) {
         let Some(find) = self.finds.get_mut(&id) else { return };
         find.found |= found;
         for addr in addrs {
@@ -233,8 +237,9 @@ impl EventLoop {
                 find.addrs.push(addr);
             }
         }
-        if done {
+        if let Some(requests) = done {
             find.lookups = find.lookups.saturating_sub(1);
+            find.requests = find.requests.saturating_add(requests);
         }
         // Found with addresses: answer now. The other lookups would only add the wait for the
         // slowest peer on their paths (a node that left keeps a lookup waiting for its dial to
@@ -243,7 +248,7 @@ impl EventLoop {
         if find.lookups > 0 && !answered {
             return;
         }
-        let find = self.finds.remove(&id).expect("present above");
+        let mut find = self.finds.remove(&id).expect("present above");
         let mut queries = vec![id];
         self.find_aliases.retain(|alias, f| {
             let ours = *f == id;
@@ -254,6 +259,7 @@ impl EventLoop {
         });
         for (dht, query) in queries {
             if let Some(mut query) = self.kad(dht).query_mut(&query) {
+                find.requests = find.requests.saturating_add(query.stats().num_requests());
                 query.finish();
             }
         }
@@ -265,6 +271,7 @@ impl EventLoop {
             found: find.found,
             addrs: find.addrs.iter().map(|a| a.to_string()).collect(),
             elapsed_ms: find.started.elapsed().as_secs_f64() * 1000.0,
+            requests: find.requests,
         });
     }
 

@@ -223,6 +223,8 @@ pub struct Sample {
     pub millis: f64,
     /// The target is behind a NAT (reached through a relay).
     pub natted_target: bool,
+    /// For a find: the DHT requests it sent.
+    pub requests: Option<u32>,
 }
 
 /// Runs one simulation; its nodes' data dirs live under `root`.
@@ -467,7 +469,8 @@ async fn sample_find((from, target, natted_target): (NodeHandle, PeerId, bool), 
         Ok(Err(e)) => Some(e.to_string()),
         Err(_) => Some("no answer in time".to_string()),
     };
-    record(started, failure, natted_target, &[from.peer_id, target], &live, &out);
+    let requests = reply.ok().and_then(|r| r.ok()).map(|r| r.requests);
+    record(started, failure, natted_target, requests, &[from.peer_id, target], &live, &out);
 }
 
 /// A forward stream, as `warren forward` opens one for a new connection: reach the peer (its
@@ -491,11 +494,11 @@ async fn sample_forward((from, target, natted_target): (NodeHandle, PeerId, bool
         Ok(Err(e)) => Some(e),
         Err(_) => Some("no answer in time".to_string()),
     };
-    record(started, failure, natted_target, &[from.peer_id, target], &live, &out);
+    record(started, failure, natted_target, None, &[from.peer_id, target], &live, &out);
 }
 
 /// Keeps a sample unless one of its ends left while it ran (that is churn, not a failed lookup).
-fn record(started: Instant, failure: Option<String>, natted_target: bool, ends: &[PeerId], live: &Live, out: &Mutex<Vec<Sample>>) {
+fn record(started: Instant, failure: Option<String>, natted_target: bool, requests: Option<u32>, ends: &[PeerId], live: &Live, out: &Mutex<Vec<Sample>>) {
     let still_up = {
         let live = live.lock().expect("live");
         ends.iter().all(|p| live.get(p).is_some_and(|n| n.up_since <= started))
@@ -503,6 +506,6 @@ fn record(started: Instant, failure: Option<String>, natted_target: bool, ends: 
     if still_up {
         let ok = failure.is_none();
         let failure = failure.map(|f| report::generalise(&f));
-        out.lock().expect("samples").push(Sample { ok, failure, millis: started.elapsed().as_secs_f64() * 1000.0, natted_target });
+        out.lock().expect("samples").push(Sample { ok, failure, millis: started.elapsed().as_secs_f64() * 1000.0, natted_target, requests });
     }
 }

@@ -123,6 +123,11 @@ pub struct Outcomes {
     /// The commonest reasons for failure, with how often each came up.
     #[serde(default)]
     pub failures: Vec<(String, usize)>,
+    /// DHT requests a successful find sent before it answered (finds only), p50 and p90.
+    #[serde(default)]
+    pub requests_p50: f64,
+    #[serde(default)]
+    pub requests_p90: f64,
 }
 
 impl Outcomes {
@@ -139,8 +144,13 @@ impl Outcomes {
         }
         failures.sort_by(|a, b| b.1.cmp(&a.1));
         failures.truncate(TOP_FAILURES);
+        let mut requests: Vec<f64> = samples.iter().filter(|s| s.ok).filter_map(|s| s.requests).map(f64::from).collect();
+        requests.sort_by(f64::total_cmp);
+        let requests_at = |q: f64| if requests.is_empty() { 0.0 } else { requests[((requests.len() - 1) as f64 * q).round() as usize] };
         Outcomes {
             failures,
+            requests_p50: requests_at(0.5),
+            requests_p90: requests_at(0.9),
             tried: samples.len(),
             ok: times.len(),
             natted_tried: samples.iter().filter(|s| s.natted_target).count(),
@@ -160,18 +170,20 @@ impl Outcomes {
 /// The Markdown table of runs.
 pub fn markdown(reports: &[Report]) -> String {
     let mut out = String::from(
-        "| nodes | churn /10 min | find ok | find p50 / p90 / p99 | forward ok | forward p50 / p90 / p99 | table live | table size | KiB sent /node/min (idle) | dials /node/min (idle) | CPU ms /node/s idle | RSS /node | CPU used | unsettled |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| nodes | churn /10 min | find ok | find p50 / p90 / p99 | DHT requests /find p50 / p90 | forward ok | forward p50 / p90 / p99 | table live | table size | KiB sent /node/min (idle) | dials /node/min (idle) | CPU ms /node/s idle | RSS /node | CPU used | unsettled |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in reports {
         let times = |o: &Outcomes| format!("{:.0} / {:.0} / {:.0} ms", o.p50_ms, o.p90_ms, o.p99_ms);
         let rate = |o: &Outcomes| format!("{:.1} % ({}/{})", o.rate(), o.ok, o.tried);
         out.push_str(&format!(
-            "| {} | {:.0} % | {} | {} | {} | {} | {:.1} % | {:.0} | {:.0} ({:.0}) | {:.1} ({:.1}) | {:.2} | {:.0} KiB | {:.0} % | {} |\n",
+            "| {} | {:.0} % | {} | {} | {:.0} / {:.0} | {} | {} | {:.1} % | {:.0} | {:.0} ({:.0}) | {:.1} ({:.1}) | {:.2} | {:.0} KiB | {:.0} % | {} |\n",
             r.params.nodes,
             r.params.churn_per_10min * 100.0,
             rate(&r.finds),
             times(&r.finds),
+            r.finds.requests_p50,
+            r.finds.requests_p90,
             rate(&r.forwards),
             times(&r.forwards),
             r.table_live_share * 100.0,
