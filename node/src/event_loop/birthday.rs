@@ -24,6 +24,10 @@ use crate::punch::{Admission, Failure, ListenGuard, Outcome};
 /// probe through will not, so the wait grows to an hour.
 const RETRY_AFTER_FAILURE: [Duration; 4] =
     [Duration::from_secs(30), Duration::from_secs(120), Duration::from_secs(600), Duration::from_secs(3600)];
+/// A peer's backoff is forgotten this long after it ran out (the peer was not offered again,
+/// having gone or gone direct): the schedule must not grow with every peer ever punched, and a
+/// peer back after that long starts the schedule over.
+const RETRY_FORGOTTEN_AFTER: Duration = Duration::from_secs(3600);
 /// Waits before offering again after a refusal that will not change soon (both NATs symmetric,
 /// UDP blocked, punching turned off): networks change rarely.
 const RETRY_AFTER_REFUSAL: Duration = Duration::from_secs(3600);
@@ -199,6 +203,7 @@ impl Birthday {
                     }
                 };
                 // Only the side that offers retries; the easy side answers whatever comes.
+                self.retry.retain(|_, (at, _)| now.saturating_duration_since(*at) < RETRY_FORGOTTEN_AFTER);
                 if role != Some(Role::Easy) {
                     self.retry.insert(peer, (now + wait, failures));
                 }
@@ -583,5 +588,10 @@ mod tests {
         let _ = b.ended(offered, outcome(Err(Failure::NoHit(1750))), None, None, now);
         assert!(b.may_offer(&offered, now), "the easy side answers; it schedules nothing");
         assert_eq!(b.stats().failures, 5);
+        // Backoffs that ran out an hour ago are forgotten when the next punch ends.
+        let later = now + RETRY_AFTER_REFUSAL + RETRY_FORGOTTEN_AFTER;
+        b.start(offered, Role::Hard, later);
+        let _ = b.ended(offered, outcome(Err(Failure::NoHit(1750))), None, None, later);
+        assert_eq!(b.retry.keys().collect::<Vec<_>>(), vec![&offered], "only the punch that just failed is scheduled");
     }
 }
