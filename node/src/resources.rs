@@ -9,6 +9,33 @@ pub const FDS_RESERVED: u64 = 256;
 /// the UDP socket) and one forwarded or exposed-service connection it may carry.
 pub const FDS_PER_CONNECTION: u64 = 2;
 
+/// Descriptors a birthday punch leaves free: its fan of sockets is large and short-lived, and
+/// must not make a forward's next accept, a peer's connection or the store fail for want of one.
+pub const FDS_LEFT_BY_PUNCH: u64 = FDS_RESERVED;
+
+/// The soft limit in force, as [`raise_fd_limit`] left it (0 until it has run).
+static FD_LIMIT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Descriptors this process may still open: the limit less those open now. `None` where that
+/// cannot be told (no /proc, or the limit not read yet).
+pub fn fds_free() -> Option<u64> {
+    let limit = FD_LIMIT.load(std::sync::atomic::Ordering::Relaxed);
+    if limit == 0 {
+        return None;
+    }
+    let open = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+    Some(limit.saturating_sub(open))
+}
+
+/// How many of `wanted` sockets a punch may open with `free` descriptors free (see
+/// [`FDS_LEFT_BY_PUNCH`]); all of them when the free count is not known.
+pub fn punch_sockets(wanted: u16, free: Option<u64>) -> u16 {
+    match free {
+        None => wanted,
+        Some(free) => u16::try_from(free.saturating_sub(FDS_LEFT_BY_PUNCH)).unwrap_or(u16::MAX).min(wanted),
+    }
+}
+
 /// Raises the soft limit on open files to the hard limit; returns the soft limit in force.
 /// (The one unsafe block of the node: two libc calls on a struct we own.)
 #[cfg(unix)]
@@ -36,6 +63,7 @@ pub fn raise_fd_limit() -> u64 {
         if limit.rlim_cur != before {
             tracing::debug!(from = before, to = limit.rlim_cur, "raised the open-file limit");
         }
+        FD_LIMIT.store(limit.rlim_cur, std::sync::atomic::Ordering::Relaxed);
         limit.rlim_cur
     }
 }
@@ -55,6 +83,14 @@ pub fn incoming_cap(configured: u32, fd_limit: u64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_punch_opens_only_sockets_the_descriptors_can_spare() {
+        assert_eq!(punch_sockets(256, None), 256, "not known: as configured");
+        assert_eq!(punch_sockets(256, Some(100_000)), 256);
+        assert_eq!(punch_sockets(256, Some(FDS_LEFT_BY_PUNCH + 10)), 10);
+        assert_eq!(punch_sockets(256, Some(FDS_LEFT_BY_PUNCH - 1)), 0);
+    }
 
     #[test]
     fn the_incoming_cap_fits_the_descriptors() {

@@ -27,9 +27,19 @@ pub struct Fan {
 }
 
 impl Fan {
-    /// Opens `count` sockets on ephemeral ports; fewer if the process runs out of descriptors
-    /// part-way (at least one, or an error).
+    /// Opens `count` sockets on ephemeral ports: fewer where that would leave fewer than
+    /// [`crate::resources::FDS_LEFT_BY_PUNCH`] descriptors free, or if the process runs out of
+    /// them part-way (at least one, or an error).
     pub fn open(count: u16, target: SocketAddr, token: [u8; TOKEN_LEN]) -> io::Result<Fan> {
+        let free = crate::resources::fds_free();
+        let count = crate::resources::punch_sockets(count, free);
+        if count == 0 {
+            return Err(io::Error::other(format!(
+                "{} file descriptors free, and {} are kept for connections and forwards; raise the open-file limit (ulimit -n, LimitNOFILE=)",
+                free.unwrap_or(0),
+                crate::resources::FDS_LEFT_BY_PUNCH
+            )));
+        }
         let mut sockets = Vec::with_capacity(usize::from(count));
         for _ in 0..count {
             let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).and_then(|s| {

@@ -176,6 +176,16 @@ pub fn detail(text: impl Into<String>) -> String {
     text
 }
 
+/// Runs `data` through every decoder of what a peer sends in a punch (a message body, a
+/// length-prefixed frame, a UDP probe) and drops the results. The fuzz target (`fuzz/`) drives
+/// exactly this and the corpus test replays it, so the two cannot drift apart.
+#[doc(hidden)]
+pub fn decode_everything(data: &[u8]) {
+    let _ = Message::decode(data);
+    let _ = futures::executor::block_on(read(&mut &data[..]));
+    let _ = Packet::decode(data);
+}
+
 /// A raw UDP probe: see the crate docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Packet {
@@ -251,6 +261,56 @@ mod tests {
         let body = Message::GiveUp { detail: "a".repeat(MAX_DETAIL + 1) }.encode();
         assert!(matches!(Message::decode(&body), Err(FrameError::Invalid(_))));
         assert_eq!(detail("é".repeat(MAX_DETAIL)).len(), MAX_DETAIL);
+    }
+
+    /// Every file in tests/corpus (the fuzzer's minimised corpus, its seeds, and any crash it
+    /// found) goes through every decoder the fuzz target drives without panicking; the seeds
+    /// decode to what they were written from, so the corpus reaches the CBOR parser.
+    #[test]
+    fn the_fuzz_corpus_replays_without_panics() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            decode_everything(&bytes);
+            let name = path.file_name().unwrap().to_str().unwrap();
+            if let Some(i) = name.strip_prefix("seed_frame_") {
+                let expected = &seed_messages()[i.parse::<usize>().unwrap()];
+                assert_eq!(&futures::executor::block_on(read(&mut bytes.as_slice())).unwrap(), expected, "{name}");
+            }
+            n += 1;
+        }
+        assert!(n >= seed_messages().len(), "the corpus holds the seeds at least ({n} files)");
+    }
+
+    /// One message of each kind: the fuzzer's seeds (`seed_frame_N` in tests/corpus, written by
+    /// `WRITE_PUNCH_SEEDS=1 cargo test -p warren-punch`).
+    fn seed_messages() -> Vec<Message> {
+        vec![
+            Message::Offer { version: VERSION, ip: "203.0.113.9".parse().unwrap() },
+            Message::Accept { addr: "198.51.100.7:4001".parse().unwrap(), token: [1; TOKEN_LEN], probes: 1750, interval_ms: 20 },
+            Message::Refuse { reason: Refusal::BothSymmetric, detail: "x".into() },
+            Message::Ready { sockets: 256 },
+            Message::Hit { port: 12345 },
+            Message::GiveUp { detail: "timed out".into() },
+            Message::Offer { version: VERSION, ip: "2001:db8::1".parse().unwrap() },
+        ]
+    }
+
+    #[test]
+    fn seeds_are_written_on_request() {
+        if std::env::var("WRITE_PUNCH_SEEDS").is_err() {
+            return;
+        }
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus");
+        std::fs::create_dir_all(&dir).unwrap();
+        for (i, m) in seed_messages().iter().enumerate() {
+            let mut frame = Vec::new();
+            futures::executor::block_on(write(&mut frame, m)).unwrap();
+            std::fs::write(dir.join(format!("seed_frame_{i}")), frame).unwrap();
+        }
+        std::fs::write(dir.join("seed_packet"), Packet { token: [9; TOKEN_LEN], port: 4001 }.encode()).unwrap();
     }
 
     proptest! {
