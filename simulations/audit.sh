@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Checks every dependency (Cargo.lock, and the fuzz crate's) against the RustSec advisories.
+# Checks every dependency (Cargo.lock, and the fuzz crates') against the RustSec advisories.
 #   simulations/audit.sh refresh [ADVISORY_DB_CHECKOUT]
 #       Refreshes .ci/advisory-db/, the snapshot CI audits against: the advisories of every crate
 #       in our lock files, copied from a checkout of https://github.com/rustsec/advisory-db
@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 snapshot=.ci/advisory-db
-locks=(Cargo.lock protocols/forward/fuzz/Cargo.lock)
+locks=(Cargo.lock protocols/forward/fuzz/Cargo.lock protocols/punch/fuzz/Cargo.lock)
 command -v cargo-audit >/dev/null || cargo install --locked cargo-audit
 # Every crate named in our lock files, sorted in the C locale (the CRATES file compares to it).
 lock_crates() { sed -n 's/^name = "\(.*\)"$/\1/p' "${locks[@]}" | LC_ALL=C sort -u; }
