@@ -48,6 +48,9 @@ const TARGET_SETTLE: Duration = Duration::from_secs(30);
 /// How long the background cost (traffic, dials, CPU with no lookups) is measured for, after
 /// measuring: several ping and keep-alive periods.
 const IDLE_WINDOW: Duration = Duration::from_secs(30);
+/// The wait before that window: connections the lookups opened close after warren's 60 s idle
+/// timeout, and the background is what is left once they have.
+const IDLE_SETTLE: Duration = Duration::from_secs(65);
 /// How long a node that leaves to come back stays away, at most.
 const MAX_DOWNTIME: Duration = Duration::from_secs(60);
 
@@ -370,7 +373,14 @@ pub async fn run(params: &Params, root: &Path) -> Result<Report, String> {
     let traffic = (traffic_after.0 + traffic_gone.0 - traffic_before.0, traffic_after.1 + traffic_gone.1 - traffic_before.1);
 
     // The background: what nodes cost when nobody looks anything up and nobody leaves (after
-    // measuring, so that the joins' burst of connections is long over).
+    // measuring, so that the joins' burst of connections is long over, and once the lookups'
+    // connections have gone idle and closed).
+    let connections_measuring = {
+        let handles: Vec<NodeHandle> = live.lock().expect("live").values().map(|n| n.handle.clone()).collect();
+        let statuses = futures::future::join_all(handles.iter().map(|h| h.request(Command::Status))).await;
+        statuses.iter().flatten().map(|s| s.connections).sum::<usize>() as f64 / handles.len().max(1) as f64
+    };
+    tokio::time::sleep(IDLE_SETTLE).await;
     let idle_traffic = total_traffic(&net, &live);
     let idle_cpu = report::cpu_seconds();
     let idle_start = Instant::now();
@@ -413,7 +423,7 @@ pub async fn run(params: &Params, root: &Path) -> Result<Report, String> {
             for entry in peers {
                 let remote = entry.peer_id.parse::<PeerId>().ok();
                 for conn in &entry.connections {
-                    let key = format!("{own} -> {} ({}, {}, idle ≥ 60 s: {})", name(remote.as_ref().and_then(|p| roles.get(p))), conn.path, conn.direction, conn.age_secs >= 60);
+                    let key = format!("{own} -> {} ({}, {}, open ≥ 60 s: {})", name(remote.as_ref().and_then(|p| roles.get(p))), conn.path, conn.direction, conn.age_secs >= 60);
                     *kinds.entry(key).or_default() += 1;
                 }
             }
@@ -442,6 +452,7 @@ pub async fn run(params: &Params, root: &Path) -> Result<Report, String> {
         cpu_share: cpu_secs / measured_secs / report::cores() as f64,
         relays,
         connections_per_node: connections,
+        connections_per_node_measuring: connections_measuring,
         connection_kinds,
         idle_bytes_per_node_per_min: idle_traffic.0,
         idle_dials_per_node_per_min: idle_traffic.1,

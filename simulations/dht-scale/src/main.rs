@@ -104,7 +104,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     print!("{}", report::markdown(std::slice::from_ref(&report)));
-    println!("connections per node at the end: {:.1}", report.connections_per_node);
+    println!("connections per node when measuring ended: {:.1}; at rest: {:.1}", report.connections_per_node_measuring, report.connections_per_node);
     for (kind, count) in &report.connection_kinds {
         println!("  {count:6} {kind}");
     }

@@ -34,9 +34,12 @@ pub struct Report {
     /// What the relays did, summed over the relays up at the end.
     #[serde(default)]
     pub relays: RelaySummary,
-    /// Connections a node has open, on average, at the end.
+    /// Connections a node has open, on average, at the end (at rest).
     #[serde(default)]
     pub connections_per_node: f64,
+    /// The same when measuring ended (lookups' connections still open).
+    #[serde(default)]
+    pub connections_per_node_measuring: f64,
     /// Connections at the end by the roles at both ends, path and direction, and age.
     #[serde(default)]
     pub connection_kinds: Vec<(String, usize)>,
@@ -170,14 +173,14 @@ impl Outcomes {
 /// The Markdown table of runs.
 pub fn markdown(reports: &[Report]) -> String {
     let mut out = String::from(
-        "| nodes | churn /10 min | find ok | find p50 / p90 / p99 | DHT requests /find p50 / p90 | forward ok | forward p50 / p90 / p99 | table live | table size | KiB sent /node/min (idle) | dials /node/min (idle) | CPU ms /node/s idle | RSS /node | CPU used | unsettled |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| nodes | churn /10 min | find ok | find p50 / p90 / p99 | DHT requests /find p50 / p90 | forward ok | forward p50 / p90 / p99 | table live | table size | KiB sent /node/min (idle) | dials /node/min (idle) | connections /node (idle) | CPU ms /node/s idle | RSS /node | CPU used | unsettled |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in reports {
         let times = |o: &Outcomes| format!("{:.0} / {:.0} / {:.0} ms", o.p50_ms, o.p90_ms, o.p99_ms);
         let rate = |o: &Outcomes| format!("{:.1} % ({}/{})", o.rate(), o.ok, o.tried);
         out.push_str(&format!(
-            "| {} | {:.0} % | {} | {} | {:.0} / {:.0} | {} | {} | {:.1} % | {:.0} | {:.0} ({:.0}) | {:.1} ({:.1}) | {:.2} | {:.0} KiB | {:.0} % | {} |\n",
+            "| {} | {:.0} % | {} | {} | {:.0} / {:.0} | {} | {} | {:.1} % | {:.0} | {:.0} ({:.0}) | {:.1} ({:.1}) | {:.0} ({:.1}) | {:.2} | {:.0} KiB | {:.0} % | {} |\n",
             r.params.nodes,
             r.params.churn_per_10min * 100.0,
             rate(&r.finds),
@@ -192,6 +195,8 @@ pub fn markdown(reports: &[Report]) -> String {
             r.idle_bytes_per_node_per_min / 1024.0,
             r.dials_per_node_per_min,
             r.idle_dials_per_node_per_min,
+            r.connections_per_node_measuring,
+            r.connections_per_node,
             r.idle_cpu_ms_per_node_per_sec,
             r.rss_per_node_kib,
             r.cpu_share * 100.0,
