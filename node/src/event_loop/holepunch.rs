@@ -181,15 +181,19 @@ impl HolePunch {
 
 impl EventLoop {
     /// A direct connection to `peer` closed. If only relayed connections remain, new streams
-    /// already use them; if we dialed one of them, dial the circuit again later so the peer's
-    /// DCUtR tries another punch.
-    pub(super) fn direct_lost(&mut self, peer: PeerId) {
+    /// already use them; if a punch had made the connection and we dialed one of the relayed
+    /// ones, dial the circuit again later so the peer's DCUtR tries another punch. A direct
+    /// connection no punch made needs none to come back: whichever side dialed it can again
+    /// (re-punching after every such connection closed as idle kept relays busy with circuits
+    /// nobody used, measured in `simulations/dht-scale`).
+    pub(super) fn direct_lost(&mut self, peer: PeerId, connection: ConnectionId) {
+        let punched = self.hole_punch.punched_after(&connection).is_some();
         let mut circuit = None;
         for conn in self.conns.values().filter(|c| c.peer == peer) {
             if !is_relayed(&conn.address) {
                 return; // another direct connection is still up
             }
-            if conn.outbound {
+            if conn.outbound && punched {
                 circuit = Some(conn.address.clone());
             }
         }

@@ -495,7 +495,7 @@ impl EventLoop {
                     if is_relayed(&conn.address) {
                         tracing::info!(peer = %peer_id, addr = %conn.address, cause = ?cause.as_ref().map(|c| c.to_string()), "relayed connection closed");
                     } else if num_established > 0 {
-                        self.direct_lost(peer_id);
+                        self.direct_lost(peer_id, connection_id);
                     }
                 }
                 self.hole_punch.on_connection_closed(connection_id);
