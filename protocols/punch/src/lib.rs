@@ -232,16 +232,8 @@ mod tests {
 
     #[test]
     fn messages_round_trip_through_frames() {
-        let messages = [
-            Message::Offer { version: VERSION, ip: "203.0.113.9".parse().unwrap() },
-            Message::Accept { addr: "198.51.100.7:4001".parse().unwrap(), token: [1; TOKEN_LEN], probes: 1750, interval_ms: 20 },
-            Message::Refuse { reason: Refusal::BothSymmetric, detail: "x".into() },
-            Message::Ready { sockets: 256 },
-            Message::Hit { port: 12345 },
-            Message::GiveUp { detail: "timed out".into() },
-        ];
         futures::executor::block_on(async {
-            for m in messages {
+            for m in seed_messages() {
                 let mut buf = Vec::new();
                 write(&mut buf, &m).await.unwrap();
                 assert!(buf.len() <= MAX_FRAME + 2);
