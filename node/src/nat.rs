@@ -177,10 +177,14 @@ fn is_cgnat(ip: Ipv4Addr) -> bool {
     o[0] == 100 && (o[1] & 0xc0) == 64
 }
 
+/// The QUIC observations over IPv4, newest first: what the mapping is told from.
+fn quic_v4(e: &Evidence) -> Vec<&Observation> {
+    e.observations.iter().filter(|o| o.transport == Transport::Quic && o.observed.is_ipv4()).collect()
+}
+
 /// The mapping behaviour, from QUIC observations over IPv4 (one per observer, newest first).
 pub fn mapping_of(e: &Evidence, reasons: &mut Vec<String>) -> (Mapping, Option<SocketAddr>) {
-    let quic: Vec<&Observation> =
-        e.observations.iter().filter(|o| o.transport == Transport::Quic && o.observed.is_ipv4()).collect();
+    let quic = quic_v4(e);
     if let Some(own) = quic.iter().find(|o| e.local_ips.contains(&o.observed.ip())) {
         reasons.push(format!("{} sees us at {}, an address of this host: no NAT", own.observer, own.observed));
         return (Mapping::None, Some(own.observed));
@@ -230,8 +234,7 @@ pub fn mapping_of(e: &Evidence, reasons: &mut Vec<String>) -> (Mapping, Option<S
 /// which is what a port-keeping NAT shows every peer but one it had to give another port (a
 /// clash on the router). Only [`mapping_of`]'s "third peer needed" case has this shape.
 pub fn port_kept(e: &Evidence) -> Option<SocketAddr> {
-    let quic: Vec<&Observation> =
-        e.observations.iter().filter(|o| o.transport == Transport::Quic && o.observed.is_ipv4()).collect();
+    let quic = quic_v4(e);
     match quic.as_slice() {
         [a, b] if a.observed != b.observed => [a, b].into_iter().find(|o| e.quic_ports.contains(&o.observed.port())).map(|o| o.observed),
         _ => None,

@@ -134,16 +134,16 @@ impl EventLoop {
     /// through one public peer over QUIC and another over TCP, or whose QUIC dial lost the race
     /// to TCP, may never hear a second QUIC observer: then ask public peers that have not seen
     /// us over QUIC, as `warren netcheck` does, without waiting for the answers. At most once
-    /// per [`LEARN_INTERVAL`], growing to [`LEARN_INTERVAL_MAX`]; returns whether dials went out.
-    pub(super) fn learn_mapping(&mut self) -> bool {
+    /// per [`LEARN_INTERVAL`], growing to [`LEARN_INTERVAL_MAX`].
+    pub(super) fn learn_mapping(&mut self) {
         let now = Instant::now();
         let wait = LEARN_INTERVAL.saturating_mul(1 << self.mapping_learn_rounds.min(16)).min(LEARN_INTERVAL_MAX);
         if self.netcheck.is_some() || self.mapping_learned_at.is_some_and(|t| now.saturating_duration_since(t) < wait) {
-            return false;
+            return;
         }
         if nat::assess(&self.nat_evidence()).mapping != nat::Mapping::Unknown {
             self.mapping_learn_rounds = 0;
-            return false;
+            return;
         }
         // The round counts whether or not anyone is left to ask (a node with no QUIC peer to
         // dial looks again when the next round is due, not on every tick).
@@ -151,13 +151,12 @@ impl EventLoop {
         self.mapping_learn_rounds = self.mapping_learn_rounds.saturating_add(1);
         let targets = self.probe_targets();
         if targets.is_empty() {
-            return false;
+            return;
         }
         tracing::info!(peers = targets.len(), "our NAT's mapping is not known yet: asking public peers where they see our QUIC socket");
         for (peer, addrs) in targets {
             let _ = self.swarm.dial(DialOpts::peer_id(peer).condition(PeerCondition::Always).addresses(addrs).build());
         }
-        true
     }
 
     /// Ends a round of probes whose time is up.
