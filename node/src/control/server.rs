@@ -39,6 +39,11 @@ const PING_PROTOCOL: StreamProtocol = StreamProtocol::new("/ipfs/ping/1.0.0");
 const PING_SIZE: usize = 32;
 const PING_TIMEOUT: Duration = Duration::from_secs(10);
 const PING_GAP: Duration = Duration::from_millis(200);
+/// Fresh streams one `warren ping` may open after its stream is dropped under it. A rust-libp2p
+/// peer keeps one inbound ping stream per connection and drops the older one when another
+/// arrives, and both nodes' own liveness pings (every 5 s) open such streams, so a user's ping
+/// can lose its stream on a fresh or busy connection; a peer that keeps dropping it is reported.
+const PING_STREAM_REOPENS: u32 = 3;
 
 /// Binds the control socket, replacing a stale one left by a node that was killed.
 pub async fn bind(data_dir: &Path) -> Result<(UnixListener, PathBuf), UserError> {
@@ -206,17 +211,22 @@ fn parse_count(query: &str) -> Result<u32, RouteError> {
 }
 
 /// Pings with the standard libp2p ping protocol on a fresh stream: connect first (stored
-/// addresses, then the DHT), then `count` round trips of 32 random bytes.
+/// addresses, then the DHT), then `count` round trips of 32 random bytes. A round whose stream
+/// the peer dropped is retried on a fresh stream (see [`PING_STREAM_REOPENS`]).
 async fn ping(handle: &NodeHandle, peer: PeerId, count: u32) -> Result<api::PingReply, RouteError> {
     let unreachable = |e: String| (StatusCode::BAD_GATEWAY, format!("cannot reach {peer}: {e}"));
-    let mut stream = match handle.reach_and_open(peer, PING_PROTOCOL).await {
-        Ok(opened) => opened.stream,
-        Err(ReachError::ShuttingDown(e)) => return Err(unavailable(e)),
-        Err(e) => return Err((StatusCode::BAD_GATEWAY, e.to_string())),
+    let open = || async {
+        match handle.reach_and_open(peer, PING_PROTOCOL).await {
+            Ok(opened) => Ok(opened.stream),
+            Err(ReachError::ShuttingDown(e)) => Err(unavailable(e)),
+            Err(e) => Err((StatusCode::BAD_GATEWAY, e.to_string())),
+        }
     };
+    let mut stream = open().await?;
+    let mut reopens = 0;
     let mut rtts = Vec::new();
-    for i in 0..count {
-        if i > 0 {
+    while rtts.len() < count as usize {
+        if !rtts.is_empty() {
             tokio::time::sleep(PING_GAP).await;
         }
         let mut payload = [0u8; PING_SIZE];
@@ -229,10 +239,17 @@ async fn ping(handle: &NodeHandle, peer: PeerId, count: u32) -> Result<api::Ping
             stream.read_exact(&mut echo).await?;
             Ok::<_, std::io::Error>(echo)
         };
-        let echo = tokio::time::timeout(PING_TIMEOUT, round)
-            .await
-            .map_err(|_| unreachable("ping timed out".into()))?
-            .map_err(|e| unreachable(e.to_string()))?;
+        let echo = match tokio::time::timeout(PING_TIMEOUT, round).await {
+            Err(_) => return Err(unreachable("ping timed out".into())),
+            Ok(Err(error)) if reopens < PING_STREAM_REOPENS => {
+                tracing::debug!(%peer, %error, "ping stream dropped; retrying on a fresh one");
+                reopens += 1;
+                stream = open().await?;
+                continue;
+            }
+            Ok(Err(error)) => return Err(unreachable(error.to_string())),
+            Ok(Ok(echo)) => echo,
+        };
         if echo != payload {
             return Err(unreachable("the peer echoed different bytes".into()));
         }
