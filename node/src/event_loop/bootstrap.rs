@@ -1,5 +1,11 @@
 //! Dialing the configured bootstrap peers: one dial per transport, and backoff while a peer is
 //! unreachable. [`Bootstrap`] keeps the schedule (time is passed in); the loop dials.
+//!
+//! Bootstrap peers are for joining: each is dialed until it has answered once; after that only
+//! while the node has no DHT peers left (a network change emptied its routing tables). A node
+//! does not hold connections to them: in a network of thousands every node doing so would put
+//! thousands of connections on each bootstrap node and re-run a DHT bootstrap each time an idle
+//! one closed (measured in `simulations/dht-scale`: about one a minute per node).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -21,11 +27,15 @@ struct Peer {
     backoff: Duration,
     /// Dials in flight (one per transport).
     dialing: usize,
+    /// It has answered since start.
+    answered: bool,
 }
 
 /// The bootstrap peers and when each is dialed next.
 pub(super) struct Bootstrap {
     peers: HashMap<PeerId, Peer>,
+    /// Some bootstrap peer has answered since start.
+    joined: bool,
 }
 
 impl Bootstrap {
@@ -40,13 +50,14 @@ impl Bootstrap {
                 next_attempt: now,
                 backoff: BACKOFF_MIN,
                 dialing: 0,
+                answered: false,
             });
             let addr = without_p2p(addr);
             if !state.addrs.contains(&addr) {
                 state.addrs.push(addr);
             }
         }
-        Bootstrap { peers }
+        Bootstrap { peers, joined: false }
     }
 
     pub(super) fn contains(&self, peer: &PeerId) -> bool {
@@ -58,14 +69,15 @@ impl Bootstrap {
         self.peers.get(peer).map_or(&[], |p| p.addrs.as_slice())
     }
 
-    /// The dials due at `now`: per peer that is neither connected nor being dialed, its
-    /// addresses grouped by transport, one dial each. Each connection gives this node its
-    /// observed address on that transport (what AutoNAT tests and DCUtR punches with), so a
-    /// peer that speaks only TCP (UDP blocked) can still be punched to while QUIC is preferred.
-    pub(super) fn due(&self, now: Instant, connected: impl Fn(&PeerId) -> bool) -> Vec<(PeerId, Vec<Vec<Multiaddr>>)> {
+    /// The dials due at `now`: per peer that is neither connected nor being dialed, and has not
+    /// answered yet unless the node has no DHT peers (`has_dht_peers`), its addresses grouped by
+    /// transport, one dial each. Each connection gives this node its observed address on that
+    /// transport (what AutoNAT tests and DCUtR punches with), so a peer that speaks only TCP
+    /// (UDP blocked) can still be punched to while QUIC is preferred.
+    pub(super) fn due(&self, now: Instant, connected: impl Fn(&PeerId) -> bool, has_dht_peers: bool) -> Vec<(PeerId, Vec<Vec<Multiaddr>>)> {
         let mut out = Vec::new();
         for (peer, state) in &self.peers {
-            if state.dialing > 0 || state.next_attempt > now || connected(peer) {
+            if state.dialing > 0 || state.next_attempt > now || connected(peer) || (state.answered && has_dht_peers) {
                 continue;
             }
             let mut by_transport: Vec<(&str, Vec<Multiaddr>)> = Vec::new();
@@ -95,12 +107,14 @@ impl Bootstrap {
         }
     }
 
-    /// A connection to the peer is up: its dial is done and the backoff starts over.
-    pub(super) fn on_connected(&mut self, peer: &PeerId) {
-        if let Some(state) = self.peers.get_mut(peer) {
-            state.dialing = state.dialing.saturating_sub(1);
-            state.backoff = BACKOFF_MIN;
-        }
+    /// A connection to the peer is up: its dial is done and the backoff starts over. Returns
+    /// whether it is the first bootstrap peer to answer since start.
+    pub(super) fn on_connected(&mut self, peer: &PeerId) -> bool {
+        let Some(state) = self.peers.get_mut(peer) else { return false };
+        state.dialing = state.dialing.saturating_sub(1);
+        state.backoff = BACKOFF_MIN;
+        state.answered = true;
+        !std::mem::replace(&mut self.joined, true)
     }
 
     /// A dial of the peer failed. If no other connection is up (`connected`) and no other dial
@@ -125,8 +139,9 @@ impl EventLoop {
             return;
         }
         let now = Instant::now();
+        let has_dht_peers = self.table_size(super::dht::Dht::Wan) + self.table_size(super::dht::Dht::Lan) > 0;
         let swarm = &self.swarm;
-        for (peer, dials) in self.bootstrap.due(now, |p| swarm.is_connected(p)) {
+        for (peer, dials) in self.bootstrap.due(now, |p| swarm.is_connected(p), has_dht_peers) {
             tracing::info!(peer = %peer, addrs = ?self.bootstrap.addrs(&peer), "dialing bootstrap peer");
             for addrs in dials {
                 let opts = DialOpts::peer_id(peer).condition(PeerCondition::Always).addresses(addrs).build();
@@ -163,7 +178,7 @@ mod tests {
     #[test]
     fn a_bootstrap_peer_is_dialed_once_per_transport_and_not_again_while_dialing() {
         let (mut boot, peer, now) = setup();
-        let due = boot.due(now, |_| false);
+        let due = boot.due(now, |_| false, false);
         assert_eq!(due.len(), 1);
         let (who, dials) = &due[0];
         assert_eq!(*who, peer);
@@ -172,8 +187,8 @@ mod tests {
         assert!(dials.iter().flatten().all(|a| !a.to_string().contains("/p2p/")));
         boot.dial_started(&peer);
         boot.dial_started(&peer);
-        assert!(boot.due(now, |_| false).is_empty(), "dials are in flight");
-        assert!(boot.due(now, |_| true).is_empty(), "a connected peer is not dialed");
+        assert!(boot.due(now, |_| false, false).is_empty(), "dials are in flight");
+        assert!(boot.due(now, |_| true, false).is_empty(), "a connected peer is not dialed");
     }
 
     #[test]
@@ -181,13 +196,13 @@ mod tests {
         let (mut boot, peer, mut now) = setup();
         let mut waits = Vec::new();
         for _ in 0..10 {
-            assert_eq!(boot.due(now, |_| false).len(), 1, "due again after its wait");
+            assert_eq!(boot.due(now, |_| false, false).len(), 1, "due again after its wait");
             boot.dial_started(&peer);
             boot.dial_started(&peer);
             // The first transport's failure says nothing while the other dial is in flight.
             assert_eq!(boot.on_dial_failed(&peer, false, now), None);
             let wait = boot.on_dial_failed(&peer, false, now).expect("both dials failed");
-            assert!(boot.due(now, |_| false).is_empty(), "not due before its wait");
+            assert!(boot.due(now, |_| false, false).is_empty(), "not due before its wait");
             waits.push(wait.as_secs());
             now += wait;
         }
@@ -204,8 +219,26 @@ mod tests {
         let (mut boot, peer, now) = setup();
         boot.dial_started(&peer);
         assert_eq!(boot.on_dial_failed(&peer, true, now), None);
-        assert_eq!(boot.due(now, |_| false).len(), 1, "no backoff was applied");
-        assert!(boot.due(now, |_| true).is_empty(), "a connected peer is not dialed");
+        assert_eq!(boot.due(now, |_| false, false).len(), 1, "no backoff was applied");
+        assert!(boot.due(now, |_| true, false).is_empty(), "a connected peer is not dialed");
         assert_eq!(boot.on_dial_failed(&PeerId::random(), false, now), None, "not a bootstrap peer");
+    }
+
+    #[test]
+    fn a_bootstrap_peer_that_answered_is_dialed_again_only_once_the_dht_is_empty() {
+        let (mut boot, peer, now) = setup();
+        let other = PeerId::random();
+        let mut boot_two = Bootstrap::new(&[format!("/ip4/192.0.2.8/tcp/4001/p2p/{other}").parse().unwrap()], now);
+        boot.dial_started(&peer);
+        assert!(boot.on_connected(&peer), "the first bootstrap peer to answer: the node joins through it");
+        assert!(!boot.on_connected(&peer), "a later connection is not a new join");
+        // Its connection closed as idle: with DHT peers known, it is left alone.
+        assert!(boot.due(now, |_| false, true).is_empty());
+        assert_eq!(boot.due(now, |_| false, false).len(), 1, "no DHT peer left: join again");
+        // One that never answered is still tried, DHT peers or not.
+        assert_eq!(boot_two.due(now, |_| false, true).len(), 1);
+        boot_two.dial_started(&other);
+        boot_two.on_connected(&other);
+        assert!(boot_two.due(now, |_| false, true).is_empty());
     }
 }

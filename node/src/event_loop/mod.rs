@@ -58,7 +58,9 @@ const STORE_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// The first dials (stored peers, bootstrap peers) wait for every listener to report its
 /// addresses, so that none of them is one of our own; at most this long.
 const LISTENERS_SETTLE: Duration = Duration::from_secs(2);
-
+/// Least time between two DHT bootstraps started to join (or rejoin) the network: a bootstrap
+/// query takes a few seconds, and the routing table fills as it runs.
+const REJOIN_INTERVAL: Duration = Duration::from_secs(30);
 
 struct ConnInfo {
     peer: PeerId,
@@ -127,6 +129,8 @@ pub struct EventLoop {
     punch: Option<(warren_forward::Incoming, crate::punch::PunchListeners)>,
     /// Print listen addresses for the person who started the node (not in simulations).
     announce: bool,
+    /// When a DHT bootstrap to join the network last started.
+    joined_at: Option<Instant>,
 }
 
 impl EventLoop {
@@ -180,6 +184,7 @@ impl EventLoop {
             handle: handle.clone(),
             punch: None,
             announce: true,
+            joined_at: None,
             config,
         };
         (event_loop, handle)
@@ -452,8 +457,14 @@ impl EventLoop {
                 });
                 self.autorelay.on_connected(peer_id);
                 self.redials.remove(&peer_id);
-                self.bootstrap.on_connected(&peer_id);
-                if self.bootstrap.contains(&peer_id) && num_established.get() == 1 {
+                let first_bootstrap = self.bootstrap.on_connected(&peer_id);
+                let has_dht_peers = self.table_size(Dht::Wan) + self.table_size(Dht::Lan) > 0;
+                // One DHT bootstrap to join, and another whenever the node has lost every DHT
+                // peer; the periodic refresh does the rest. (Every bootstrap peer that answered
+                // at start used to start one: four queries at once where one does.)
+                let rejoin = !has_dht_peers && self.joined_at.is_none_or(|t| t.elapsed() >= REJOIN_INTERVAL);
+                if self.bootstrap.contains(&peer_id) && num_established.get() == 1 && (first_bootstrap || rejoin) {
+                    self.joined_at = Some(Instant::now());
                     tracing::info!(peer = %peer_id, "connected to bootstrap peer; bootstrapping the DHT");
                     // Either may have no peers yet (identify feeds them next): then Kademlia
                     // bootstraps by itself once the first peer is added.
