@@ -629,3 +629,24 @@ async fn a_client_hiding_the_hop_protocol_behind_a_bogus_proposal_is_still_meter
     assert!(relayed >= 2 * EACH_WAY as u64, "the circuit's bytes are counted: {relayed}");
     assert!(took >= Duration::from_secs(2), "the cap held the transfer to about 1 MiB/s: {took:?}");
 }
+
+/// `warren ping` right after a relayed connection comes up: both nodes' liveness pings open ping
+/// streams on a new connection too, and a rust-libp2p peer keeps only the newest inbound one, so
+/// the user's stream could be dropped under it (about one fresh connection in five failed).
+#[test]
+fn ping_answers_on_a_fresh_relayed_connection() {
+    let r = relay(&[]);
+    let b = behind(&r);
+    wait_until(Duration::from_secs(20), "B's reservation on R", || reserved_on(&b, &r));
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..16 {
+        // A restarted A has no connection to B: the ping reaches B through R on a new one.
+        let mut a = Node::start_in(dir.path(), &["--no-listen", "--bootstrap", &r.quic_addr(), "--auto-relays", "0", "--dht-mode", "client"]);
+        wait_until(Duration::from_secs(10), "A finds B's relayed address", || a.finds(&b.peer_id));
+        let ping = a.cli(&["ping", &b.peer_id, "-c", "1"]);
+        assert!(ping.status.success(), "round {round}: {}", String::from_utf8_lossy(&ping.stderr));
+        // As a user stops it (Ctrl-C): its circuits close rather than count against R's
+        // per-peer circuit cap until R notices them dead.
+        a.stop();
+    }
+}
