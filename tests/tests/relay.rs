@@ -649,4 +649,8 @@ fn ping_answers_on_a_fresh_relayed_connection() {
         // per-peer circuit cap until R notices them dead.
         a.stop();
     }
+    // A is connected to R when it dials B: one circuit per dial, not one per address of R
+    // (QUIC and TCP) that B advertises.
+    let relay = &r.status()["relay"];
+    assert!(relay["circuits_accepted"].as_u64().unwrap() <= 16, "one circuit per relayed dial: {relay}");
 }

@@ -267,6 +267,21 @@ mod tests {
     }
 
     #[test]
+    fn a_dial_keeps_one_relayed_address_per_relay_it_is_connected_to() {
+        let (r1, r2, b) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let quic = |r: PeerId| ma(&format!("/ip4/203.0.113.1/udp/4001/quic-v1/p2p/{r}/p2p-circuit/p2p/{b}"));
+        let tcp = |r: PeerId| ma(&format!("/ip4/203.0.113.1/tcp/4001/p2p/{r}/p2p-circuit/p2p/{b}"));
+        let direct = ma("/ip4/198.51.100.7/udp/4001/quic-v1");
+        assert_eq!(relay_of(&quic(r1)), Some(r1));
+        assert_eq!(relay_of(&direct), None);
+        let addrs = vec![quic(r1), tcp(r1), quic(r2), tcp(r2), direct.clone()];
+        // Connected to r1: its second address would only open a second circuit there. Not
+        // connected to r2: which of its transports reaches it is not known, both are kept.
+        let kept = one_circuit_per_connected_relay(addrs, |r| *r == r1);
+        assert_eq!(kept, vec![quic(r1), quic(r2), tcp(r2), direct]);
+    }
+
+    #[test]
     fn cidr_ranges_match_by_prefix() {
         let r: Cidr = "203.0.113.0/24".parse().unwrap();
         assert!(r.contains("203.0.113.77".parse().unwrap()));

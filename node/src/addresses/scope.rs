@@ -231,6 +231,40 @@ pub fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
 }
 
+/// The relay a relayed address goes through: the `/p2p/` part before `/p2p-circuit`.
+pub fn relay_of(addr: &Multiaddr) -> Option<PeerId> {
+    let mut relay = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::P2p(peer) => relay = Some(peer),
+            Protocol::P2pCircuit => return relay,
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Addresses to dial at once, with one relayed address per relay we are `connected` to. A
+/// relayed dial goes over the connection to the relay we already have, whatever transport its
+/// address names, so its other addresses (QUIC and TCP of the same relay) would each open one
+/// more circuit there for nothing, counting against the relay's per-peer and total caps.
+/// Addresses of relays we are not connected to are all kept: which transport reaches the relay
+/// (UDP may be blocked) is not known yet.
+pub fn one_circuit_per_connected_relay(addrs: Vec<Multiaddr>, connected: impl Fn(&PeerId) -> bool) -> Vec<Multiaddr> {
+    let mut seen = Vec::new();
+    addrs
+        .into_iter()
+        .filter(|addr| match relay_of(addr) {
+            Some(relay) if connected(&relay) => {
+                let first = !seen.contains(&relay);
+                seen.push(relay);
+                first
+            }
+            _ => true,
+        })
+        .collect()
+}
+
 
 /// The transport an address uses (`quic`, `tcp` or `other`): for a relayed address, its last hop's.
 pub fn transport_of(addr: &Multiaddr) -> &'static str {

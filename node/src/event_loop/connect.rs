@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 
 use super::EventLoop;
 use super::dht::{Dht, peer_key};
-use crate::addresses::without_p2p;
+use crate::addresses::{one_circuit_per_connected_relay, without_p2p};
 use crate::dial_gate::refusal_in;
 use crate::handle::ConnectError;
 use crate::peer_record::unix_now;
@@ -60,6 +60,7 @@ impl EventLoop {
             self.start_connect_lookups(peer);
             (ConnectStage::LookingUp, CONNECT_LOOKUPS)
         } else {
+            let known = one_circuit_per_connected_relay(known, |relay| self.swarm.is_connected(relay));
             let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(known).extend_addresses_through_behaviour().build());
             (ConnectStage::DialingKnown, 0)
         };
@@ -94,6 +95,7 @@ impl EventLoop {
         if !addrs.is_empty() && !matches!(attempt.stage, ConnectStage::DialingFound) {
             attempt.stage = ConnectStage::DialingFound;
             self.remember(peer, &addrs);
+            let addrs = one_circuit_per_connected_relay(addrs, |relay| self.swarm.is_connected(relay));
             let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(addrs).extend_addresses_through_behaviour().build());
         } else if attempt.lookups == 0 && matches!(attempt.stage, ConnectStage::LookingUp) {
             let error = attempt.last_error.take();
