@@ -2,7 +2,8 @@
 //! unreachable. [`Bootstrap`] keeps the schedule (time is passed in); the loop dials.
 //!
 //! Bootstrap peers are for joining: each is dialed until it has answered once; after that only
-//! while the node has no DHT peers left (a network change emptied its routing tables). A node
+//! while the node has no live DHT peers left (empty routing tables, or tables whose peers did
+//! not answer the last refresh: the network moved on while this node slept, say). A node
 //! does not hold connections to them: in a network of thousands every node doing so would put
 //! thousands of connections on each bootstrap node and re-run a DHT bootstrap each time an idle
 //! one closed (measured in `simulations/dht-scale`: about one a minute per node).
@@ -139,7 +140,7 @@ impl EventLoop {
             return;
         }
         let now = Instant::now();
-        let has_dht_peers = self.table_size(super::dht::Dht::Wan) + self.table_size(super::dht::Dht::Lan) > 0;
+        let has_dht_peers = self.has_live_dht_peers();
         let swarm = &self.swarm;
         for (peer, dials) in self.bootstrap.due(now, |p| swarm.is_connected(p), has_dht_peers) {
             tracing::info!(peer = %peer, addrs = ?self.bootstrap.addrs(&peer), "dialing bootstrap peer");

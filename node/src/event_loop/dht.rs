@@ -176,13 +176,29 @@ impl EventLoop {
                     self.on_connect_lookup(target, addrs, done);
                 }
             }
-            kad::Event::OutboundQueryProgressed { result: kad::QueryResult::Bootstrap(Ok(_)), step, stats, .. } if step.last => {
-                let routing_table = match dht {
-                    Dht::Wan => self.table_size(Dht::Wan),
-                    Dht::Lan => self.table_size(Dht::Lan),
-                };
-                let (requests, took) = (stats.num_requests(), stats.duration().unwrap_or_default());
-                tracing::info!(?dht, routing_table, requests, ?took, "DHT bootstrap finished");
+            kad::Event::OutboundQueryProgressed { result: kad::QueryResult::Bootstrap(result), step, stats, .. } => {
+                // Each step of a bootstrap is a lookup with its own stats: answers add up over
+                // the steps, and the last step says whether anybody answered at all.
+                let answers = self.bootstrap_answers.entry(dht).or_default();
+                *answers = answers.saturating_add(stats.num_successes());
+                if !step.last {
+                    return;
+                }
+                let answered = self.bootstrap_answers.remove(&dht).unwrap_or_default();
+                let routing_table = self.table_size(dht);
+                let requests = stats.num_requests();
+                if answered == 0 && routing_table > 0 {
+                    // libp2p keeps departed peers in the routing table (it replaces one only
+                    // when a newcomer needs its place), so a table can be all stale entries.
+                    tracing::info!(?dht, routing_table, "no peer in the routing table answered the DHT bootstrap; dialing bootstrap peers again");
+                    self.unanswered_bootstrap.insert(dht);
+                } else {
+                    self.unanswered_bootstrap.remove(&dht);
+                }
+                match result {
+                    Ok(_) => tracing::info!(?dht, routing_table, requests, "DHT bootstrap finished"),
+                    Err(error) => tracing::info!(?dht, routing_table, requests, %error, "DHT bootstrap timed out"),
+                }
             }
             kad::Event::ModeChanged { new_mode } => tracing::info!(?dht, mode = %new_mode, "DHT mode changed"),
             kad::Event::InboundRequest { request: kad::InboundRequest::AddProvider { record: Some(record) } } => {
@@ -295,6 +311,12 @@ impl EventLoop {
             Dht::Wan => &mut behaviour.kad,
             Dht::Lan => &mut behaviour.lan_kad,
         }
+    }
+
+    /// Whether either DHT has peers that answered its last bootstrap or refresh (or that have not
+    /// been asked yet). Without them the node dials its bootstrap peers again.
+    pub(super) fn has_live_dht_peers(&mut self) -> bool {
+        [Dht::Wan, Dht::Lan].into_iter().any(|dht| self.table_size(dht) > 0 && !self.unanswered_bootstrap.contains(&dht))
     }
 
     /// Peers in a DHT's routing table.

@@ -131,6 +131,10 @@ pub struct EventLoop {
     announce: bool,
     /// When a DHT bootstrap to join the network last started.
     joined_at: Option<Instant>,
+    /// Per DHT: answers the running bootstrap (or refresh) query has had so far, and whether the
+    /// last one that ended had none (see [`EventLoop::has_live_dht_peers`]).
+    bootstrap_answers: HashMap<Dht, u32>,
+    unanswered_bootstrap: std::collections::HashSet<Dht>,
 }
 
 impl EventLoop {
@@ -185,6 +189,8 @@ impl EventLoop {
             punch: None,
             announce: true,
             joined_at: None,
+            bootstrap_answers: HashMap::new(),
+            unanswered_bootstrap: std::collections::HashSet::new(),
             config,
         };
         (event_loop, handle)
@@ -458,7 +464,7 @@ impl EventLoop {
                 self.autorelay.on_connected(peer_id);
                 self.redials.remove(&peer_id);
                 let first_bootstrap = self.bootstrap.on_connected(&peer_id);
-                let has_dht_peers = self.table_size(Dht::Wan) + self.table_size(Dht::Lan) > 0;
+                let has_dht_peers = self.has_live_dht_peers();
                 // One DHT bootstrap to join, and another whenever the node has lost every DHT
                 // peer; the periodic refresh does the rest. (Every bootstrap peer that answered
                 // at start used to start one: four queries at once where one does.)
