@@ -131,9 +131,10 @@ pub struct EventLoop {
     announce: bool,
     /// When a DHT bootstrap to join the network last started.
     joined_at: Option<Instant>,
-    /// Per DHT: answers the running bootstrap (or refresh) query has had so far, and whether the
-    /// last one that ended had none (see [`EventLoop::has_live_dht_peers`]).
+    /// Per DHT: answers the running bootstrap (or refresh) query has had so far, over its steps.
     bootstrap_answers: HashMap<Dht, u32>,
+    /// The DHTs whose last bootstrap or refresh nobody answered: their routing tables are
+    /// stale (see [`EventLoop::has_live_dht_peers`]).
     unanswered_bootstrap: std::collections::HashSet<Dht>,
 }
 
@@ -464,12 +465,15 @@ impl EventLoop {
                 self.autorelay.on_connected(peer_id);
                 self.redials.remove(&peer_id);
                 let first_bootstrap = self.bootstrap.on_connected(&peer_id);
-                let has_dht_peers = self.has_live_dht_peers();
                 // One DHT bootstrap to join, and another whenever the node has lost every DHT
                 // peer; the periodic refresh does the rest. (Every bootstrap peer that answered
-                // at start used to start one: four queries at once where one does.)
-                let rejoin = !has_dht_peers && self.joined_at.is_none_or(|t| t.elapsed() >= REJOIN_INTERVAL);
-                if self.bootstrap.contains(&peer_id) && num_established.get() == 1 && (first_bootstrap || rejoin) {
+                // at start used to start one: four queries at once where one does.) The routing
+                // tables are looked at only for a bootstrap peer, not on every connection.
+                let joins = self.bootstrap.contains(&peer_id)
+                    && num_established.get() == 1
+                    && (first_bootstrap
+                        || (self.joined_at.is_none_or(|t| t.elapsed() >= REJOIN_INTERVAL) && !self.has_live_dht_peers()));
+                if joins {
                     self.joined_at = Some(Instant::now());
                     tracing::info!(peer = %peer_id, "connected to bootstrap peer; bootstrapping the DHT");
                     // Either may have no peers yet (identify feeds them next): then Kademlia
