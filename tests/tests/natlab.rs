@@ -83,6 +83,15 @@ fn nat_lab_subset_punches_through_eim_and_birthday_punches_through_symmetric() {
     let cells = warren_natlab::run(&opts, |cell| eprintln!("{:?} -> {:?}: {}", cell.a, cell.b, describe(cell)))
         .expect("the lab builds and runs (root, iproute2, nftables, /dev/net/tun)");
     eprintln!("{}", markdown(&cells, opts.latency));
+    // Every cell here should end direct with all its checks passed; for one that does not, the
+    // failure below comes with its nodes' account of the punches (their logs are kept too).
+    let wrong: Vec<_> = cells.iter().filter(|c| !c.all_ok() || !c.direct || c.after_restart.as_ref().is_some_and(|r| !r.direct)).collect();
+    if !wrong.is_empty() {
+        for cell in &wrong {
+            eprintln!("\n{}\n{}", describe(cell), cell.punch_story(60));
+        }
+        eprintln!("the lab's logs are kept under {}", work.keep().display());
+    }
     for cell in &cells {
         assert!(cell.reached && cell.transfer_ok, "every cell forwards 10 MB intact: {}", describe(cell));
     }

@@ -204,6 +204,10 @@ pub struct Cell {
     pub rebind: Option<Rebinding>,
     /// What the same forward did after the whole lab was restarted with its data dirs.
     pub after_restart: Option<AfterRestart>,
+    /// The cell's node dirs (`a/`, `b/`, each with its `warren.log`); removed after the run
+    /// when everything in the cell went as it should, unless logs are kept.
+    #[serde(skip)]
+    pub dir: PathBuf,
 }
 
 /// A cell after the whole-lab restart.
@@ -222,6 +226,38 @@ pub struct AfterRestart {
 }
 
 impl Cell {
+    /// Everything the cell checked went as it should: the forward, the disturbance (cut or
+    /// rebinding) and the restart. A cell that is not keeps its nodes' logs.
+    pub fn all_ok(&self) -> bool {
+        let repunch_ok = self.repunch.as_ref().is_none_or(|r| r.direct_lost_after_s.is_some() && r.fallback_ok && r.direct_again_after_s.is_some());
+        let rebind_ok = self.rebind.as_ref().is_none_or(|r| r.transfer_ok);
+        let restart_ok = self.after_restart.as_ref().is_none_or(|r| r.reached && r.transfer_ok);
+        self.error.is_none() && self.reached && self.transfer_ok && repunch_ok && rebind_ok && restart_ok
+    }
+
+    /// The lines of A's and B's logs that tell how the pair punched, lost and regained its
+    /// direct path (the last `max` of each), for a report of a cell that went wrong.
+    pub fn punch_story(&self, max: usize) -> String {
+        let mut story = String::new();
+        for side in ["a", "b"] {
+            let path = self.dir.join(side).join("warren.log");
+            let Ok(log) = std::fs::read_to_string(&path) else {
+                story.push_str(&format!("{}: not readable\n", path.display()));
+                continue;
+            };
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| ["punch", "direct", "relayed", "disconnected", "re-dialed", "birthday"].iter().any(|w| l.contains(w)))
+                .collect();
+            story.push_str(&format!("--- {} ({} of {} lines)\n", path.display(), lines.len().min(max), lines.len()));
+            for line in &lines[lines.len().saturating_sub(max)..] {
+                story.push_str(line);
+                story.push('\n');
+            }
+        }
+        story
+    }
+
     /// After the restart the cell ended as before: reached, direct or relayed, transfer intact.
     pub fn restart_same(&self) -> bool {
         self.after_restart
@@ -336,7 +372,6 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Cell)) -> Result<Vec<Cell>,
     let mut core = start_core(&mut lab, opts)?;
     let mut cells = Vec::new();
     let mut kept = Vec::new();
-    let mut dirs = Vec::new();
     for (i, pair) in opts.pairs.iter().enumerate() {
         let of = |kind| &sites.iter().find(|(k, _)| *k == kind).expect("built above").1;
         let (a_site, b_site) = if pair.a == SiteKind::SameLan && pair.b == SiteKind::SameLan {
@@ -371,6 +406,7 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Cell)) -> Result<Vec<Cell>,
             a_rebind: pair.rebind,
             rebind: None,
             after_restart: None,
+            dir: dir.clone(),
         };
         let cut = pair.repunch.then(|| a_site.edge.clone().map(|edge| (edge, b_site.wan))).flatten();
         let rebind = pair.rebind.and_then(|r| a_site.edge.clone().map(|edge| (r, edge)));
@@ -386,7 +422,6 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Cell)) -> Result<Vec<Cell>,
         }
         cell.seconds = started.elapsed().as_secs_f64();
         progress(&cell);
-        dirs.push(dir);
         cells.push(cell);
     }
     if opts.restart && !kept.is_empty() {
@@ -404,10 +439,9 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Cell)) -> Result<Vec<Cell>,
     if !left.is_empty() {
         return Err(format!("the lab's namespaces were not all removed: {left:?}"));
     }
-    for (dir, cell) in dirs.iter().zip(&cells) {
-        let ok = cell.error.is_none() && cell.after_restart.as_ref().is_none_or(|r| r.reached && r.transfer_ok);
-        if !opts.keep_logs && ok {
-            let _ = std::fs::remove_dir_all(dir);
+    for cell in &cells {
+        if !opts.keep_logs && cell.all_ok() {
+            let _ = std::fs::remove_dir_all(&cell.dir);
         }
     }
     Ok(cells)
