@@ -10,15 +10,15 @@ use std::time::{Duration, Instant};
 use libp2p::{PeerId, Stream};
 use tokio::net::{TcpListener, UdpSocket};
 use tracing::Instrument;
-use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
-use warren_forward::{MAX_DATAGRAM, Opened, STREAM_PROTOCOL, Transport, opener};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+use warren_forward::{MAX_DATAGRAM, Opened, Request, STREAM_PROTOCOL, SessionId, Status, Transport, opener};
 
 use super::udp::{Datagrams, ForwardQueued, QueueTx, Source, session_queue, udp_over_stream};
-use super::{Active, Forward, Forwarding, splice};
+use super::{Active, Forward, Forwarding, resume, splice};
 use crate::handle::NodeHandle;
 
 /// The peer must answer a request this soon.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
+pub(super) const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub enum Listener {
     Tcp(TcpListener),
@@ -52,13 +52,16 @@ async fn run_tcp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, listener: T
         let tasks = forwarding.shutdown.clone();
         tasks.spawn(async move {
             let _permit = permit;
-            let stream = match open(&forwarding, &forward, Transport::Tcp).await {
+            let session: SessionId = rand::random();
+            let request = Request::session(forward.spec.service.as_str(), session, None);
+            let stream = match open(&forwarding, &forward, &request).await {
                 Ok(stream) => stream,
                 Err(e) => return failed(&forward, &tcp, e),
             };
             let _active = Active::new(&forward.stats);
-            let answer = async |r: &mut tokio::io::ReadHalf<Compat<Stream>>| accepted(&mut r.compat()).await;
-            match splice::tcp_opened(tcp, stream, &forward.stats.sent, &forward.stats.received, answer).await {
+            let counters = resume::Counters { sent: &forward.stats.sent, received: &forward.stats.received };
+            let streams = Resume { forwarding: &forwarding, forward: &forward, session };
+            match resume::run(tcp, stream, resume::Role::Opener, counters, streams).await {
                 Ok(()) => {}
                 Err(splice::SpliceError::Refused(e)) => {
                     tracing::warn!(peer = %forward.peer, service = %forward.spec.service, error = %e, "forward refused");
@@ -71,6 +74,71 @@ async fn run_tcp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, listener: T
                 }
             }
         }.in_current_span());
+    }
+}
+
+/// Waits between attempts to resume a session, doubling up to [`RESUME_RETRY_MAX`]: the peer is
+/// usually reachable again (through the relay) within a second of the stream's failure.
+const RESUME_RETRY_FIRST: Duration = Duration::from_millis(250);
+/// The longest wait between attempts to resume.
+const RESUME_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Where a forwarded connection's session goes on after its stream failed: a new stream to the
+/// peer (direct if there is a direct connection, else through a relay), which asks to resume.
+struct Resume<'a> {
+    forwarding: &'a Arc<Forwarding>,
+    forward: &'a Arc<Forward>,
+    session: SessionId,
+}
+
+impl resume::Streams<Compat<Stream>> for Resume<'_> {
+    async fn after_failure(&mut self, received: u64) -> Result<(Compat<Stream>, u64), String> {
+        let deadline = tokio::time::Instant::now() + resume::GRACE;
+        let mut wait = RESUME_RETRY_FIRST;
+        let request = Request::session(self.forward.spec.service.as_str(), self.session, Some(received));
+        let mut last = String::from("no attempt");
+        while tokio::time::Instant::now() < deadline {
+            match tokio::time::timeout_at(deadline, self.resume_once(&request)).await {
+                Ok(Ok(resumed)) => return Ok(resumed),
+                Ok(Err(Resumed::Refused(why))) => return Err(why),
+                Ok(Err(Resumed::Failed(why))) => last = why,
+                Err(_) => break,
+            }
+            tokio::time::sleep(wait.min(deadline.saturating_duration_since(tokio::time::Instant::now()))).await;
+            wait = (wait * 2).min(RESUME_RETRY_MAX);
+        }
+        Err(format!("the peer could not be reached again within {} s ({last})", resume::GRACE.as_secs()))
+    }
+}
+
+/// Why one attempt to resume did not.
+enum Resumed {
+    /// The peer answered no: the session is gone.
+    Refused(String),
+    /// The peer could not be reached or did not answer: try again.
+    Failed(String),
+}
+
+impl Resume<'_> {
+    async fn resume_once(&self, request: &Request) -> Result<(Compat<Stream>, u64), Resumed> {
+        let Opened { mut stream, relayed } =
+            self.forwarding.node.reach_and_open(self.forward.peer, STREAM_PROTOCOL).await.map_err(|e| Resumed::Failed(e.to_string()))?;
+        warren_forward::write_request(&mut stream, request).await.map_err(|e| Resumed::Failed(format!("request failed: {e}")))?;
+        let reply = match tokio::time::timeout(REPLY_TIMEOUT, warren_forward::read_reply(&mut stream)).await {
+            Err(_) => return Err(Resumed::Failed("the peer did not answer".into())),
+            Ok(Err(e)) => return Err(Resumed::Failed(format!("the peer's answer was unreadable: {e}"))),
+            Ok(Ok(reply)) => reply,
+        };
+        match (reply.status, reply.received) {
+            (Status::Accepted, Some(received)) => {
+                let path = if relayed { "relayed" } else { "direct" };
+                tracing::info!(peer = %self.forward.peer, path, "forwarded connection resumed on a new stream");
+                *self.forward.stats.path.lock().unwrap() = Some(path.to_string());
+                Ok((stream.compat(), received))
+            }
+            (Status::Accepted, None) => Err(Resumed::Refused("the peer accepted a resume without saying what it received".into())),
+            (status, _) => Err(Resumed::Refused(format!("the peer would not resume: {}", warren_forward::opener::Refusal::Refused { status, detail: reply.detail }))),
+        }
     }
 }
 
@@ -120,21 +188,20 @@ impl Spare {
 /// Connects to the peer if needed, opens a stream (the forward's spare when it has one) and
 /// sends the request for the service. The answer is read by the caller ([`accepted`]), after
 /// the first data has gone out behind the request.
-async fn open(forwarding: &Arc<Forwarding>, forward: &Arc<Forward>, transport: Transport) -> Result<Compat<Stream>, String> {
+async fn open(forwarding: &Arc<Forwarding>, forward: &Arc<Forward>, request: &Request) -> Result<Compat<Stream>, String> {
     let peer = forward.peer;
-    let service = forward.spec.service.as_str();
     let spare = forward.spare.take(&forwarding.node, &peer);
     Spare::refill(forwarding, forward);
     // A spare whose connection has gone fails its request; a fresh stream is tried instead.
     let ready = match spare {
-        Some((mut stream, relayed)) => opener::send_request(&mut stream, service, transport).await.is_ok().then_some((stream, relayed)),
+        Some((mut stream, relayed)) => warren_forward::write_request(&mut stream, request).await.is_ok().then_some((stream, relayed)),
         None => None,
     };
     let (stream, relayed) = match ready {
         Some(ready) => ready,
         None => {
             let Opened { mut stream, relayed } = forwarding.node.reach_and_open(peer, STREAM_PROTOCOL).await.map_err(|e| e.to_string())?;
-            if let Err(e) = opener::send_request(&mut stream, service, transport).await {
+            if let Err(e) = warren_forward::write_request(&mut stream, request).await {
                 // A peer may refuse before it reads the request (a peer on none of its
                 // allow-lists, say) and stop the stream: its answer is waiting, and says why.
                 return Err(match tokio::time::timeout(splice::ANSWER_GRACE, accepted(&mut stream)).await {
@@ -194,7 +261,7 @@ async fn run_udp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, socket: Arc
         let span = tracing::info_span!("udp_session", %from);
         tasks.spawn(async move {
             let _permit = permit;
-            match open(&forwarding, &forward, Transport::Udp).await {
+            match open(&forwarding, &forward, &Request::new(forward.spec.service.as_str(), Transport::Udp)).await {
                 Ok(stream) => {
                     let _active = Active::new(&forward.stats);
                     let local = Datagrams { source: Source::Queue(rx), socket, to: Some(from) };

@@ -6,6 +6,7 @@
 //! control API; those added through the API are kept in the store, so both survive restarts.
 
 pub mod client;
+pub mod resume;
 pub mod serve;
 pub mod splice;
 pub mod udp;
@@ -91,6 +92,8 @@ pub struct Forwarding {
     pub shutdown: Shutdown,
     /// Streams refused by the serving side, by reason (for metrics).
     pub refusals: serve::Refusals,
+    /// Sessions served (resumable TCP forwards), each waiting for the stream it resumes on.
+    pub sessions: serve::Sessions,
     exposes: Mutex<HashMap<String, Arc<Exposed>>>,
     forwards: Mutex<HashMap<SocketAddr, Arc<Forward>>>,
     saved: sled::Tree,
@@ -134,7 +137,7 @@ const FORWARD_PREFIX: &str = "forward/";
 
 impl Forwarding {
     pub fn new(node: NodeHandle, udp_idle: Duration, saved: sled::Tree, shutdown: Shutdown) -> Arc<Self> {
-        Arc::new(Self { node, udp_idle, shutdown, refusals: Default::default(), exposes: Mutex::default(), forwards: Mutex::default(), saved })
+        Arc::new(Self { node, udp_idle, shutdown, refusals: Default::default(), sessions: Default::default(), exposes: Mutex::default(), forwards: Mutex::default(), saved })
     }
 
     /// Loads the config's entries, then those saved from the control API.

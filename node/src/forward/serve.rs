@@ -15,12 +15,13 @@ use std::time::{Duration, Instant};
 use libp2p::{PeerId, Stream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
-use tokio_util::compat::FuturesAsyncReadCompatExt;
+use tokio::sync::mpsc;
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 use warren_forward::answerer::{self, RequestError};
-use warren_forward::{Status, Transport};
+use warren_forward::{Reply, SessionId, Status, Transport};
 
 use super::udp::{self, Datagrams, Source, udp_over_stream};
-use super::{Active, Forwarding, splice};
+use super::{Active, Forwarding, resume, splice};
 
 /// Forward streams served at once across all services; beyond it peers get "over capacity".
 const MAX_INBOUND_STREAMS: usize = 8192;
@@ -218,6 +219,10 @@ async fn serve(forwarding: &Forwarding, peer: PeerId, mut stream: Stream, waitin
             return refuse(stream, reason.status(), None).await;
         }
     };
+    if let (Some(id), Some(received)) = (request.session, request.resume) {
+        // The session holds its slot and permit already.
+        return forwarding.sessions.resume(peer, id, stream, received).await;
+    }
     let Some(_slot): Option<OwnedSemaphorePermit> = slots.try_acquire_owned().ok() else {
         forwarding.refusals.note(Refused::OverCapacity, &peer);
         service.stats.fail(format!("refused {peer}: the node serves {MAX_INBOUND_STREAMS} streams already"));
@@ -257,13 +262,103 @@ async fn serve(forwarding: &Forwarding, peer: PeerId, mut stream: Stream, waitin
             return refuse(stream, Status::UpstreamUnreachable, Some("connect timed out".into())).await;
         }
     };
-    if answerer::accept(&mut stream).await.is_err() {
+    let Some(id) = request.session else {
+        // An opener without sessions: the stream is the connection.
+        if answerer::accept(&mut stream).await.is_err() {
+            return;
+        }
+        let _active = Active::new(&service.stats);
+        // From the service's point of view bytes it sends go out to the peer.
+        if let Err(e) = splice::tcp(tcp, stream.compat(), &service.stats.received, &service.stats.sent).await {
+            tracing::debug!(peer = %peer, service = %request.service, error = %e, "forwarded connection ended with an error");
+        }
+        return;
+    };
+    let Some(next) = forwarding.sessions.open(peer, id) else {
+        forwarding.refusals.note(Refused::BadRequest, &peer);
+        return refuse(stream, Status::BadRequest, Some("that session is open already".into())).await;
+    };
+    let reply = Reply { received: Some(0), ..Reply::new(Status::Accepted, None) };
+    if warren_forward::write_reply(&mut stream, &reply).await.is_err() {
         return;
     }
     let _active = Active::new(&service.stats);
-    // From the service's point of view bytes it sends go out to the peer.
-    if let Err(e) = splice::tcp(tcp, stream.compat(), &service.stats.received, &service.stats.sent).await {
-        tracing::debug!(peer = %peer, service = %request.service, error = %e, "forwarded connection ended with an error");
+    let counters = resume::Counters { sent: &service.stats.received, received: &service.stats.sent };
+    if let Err(e) = resume::run(tcp, stream.compat(), resume::Role::Answerer, counters, next).await {
+        tracing::debug!(peer = %peer, service = %request.service, error = ?e, "forwarded connection ended with an error");
+    }
+}
+
+/// Resumable sessions being served, by peer and id: where a stream that resumes one goes.
+#[derive(Default)]
+pub struct Sessions(Arc<Mutex<HashMap<(PeerId, SessionId), mpsc::Sender<(Stream, u64)>>>>);
+
+impl Sessions {
+    /// Registers a new session; `None` if the peer has one of that id already.
+    fn open(&self, peer: PeerId, id: SessionId) -> Option<NextStream> {
+        let mut map = self.0.lock().unwrap();
+        if map.contains_key(&(peer, id)) {
+            return None;
+        }
+        // One resume at a time: a second before the first is taken is refused.
+        let (tx, rx) = mpsc::channel(1);
+        map.insert((peer, id), tx);
+        Some(NextStream { rx, _entry: SessionEntry { sessions: self.0.clone(), key: (peer, id) } })
+    }
+
+    /// Hands a stream that resumes a session to it; the session answers it. A session that
+    /// does not exist (ended, timed out, before a restart) or is busy is refused.
+    async fn resume(&self, peer: PeerId, id: SessionId, mut stream: Stream, received: u64) {
+        let tx = self.0.lock().unwrap().get(&(peer, id)).cloned();
+        let refused = match tx {
+            Some(tx) => match tx.try_send((stream, received)) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full((s, _)) | mpsc::error::TrySendError::Closed((s, _))) => s,
+            },
+            None => stream,
+        };
+        stream = refused;
+        tracing::debug!(peer = %peer, "a resume named no session we hold");
+        refuse(stream, Status::NoSession, None).await;
+    }
+
+    /// Sessions open now.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+}
+
+/// Leaves the registry when the session ends.
+struct SessionEntry {
+    sessions: Arc<Mutex<HashMap<(PeerId, SessionId), mpsc::Sender<(Stream, u64)>>>>,
+    key: (PeerId, SessionId),
+}
+
+impl Drop for SessionEntry {
+    fn drop(&mut self) {
+        self.sessions.lock().unwrap().remove(&self.key);
+    }
+}
+
+/// The streams a served session resumes on.
+struct NextStream {
+    rx: mpsc::Receiver<(Stream, u64)>,
+    _entry: SessionEntry,
+}
+
+impl resume::Streams<Compat<Stream>> for NextStream {
+    async fn after_failure(&mut self, _received: u64) -> Result<(Compat<Stream>, u64), String> {
+        match tokio::time::timeout(resume::GRACE, self.rx.recv()).await {
+            Ok(Some((stream, received))) => Ok((stream.compat(), received)),
+            _ => Err(format!("the peer did not resume within {} s", resume::GRACE.as_secs())),
+        }
+    }
+
+    async fn replacement(&mut self) -> (Compat<Stream>, u64) {
+        match self.rx.recv().await {
+            Some((stream, received)) => (stream.compat(), received),
+            None => std::future::pending().await,
+        }
     }
 }
 

@@ -69,6 +69,7 @@ where
                 return Ok(());
             }
             Ok(Chunk::Data(len)) => len,
+            Ok(Chunk::Ack | Chunk::Reset) => unreachable!("Chunk::decode refuses the headers of sessions"),
             Err(e) => return Err(Error::new(ErrorKind::InvalidData, e.to_string())),
         };
         while left > 0 {

@@ -21,6 +21,18 @@ pub const MAX_DATAGRAM: usize = 65_535;
 pub const MAX_CHUNK: usize = 1024 * 1024;
 /// The chunk length that marks a clean end of data in one direction (a half-close).
 pub const END_OF_DATA: u32 = 0;
+/// In a resumable session only: the header of an acknowledgement, followed by 8 bytes (big
+/// endian) counting every data byte of the session received so far.
+pub const ACK: u32 = u32::MAX;
+/// In a resumable session only: the sender's side of the connection failed or was reset; the
+/// receiver resets its side too, and nobody resumes.
+pub const RESET: u32 = u32::MAX - 1;
+/// Bytes of an acknowledgement's count.
+pub const ACK_COUNT: usize = 8;
+/// Bytes of a session id: random, chosen by the opener, known only to the two peers.
+pub const SESSION_ID: usize = 16;
+/// A resumable session's id.
+pub type SessionId = [u8; SESSION_ID];
 
 /// What a chunk header announces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +41,10 @@ pub enum Chunk {
     Data(usize),
     /// The sender half-closed its side: nothing follows.
     End,
+    /// (Resumable sessions) an acknowledgement: its count follows.
+    Ack,
+    /// (Resumable sessions) the sender's connection was reset.
+    Reset,
 }
 
 /// Bytes of a chunk header.
@@ -40,6 +56,8 @@ impl Chunk {
     pub fn encode(self) -> [u8; CHUNK_HEADER] {
         match self {
             Chunk::End => END_OF_DATA.to_be_bytes(),
+            Chunk::Ack => ACK.to_be_bytes(),
+            Chunk::Reset => RESET.to_be_bytes(),
             Chunk::Data(n) => {
                 assert!((1..=MAX_CHUNK).contains(&n), "a data chunk is 1 to {MAX_CHUNK} bytes, not {n}");
                 (n as u32).to_be_bytes()
@@ -55,6 +73,16 @@ impl Chunk {
             n => Err(FrameError::Invalid(format!("chunk length {n} over {MAX_CHUNK}"))),
         }
     }
+
+    /// Decodes a chunk header of a resumable session, where acknowledgements and resets come
+    /// between the chunks too.
+    pub fn decode_in_session(header: [u8; CHUNK_HEADER]) -> Result<Chunk, FrameError> {
+        match u32::from_be_bytes(header) {
+            ACK => Ok(Chunk::Ack),
+            RESET => Ok(Chunk::Reset),
+            _ => Chunk::decode(header),
+        }
+    }
 }
 
 /// What the opener wants.
@@ -63,6 +91,13 @@ pub struct Request {
     pub version: u8,
     pub service: String,
     pub transport: Transport,
+    /// A TCP forward that may outlive its stream: the session's id (absent: the stream is the
+    /// connection, as with openers before sessions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionId>,
+    /// Resuming `session` on this stream: the bytes the opener has received in it so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +112,10 @@ pub enum Transport {
 pub struct Reply {
     pub status: Status,
     pub detail: Option<String>,
+    /// The answerer took the request's session: the bytes it has received in it so far (0 for
+    /// a new one). Absent: the answerer does not resume, and the stream is the connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +134,9 @@ pub enum Status {
     OverCapacity,
     /// The request could not be read: bad frame, version or service name.
     BadRequest,
+    /// A resume named no session the answerer holds (it ended, timed out or the node
+    /// restarted): the opener resets its connection.
+    NoSession,
 }
 
 impl std::fmt::Display for Status {
@@ -106,6 +148,7 @@ impl std::fmt::Display for Status {
             Status::UpstreamUnreachable => "upstream unreachable",
             Status::OverCapacity => "over capacity",
             Status::BadRequest => "bad request",
+            Status::NoSession => "no such session",
         })
     }
 }
@@ -140,7 +183,13 @@ pub fn validate_service_name(name: &str) -> Result<(), String> {
 
 impl Request {
     pub fn new(service: impl Into<String>, transport: Transport) -> Self {
-        Self { version: VERSION, service: service.into(), transport }
+        Self { version: VERSION, service: service.into(), transport, session: None, resume: None }
+    }
+
+    /// A request for a resumable TCP session: a new one (`resume` None) or the resumption of
+    /// one on a new stream, with the bytes received in it so far.
+    pub fn session(service: impl Into<String>, session: SessionId, resume: Option<u64>) -> Self {
+        Self { session: Some(session), resume, ..Self::new(service, Transport::Tcp) }
     }
 
     /// Decodes and validates a request frame body. This is the one place where a remote peer's
@@ -154,6 +203,12 @@ impl Request {
             return Err(FrameError::Invalid(format!("unsupported version {}", request.version)));
         }
         validate_service_name(&request.service).map_err(FrameError::Invalid)?;
+        if request.transport == Transport::Udp && request.session.is_some() {
+            return Err(FrameError::Invalid("sessions are for TCP forwards".into()));
+        }
+        if request.resume.is_some() && request.session.is_none() {
+            return Err(FrameError::Invalid("a resume names its session".into()));
+        }
         Ok(request)
     }
 
@@ -174,7 +229,7 @@ impl Reply {
             }
             d
         });
-        Self { status, detail }
+        Self { status, detail, received: None }
     }
 
     pub fn decode(body: &[u8]) -> Result<Self, FrameError> {
@@ -249,6 +304,7 @@ pub fn decode_everything(data: &[u8]) {
     while let Ok(Some(_)) = block_on(read_datagram(&mut rest, &mut buf)) {}
     if let Some(header) = data.get(..CHUNK_HEADER) {
         let _ = Chunk::decode(header.try_into().expect("CHUNK_HEADER bytes"));
+        let _ = Chunk::decode_in_session(header.try_into().expect("CHUNK_HEADER bytes"));
     }
 }
 
@@ -320,7 +376,7 @@ mod tests {
 
     #[test]
     fn an_unknown_version_is_refused() {
-        let request = Request { version: 2, service: "web".into(), transport: Transport::Tcp };
+        let request = Request { version: 2, ..Request::new("web", Transport::Tcp) };
         assert!(matches!(Request::decode(&request.encode()), Err(FrameError::Invalid(_))));
     }
 
@@ -362,6 +418,41 @@ mod tests {
         assert!(n > 0, "the corpus is empty");
     }
 
+    #[test]
+    fn sessions_leave_the_wire_as_it_was_for_peers_without_them() {
+        // A request without a session is byte for byte what openers sent before sessions, and
+        // a reply without `received` (an older answerer's) reads as "does not resume".
+        #[derive(Serialize)]
+        struct Before {
+            version: u8,
+            service: String,
+            transport: Transport,
+        }
+        let before = Before { version: VERSION, service: "web".into(), transport: Transport::Tcp };
+        assert_eq!(Request::new("web", Transport::Tcp).encode(), cbor4ii::serde::to_vec(Vec::new(), &before).unwrap());
+        #[derive(Serialize)]
+        struct OldReply {
+            status: Status,
+            detail: Option<String>,
+        }
+        let old = cbor4ii::serde::to_vec(Vec::new(), &OldReply { status: Status::Accepted, detail: None }).unwrap();
+        assert_eq!(Reply::decode(&old).unwrap().received, None);
+
+        let resume = Request::session("web", [7; SESSION_ID], Some(42));
+        assert_eq!(Request::decode(&resume.encode()).unwrap(), resume);
+        let orphan = Request { resume: Some(1), ..Request::new("web", Transport::Tcp) };
+        assert!(matches!(Request::decode(&orphan.encode()), Err(FrameError::Invalid(_))));
+        let udp = Request { session: Some([1; SESSION_ID]), ..Request::new("dns", Transport::Udp) };
+        assert!(matches!(Request::decode(&udp.encode()), Err(FrameError::Invalid(_))));
+
+        // Acknowledgements and resets exist only inside a session.
+        for chunk in [Chunk::Ack, Chunk::Reset] {
+            assert!(Chunk::decode(chunk.encode()).is_err());
+            assert_eq!(Chunk::decode_in_session(chunk.encode()).unwrap(), chunk);
+        }
+        assert_eq!(Chunk::decode_in_session(Chunk::Data(5).encode()).unwrap(), Chunk::Data(5));
+    }
+
     proptest! {
         #[test]
         fn requests_round_trip(service in "[A-Za-z0-9._-]{1,64}", udp in any::<bool>()) {
@@ -372,8 +463,8 @@ mod tests {
         #[test]
         fn replies_round_trip(detail in proptest::option::of(".{0,300}"), s in 0usize..6) {
             let status = [Status::Accepted, Status::UnknownService, Status::NotAllowed,
-                Status::UpstreamUnreachable, Status::OverCapacity, Status::BadRequest][s];
-            let reply = Reply::new(status, detail);
+                Status::UpstreamUnreachable, Status::OverCapacity, Status::BadRequest, Status::NoSession][s % 7];
+            let reply = Reply { received: (s > 3).then_some(s as u64 * 1_000_000_007), ..Reply::new(status, detail) };
             prop_assert_eq!(Reply::decode(&reply.encode()).unwrap(), reply);
         }
 

@@ -1,0 +1,556 @@
+//! Forwarded TCP connections that outlive their stream. A direct connection that dies (the NAT
+//! moved our port, the path went down) takes its streams with it; the forwarded connection
+//! carries on over another stream (through the relay, or a new punch) where it left off.
+//!
+//! Each side keeps the bytes it sent until the peer acknowledges them (at most [`WINDOW`]; a
+//! full window stops reading the local connection) and counts the bytes it received. When the
+//! stream fails, the opener opens another and asks the answerer to resume the session from
+//! the bytes it received; the answer says how many the answerer received; each side sends again
+//! what the other lacks. The wire format is in `warren_forward` (sessions, `Chunk::Ack`).
+//!
+//! Data arrives exactly once and in order: `received` counts only bytes written to the local
+//! connection, one `write` at a time, so whatever was read from a dying stream but not written
+//! comes again on the next one.
+
+use std::collections::VecDeque;
+use std::io::{Error, ErrorKind};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+use tokio_util::compat::TokioAsyncReadCompatExt;
+use warren_forward::{ACK_COUNT, CHUNK_HEADER as HEADER, Chunk, Reply, Status};
+
+use super::splice::{ANSWER_GRACE, BUFFER, SEND_AHEAD, SpliceError, reset};
+
+/// Bytes sent and not yet acknowledged, per direction of a connection. A connection moves at
+/// most this much per round trip (32 MiB/s at 30 ms), and a stalled peer holds this much of our
+/// memory per connection: 1 MiB keeps a home uplink's bulk transfer unthrottled while 500 busy
+/// connections hold at most 500 MiB.
+pub const WINDOW: usize = 1024 * 1024;
+/// Received bytes between acknowledgements: an eighth of the window, so the sender never waits
+/// for one while the path is fine; 12 bytes per 128 KiB on the wire.
+pub const ACK_EVERY: u64 = 128 * 1024;
+/// How long a session waits for its next stream after one failed: a QUIC connection takes 10 s
+/// to notice a dead path, a new punch or relayed connection a few more. The answerer holds the
+/// connection to its service (and its slot) this long; the opener keeps trying to reach the
+/// peer for as long.
+pub const GRACE: Duration = Duration::from_secs(30);
+
+/// What one side of a session keeps across its streams.
+#[derive(Default)]
+struct State {
+    /// Bytes read from the local connection that the peer has not acknowledged, oldest first.
+    unacked: VecDeque<Bytes>,
+    unacked_len: usize,
+    /// Session offset of the first unacknowledged byte: the peer has everything before it.
+    acked: u64,
+    /// The local connection reached its end; every byte of it is acknowledged or in `unacked`.
+    local_eof: bool,
+    /// The end marker went out on the current stream.
+    end_sent: bool,
+    /// Bytes from the peer written to the local connection.
+    received: u64,
+    /// The count last acknowledged to the peer.
+    confirmed: u64,
+    /// The peer's end marker arrived; the local write side is shut.
+    remote_end: bool,
+    /// Whether the peer resumes; `None` until an opener reads the answer to its first request.
+    resumable: Option<bool>,
+}
+
+impl State {
+    fn done(&self) -> bool {
+        self.local_eof
+            && self.end_sent
+            && self.remote_end
+            && (self.resumable == Some(false) || (self.unacked_len == 0 && self.confirmed == self.received))
+    }
+
+    fn ack_due(&self) -> bool {
+        self.resumable == Some(true) && (self.received - self.confirmed >= ACK_EVERY || (self.remote_end && self.received > self.confirmed))
+    }
+
+    /// The peer has every byte before `upto`.
+    fn release(&mut self, upto: u64) -> Result<(), Error> {
+        let end = self.acked + self.unacked_len as u64;
+        if upto < self.acked || upto > end {
+            return Err(Error::new(ErrorKind::InvalidData, format!("the peer acknowledged {upto} bytes; {} to {end} were possible", self.acked)));
+        }
+        while self.acked < upto {
+            let front = self.unacked.front_mut().expect("counted above");
+            let take = front.len().min((upto - self.acked) as usize);
+            if take == front.len() {
+                self.unacked.pop_front();
+            } else {
+                *front = front.slice(take..);
+            }
+            self.acked += take as u64;
+            self.unacked_len -= take;
+        }
+        Ok(())
+    }
+
+    /// A new stream, whose peer has received `peer_received` bytes: what it lacks, to send again.
+    fn rewind(&mut self, peer_received: u64) -> Result<Vec<Bytes>, Error> {
+        self.release(peer_received)?;
+        self.end_sent = false;
+        self.confirmed = self.received;
+        Ok(self.unacked.iter().cloned().collect())
+    }
+}
+
+/// How one stream of a session ended.
+#[derive(Debug)]
+enum Detached {
+    /// Both directions ended and everything was acknowledged.
+    Done,
+    /// The stream failed: the session goes on over another.
+    Stream(Error),
+    /// The local connection failed, the peer reset its side, or broke the protocol: reset.
+    Fatal(Error),
+    /// The answer to the opener's first request refused it.
+    Refused(String),
+}
+
+/// Where a session gets its next stream.
+pub(crate) trait Streams<S> {
+    /// A stream to go on with after the current one failed, and the bytes the peer has
+    /// received; `Err` (why) when there is none within [`GRACE`].
+    async fn after_failure(&mut self, received: u64) -> Result<(S, u64), String>;
+    /// A stream that replaces one still working (the opener resumed on a new stream before the
+    /// answerer saw the old one fail), and the bytes the peer has received. Never ready by
+    /// default.
+    async fn replacement(&mut self) -> (S, u64) {
+        std::future::pending().await
+    }
+}
+
+/// Which end of the session this is: the answerer replies to each stream that resumes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The forwarding side; its first stream's answer is still to be read.
+    Opener,
+    /// The exposing side; its first stream was accepted as a new session.
+    Answerer,
+}
+
+/// The bytes each way, as counted for the forward's statistics.
+pub struct Counters<'a> {
+    pub sent: &'a AtomicU64,
+    pub received: &'a AtomicU64,
+}
+
+/// Runs a forwarded connection over a session: `first` is its first stream (for an opener, with
+/// the request sent and the answer unread). Returns when both sides ended cleanly; on a local
+/// failure, a reset by the peer or a failed stream with none to follow, the local connection is
+/// reset.
+pub(crate) async fn run<S>(tcp: tokio::net::TcpStream, first: S, role: Role, counters: Counters<'_>, mut streams: impl Streams<S>) -> Result<(), SpliceError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = tcp.set_nodelay(true);
+    let (mut tcp_r, mut tcp_w) = tcp.into_split();
+    let state = Mutex::new(State { resumable: (role == Role::Answerer).then_some(true), ..State::default() });
+    let wake = Notify::new();
+    let mut stream = first;
+    let mut resend = Vec::new();
+    let outcome = loop {
+        let detached = {
+            let (mut r, mut w) = tokio::io::split(&mut stream);
+            let upload = upload(&mut tcp_r, &mut w, &state, &wake, std::mem::take(&mut resend), counters.sent);
+            let download = download(&mut r, &mut tcp_w, &state, &wake, counters.received);
+            tokio::pin!(upload, download);
+            let replaced = tokio::select! {
+                done = &mut upload => match done {
+                    Ok(()) => Err(Detached::Done),
+                    // A refusal usually arrives just behind the peer's stop: say why.
+                    Err(e) if state.lock().unwrap().resumable.is_none() => match tokio::time::timeout(ANSWER_GRACE, &mut download).await {
+                        Ok(Err(Detached::Refused(why))) => Err(Detached::Refused(why)),
+                        _ => Err(e),
+                    },
+                    Err(e) => Err(e),
+                },
+                done = &mut download => match done {
+                    Ok(()) if state.lock().unwrap().done() => Err(Detached::Done),
+                    Ok(()) => Err(upload.await.err().unwrap_or(Detached::Done)),
+                    Err(e) => Err(e),
+                },
+                next = streams.replacement() => Ok(next),
+            };
+            replaced
+        };
+        let (next, peer_received) = match detached {
+            Ok(next) => next,
+            Err(Detached::Done) => {
+                use futures::AsyncWriteExt as _;
+                let _ = tokio::time::timeout(Duration::from_secs(5), (&mut stream).compat().close()).await;
+                break Ok(());
+            }
+            Err(Detached::Refused(why)) => break Err(SpliceError::Refused(why)),
+            Err(Detached::Fatal(e)) => {
+                send_reset(&mut stream).await;
+                break Err(SpliceError::Cut(e));
+            }
+            Err(Detached::Stream(e)) => {
+                if state.lock().unwrap().resumable != Some(true) {
+                    break Err(SpliceError::Cut(e));
+                }
+                let received = state.lock().unwrap().received;
+                tracing::debug!(error = %e, received, "forward stream failed; resuming the session on another");
+                match streams.after_failure(received).await {
+                    Ok(next) => next,
+                    Err(why) => break Err(SpliceError::Cut(Error::new(ErrorKind::ConnectionReset, format!("{e}; could not resume: {why}")))),
+                }
+            }
+        };
+        stream = next;
+        let rewound = state.lock().unwrap().rewind(peer_received);
+        match rewound {
+            Ok(again) => resend = again,
+            Err(e) => break Err(SpliceError::Cut(e)),
+        }
+        if role == Role::Answerer {
+            let received = state.lock().unwrap().received;
+            let reply = Reply { received: Some(received), ..Reply::new(Status::Accepted, None) };
+            if let Err(e) = warren_forward::write_reply(&mut (&mut stream).compat(), &reply).await {
+                // The new stream failed at once: the opener tries another.
+                resend.clear();
+                tracing::debug!(error = %e, "a resumed forward stream failed before its answer");
+            }
+        }
+        tracing::debug!(peer_received, "forward session resumed on a new stream");
+    };
+    if outcome.is_err() {
+        reset(tcp_w.as_ref());
+        tcp_w.forget();
+    }
+    outcome
+}
+
+/// Tells the peer not to resume: our side is gone. Best effort, briefly.
+async fn send_reset<S: AsyncWrite + Unpin>(stream: &mut S) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(&Chunk::Reset.encode()).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+/// Local connection → stream: first what the peer lacks (`resend`), then new data as chunks,
+/// acknowledgements when due, the end marker after the local end. Returns `Ok` when the session
+/// is done.
+async fn upload<R, W>(tcp: &mut R, stream: &mut W, state: &Mutex<State>, wake: &Notify, resend: Vec<Bytes>, sent: &AtomicU64) -> Result<(), Detached>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    for data in resend {
+        stream.write_all(&Chunk::Data(data.len()).encode()).await.map_err(Detached::Stream)?;
+        stream.write_all(&data).await.map_err(Detached::Stream)?;
+    }
+    let mut buf = BytesMut::new();
+    let mut ahead = 0;
+    enum Step {
+        Done,
+        Ack(u64),
+        End,
+        Wait,
+        Read(usize),
+    }
+    loop {
+        let step = {
+            let st = state.lock().unwrap();
+            if st.done() {
+                Step::Done
+            } else if st.ack_due() {
+                Step::Ack(st.received)
+            } else if st.local_eof {
+                if st.end_sent { Step::Wait } else { Step::End }
+            } else if st.resumable.is_none() {
+                // Before the answer, the first flight only (see `splice::SEND_AHEAD`).
+                if ahead >= SEND_AHEAD { Step::Wait } else { Step::Read(SEND_AHEAD - ahead) }
+            } else if st.resumable == Some(true) && st.unacked_len >= WINDOW {
+                Step::Wait
+            } else {
+                Step::Read(BUFFER)
+            }
+        };
+        match step {
+            Step::Done => return Ok(()),
+            Step::Ack(count) => {
+                let mut frame = [0u8; HEADER + ACK_COUNT];
+                frame[..HEADER].copy_from_slice(&Chunk::Ack.encode());
+                frame[HEADER..].copy_from_slice(&count.to_be_bytes());
+                stream.write_all(&frame).await.map_err(Detached::Stream)?;
+                stream.flush().await.map_err(Detached::Stream)?;
+                state.lock().unwrap().confirmed = count;
+            }
+            Step::End => {
+                stream.write_all(&Chunk::End.encode()).await.map_err(Detached::Stream)?;
+                stream.flush().await.map_err(Detached::Stream)?;
+                state.lock().unwrap().end_sent = true;
+            }
+            Step::Wait => wake.notified().await,
+            Step::Read(limit) => {
+                buf.clear();
+                buf.reserve(HEADER + limit);
+                buf.put_bytes(0, HEADER);
+                let mut room = (&mut buf).limit(limit);
+                let read = tokio::select! {
+                    // Reading is cancel-safe: an acknowledgement due meanwhile goes out first.
+                    _ = wake.notified() => continue,
+                    read = tcp.read_buf(&mut room) => read,
+                };
+                let n = read.map_err(Detached::Fatal)?;
+                if n == 0 {
+                    state.lock().unwrap().local_eof = true;
+                    continue;
+                }
+                buf[..HEADER].copy_from_slice(&Chunk::Data(n).encode());
+                let frame = buf.split().freeze();
+                {
+                    let mut st = state.lock().unwrap();
+                    if st.resumable != Some(false) {
+                        st.unacked.push_back(frame.slice(HEADER..));
+                        st.unacked_len += n;
+                    }
+                    if st.resumable.is_none() {
+                        ahead += n;
+                    }
+                }
+                stream.write_all(&frame).await.map_err(Detached::Stream)?;
+                sent.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Stream → local connection: the answer first (an opener's first stream), then chunks,
+/// acknowledgements and the end marker. Returns `Ok` when there is nothing more to read.
+async fn download<R, W>(stream: &mut R, tcp: &mut W, state: &Mutex<State>, wake: &Notify, received: &AtomicU64) -> Result<(), Detached>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if state.lock().unwrap().resumable.is_none() {
+        let reply = match tokio::time::timeout(super::client::REPLY_TIMEOUT, warren_forward::read_reply(&mut (&mut *stream).compat())).await {
+            Err(_) => return Err(Detached::Refused("the peer did not answer".into())),
+            Ok(Err(e)) => return Err(Detached::Refused(format!("the peer's answer was unreadable: {e}"))),
+            Ok(Ok(reply)) => reply,
+        };
+        if reply.status != Status::Accepted {
+            let refusal = warren_forward::opener::Refusal::Refused { status: reply.status, detail: reply.detail };
+            return Err(Detached::Refused(refusal.to_string()));
+        }
+        let mut st = state.lock().unwrap();
+        match reply.received {
+            Some(0) => st.resumable = Some(true),
+            Some(n) => return Err(Detached::Fatal(Error::new(ErrorKind::InvalidData, format!("a new session answered as having received {n} bytes")))),
+            None => {
+                // An answerer without sessions: the stream is the connection.
+                st.resumable = Some(false);
+                st.unacked.clear();
+                st.unacked_len = 0;
+            }
+        }
+        wake.notify_one();
+    }
+    let mut buf = vec![0u8; BUFFER];
+    loop {
+        {
+            let st = state.lock().unwrap();
+            if st.done() || (st.resumable == Some(false) && st.remote_end) {
+                return Ok(());
+            }
+        }
+        let mut header = [0u8; HEADER];
+        stream.read_exact(&mut header).await.map_err(|e| match e.kind() {
+            ErrorKind::UnexpectedEof => Detached::Stream(Error::new(ErrorKind::ConnectionReset, "the stream ended before the session did")),
+            _ => Detached::Stream(e),
+        })?;
+        let resumable = state.lock().unwrap().resumable == Some(true);
+        let chunk = if resumable { Chunk::decode_in_session(header) } else { Chunk::decode(header) };
+        match chunk.map_err(|e| Detached::Fatal(Error::new(ErrorKind::InvalidData, e.to_string())))? {
+            Chunk::Data(len) => {
+                let mut left = len;
+                while left > 0 {
+                    let n = stream.read(&mut buf[..left.min(BUFFER)]).await.map_err(Detached::Stream)?;
+                    if n == 0 {
+                        return Err(Detached::Stream(Error::new(ErrorKind::ConnectionReset, "the stream ended mid-chunk")));
+                    }
+                    // One write at a time, each counted: what a cut stream leaves unwritten
+                    // comes again on the next.
+                    let mut at = 0;
+                    while at < n {
+                        let wrote = tcp.write(&buf[at..n]).await.map_err(Detached::Fatal)?;
+                        if wrote == 0 {
+                            return Err(Detached::Fatal(Error::from(ErrorKind::WriteZero)));
+                        }
+                        at += wrote;
+                        state.lock().unwrap().received += wrote as u64;
+                        received.fetch_add(wrote as u64, Ordering::Relaxed);
+                    }
+                    left -= n;
+                }
+                if state.lock().unwrap().ack_due() {
+                    wake.notify_one();
+                }
+            }
+            Chunk::End => {
+                if !state.lock().unwrap().remote_end {
+                    tcp.shutdown().await.map_err(Detached::Fatal)?;
+                    state.lock().unwrap().remote_end = true;
+                }
+                wake.notify_one();
+            }
+            Chunk::Ack => {
+                let mut count = [0u8; ACK_COUNT];
+                stream.read_exact(&mut count).await.map_err(Detached::Stream)?;
+                state.lock().unwrap().release(u64::from_be_bytes(count)).map_err(Detached::Fatal)?;
+                wake.notify_one();
+            }
+            Chunk::Reset => return Err(Detached::Fatal(Error::new(ErrorKind::ConnectionReset, "the peer's side was reset"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::DuplexStream;
+    use tokio::sync::mpsc;
+
+    /// A stream between the two sides through a pump the test can stop, losing whatever the
+    /// pump held: both ends then see the stream fail, as with a connection that died.
+    fn stream_pair() -> (DuplexStream, DuplexStream, tokio::task::JoinHandle<()>) {
+        let (opener, mut near) = tokio::io::duplex(16 * 1024);
+        let (mut far, answerer) = tokio::io::duplex(16 * 1024);
+        let pump = tokio::spawn(async move {
+            let _ = tokio::io::copy_bidirectional(&mut near, &mut far).await;
+        });
+        (opener, answerer, pump)
+    }
+
+    struct OpenerStreams {
+        to_answerer: mpsc::Sender<(DuplexStream, u64)>,
+        pumps: mpsc::UnboundedSender<tokio::task::JoinHandle<()>>,
+        resumes: std::sync::Arc<AtomicU64>,
+    }
+
+    impl Streams<DuplexStream> for OpenerStreams {
+        async fn after_failure(&mut self, received: u64) -> Result<(DuplexStream, u64), String> {
+            let (mut opener, answerer, pump) = stream_pair();
+            let _ = self.pumps.send(pump);
+            self.to_answerer.send((answerer, received)).await.map_err(|_| "answerer gone".to_string())?;
+            let reply = warren_forward::read_reply(&mut (&mut opener).compat()).await.map_err(|e| e.to_string())?;
+            self.resumes.fetch_add(1, Ordering::Relaxed);
+            Ok((opener, reply.received.expect("a resume is answered with a count")))
+        }
+    }
+
+    struct AnswererStreams(mpsc::Receiver<(DuplexStream, u64)>);
+
+    impl Streams<DuplexStream> for AnswererStreams {
+        async fn after_failure(&mut self, _received: u64) -> Result<(DuplexStream, u64), String> {
+            self.0.recv().await.ok_or_else(|| "opener gone".to_string())
+        }
+        async fn replacement(&mut self) -> (DuplexStream, u64) {
+            match self.0.recv().await {
+                Some(next) => next,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        (app, listener.accept().await.unwrap().0)
+    }
+
+    fn payload(n: usize, seed: u8) -> Vec<u8> {
+        (0..n).map(|i| ((i * 31 + seed as usize) % 251) as u8).collect()
+    }
+
+    /// Each app sends its payload and reads the other's to the end, both at once.
+    async fn exchange(mut app: tokio::net::TcpStream, data: Vec<u8>) -> std::io::Result<Vec<u8>> {
+        let (mut r, mut w) = app.split();
+        let write = async {
+            w.write_all(&data).await?;
+            w.shutdown().await
+        };
+        let mut got = Vec::new();
+        let (wrote, read) = tokio::join!(write, r.read_to_end(&mut got));
+        wrote?;
+        read?;
+        Ok(got)
+    }
+
+    #[tokio::test]
+    async fn bytes_arrive_intact_both_ways_across_streams_that_die_mid_transfer() {
+        let (app_a, local_a) = tcp_pair().await;
+        let (app_b, local_b) = tcp_pair().await;
+        let (mut opener, mut answerer, first_pump) = stream_pair();
+        // What the serving side does before the session runs: answer the new session.
+        warren_forward::write_reply(&mut (&mut answerer).compat(), &Reply { received: Some(0), ..Reply::new(Status::Accepted, None) })
+            .await
+            .unwrap();
+        let (to_answerer, from_opener) = mpsc::channel(1);
+        let (pumps_tx, mut pumps) = mpsc::unbounded_channel();
+        pumps_tx.send(first_pump).unwrap();
+        let resumes = std::sync::Arc::new(AtomicU64::new(0));
+        let opener_streams = OpenerStreams { to_answerer, pumps: pumps_tx, resumes: resumes.clone() };
+        let counts = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+        let a_side = run(local_a, std::mem::replace(&mut opener, tokio::io::duplex(1).0), Role::Opener, Counters { sent: &counts[0], received: &counts[1] }, opener_streams);
+        let b_side = run(local_b, answerer, Role::Answerer, Counters { sent: &counts[2], received: &counts[3] }, AnswererStreams(from_opener));
+        let (up, down) = (payload(6 << 20, 1), payload(5 << 20, 2));
+        // Three times during the transfer, the current stream dies with what it held.
+        let cutter = async {
+            for at in [1u64 << 20, 2 << 20, 4 << 20] {
+                while counts[3].load(Ordering::Relaxed) < at {
+                    tokio::task::yield_now().await;
+                }
+                let mut last = None;
+                while let Ok(pump) = pumps.try_recv() {
+                    last = Some(pump);
+                }
+                if let Some(pump) = last {
+                    pump.abort();
+                }
+            }
+        };
+        let (a, b, got_b, got_a, ()) = tokio::time::timeout(Duration::from_secs(60), async {
+            tokio::join!(a_side, b_side, exchange(app_b, down.clone()), exchange(app_a, up.clone()), cutter)
+        })
+        .await
+        .expect("the session finishes");
+        a.unwrap();
+        b.unwrap();
+        assert!(got_b.unwrap() == up, "A's bytes reached B intact, once each, in order");
+        assert!(got_a.unwrap() == down, "B's bytes reached A intact");
+        assert_eq!(resumes.load(Ordering::Relaxed), 3, "the session went on over three more streams");
+        assert_eq!(counts[1].load(Ordering::Relaxed), down.len() as u64, "counted once, not per attempt");
+    }
+
+    #[tokio::test]
+    async fn a_session_with_nowhere_to_go_resets_its_local_connection() {
+        struct Nowhere;
+        impl Streams<DuplexStream> for Nowhere {
+            async fn after_failure(&mut self, _received: u64) -> Result<(DuplexStream, u64), String> {
+                Err("no peer".into())
+            }
+        }
+        let (mut app, local) = tcp_pair().await;
+        let (opener, answerer, _pump) = stream_pair();
+        drop(answerer);
+        let counts = [AtomicU64::new(0), AtomicU64::new(0)];
+        let outcome = run(local, opener, Role::Answerer, Counters { sent: &counts[0], received: &counts[1] }, Nowhere).await;
+        assert!(matches!(outcome, Err(SpliceError::Cut(ref e)) if e.to_string().contains("could not resume: no peer")), "{outcome:?}");
+        let mut buf = [0u8; 8];
+        assert!(app.read(&mut buf).await.is_err(), "the application sees a reset, not a clean end");
+    }
+}
