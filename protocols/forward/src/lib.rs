@@ -32,6 +32,25 @@
 //! failed: the other side resets its connection too (RST), so an application never mistakes a
 //! cut-off transfer for a complete one. (A libp2p stream offers no reset of its own that survives
 //! every transport: dropping a QUIC stream finishes it cleanly.)
+//!
+//! # Sessions: a TCP forward that outlives its stream
+//! An opener may make a TCP forward a *session* by putting a random 16-byte `session` id in its
+//! request. An answerer that takes sessions says so with `received: 0` in its `Accepted` reply;
+//! one that does not leaves `received` out, and the stream is the connection as above (older
+//! peers ignore the fields they do not know). In a session, besides data chunks and the end
+//! marker, either side sends *acknowledgements*: the header [`ACK`] then 8 bytes (big endian)
+//! counting every data byte of the session it has received (warren: every 128 KiB, and at the
+//! end marker); and either side may send [`RESET`]: its connection failed, the other resets its
+//! own and nobody resumes. A side keeps what it sent until it is acknowledged.
+//! When the stream fails, the opener opens a new one (on any connection to the answerer) with a
+//! request naming the same service and session and `resume`: the bytes it has received. The
+//! answerer, if it still holds the session, replies `Accepted` with its own `received`, and
+//! drops the old stream if it has not noticed its failure yet; each side then sends again
+//! everything after the other's count, and the session goes on. A session the answerer does not
+//! hold is answered [`Status::NoSession`]. Sessions belong to the peer that opened them: a resume
+//! from another peer finds none. A session is done when both sides sent their end marker and
+//! have everything acknowledged; it then closes its stream.
+//!
 //! A UDP forward carries datagrams, each as a 2-byte big-endian length then the payload
 //! ([`MAX_DATAGRAM`] at most), so datagram boundaries survive the stream.
 //!
