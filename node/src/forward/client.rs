@@ -54,13 +54,13 @@ async fn run_tcp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, listener: T
             let _permit = permit;
             let session: SessionId = rand::random();
             let request = Request::session(forward.spec.service.as_str(), session, None);
-            let stream = match open(&forwarding, &forward, &request).await {
-                Ok(stream) => stream,
+            let (stream, relayed) = match open(&forwarding, &forward, &request).await {
+                Ok(opened) => opened,
                 Err(e) => return failed(&forward, &tcp, e),
             };
             let _active = Active::new(&forward.stats);
             let counters = resume::Counters { sent: &forward.stats.sent, received: &forward.stats.received };
-            let streams = Resume { forwarding: &forwarding, forward: &forward, session };
+            let streams = Resume { forwarding: &forwarding, forward: &forward, session, relayed };
             match resume::run(tcp, stream, resume::Role::Opener, counters, streams).await {
                 Ok(()) => {}
                 Err(splice::SpliceError::Refused(e)) => {
@@ -89,7 +89,13 @@ struct Resume<'a> {
     forwarding: &'a Arc<Forwarding>,
     forward: &'a Arc<Forward>,
     session: SessionId,
+    /// The session's current stream goes through a relay.
+    relayed: bool,
 }
+
+/// How often a session on a relayed stream looks for a direct connection to move to: a new
+/// punch is usually seconds away, and the check is a lookup in the node's connection table.
+const MOVE_CHECK: Duration = Duration::from_secs(1);
 
 impl resume::Streams<Compat<Stream>> for Resume<'_> {
     async fn after_failure(&mut self, received: u64) -> Result<(Compat<Stream>, u64), String> {
@@ -98,8 +104,11 @@ impl resume::Streams<Compat<Stream>> for Resume<'_> {
         let request = Request::session(self.forward.spec.service.as_str(), self.session, Some(received));
         let mut last = String::from("no attempt");
         while tokio::time::Instant::now() < deadline {
-            match tokio::time::timeout_at(deadline, self.resume_once(&request)).await {
-                Ok(Ok(resumed)) => return Ok(resumed),
+            match tokio::time::timeout_at(deadline, self.resume_once(&request, false)).await {
+                Ok(Ok((stream, received, relayed))) => {
+                    self.relayed = relayed;
+                    return Ok((stream, received));
+                }
                 Ok(Err(Resumed::Refused(why))) => return Err(why),
                 Ok(Err(Resumed::Failed(why))) => last = why,
                 Err(_) => break,
@@ -108,6 +117,36 @@ impl resume::Streams<Compat<Stream>> for Resume<'_> {
             wait = (wait * 2).min(RESUME_RETRY_MAX);
         }
         Err(format!("the peer could not be reached again within {} s ({last})", resume::GRACE.as_secs()))
+    }
+
+    /// A session on a relay moves to a direct connection as soon as there is one: it resumes
+    /// on a stream of that connection, and the relayed stream is dropped.
+    async fn replacement(&mut self, progress: resume::Progress<'_>) -> (Compat<Stream>, u64, u64) {
+        let peer = self.forward.peer;
+        loop {
+            tokio::time::sleep(MOVE_CHECK).await;
+            if !self.relayed || !progress.resumable() || !self.forwarding.node.has_direct(&peer) {
+                continue;
+            }
+            let reported = progress.hold_acks();
+            let request = Request::session(self.forward.spec.service.as_str(), self.session, Some(reported));
+            let moved = self.resume_once(&request, true).await;
+            if moved.is_err() {
+                progress.release_acks();
+            }
+            match moved {
+                Ok((stream, received, relayed)) => {
+                    self.relayed = relayed;
+                    return (stream, received, reported);
+                }
+                // The session is gone at the peer: the current stream will say so.
+                Err(Resumed::Refused(why)) => {
+                    tracing::debug!(peer = %peer, %why, "could not move a forwarded connection to the direct path");
+                    std::future::pending::<()>().await;
+                }
+                Err(Resumed::Failed(why)) => tracing::debug!(peer = %peer, %why, "could not move a forwarded connection to the direct path yet"),
+            }
+        }
     }
 }
 
@@ -120,9 +159,14 @@ enum Resumed {
 }
 
 impl Resume<'_> {
-    async fn resume_once(&self, request: &Request) -> Result<(Compat<Stream>, u64), Resumed> {
+    /// Opens a stream (on a direct connection only, if `direct`) and asks the peer to resume
+    /// the session on it: the stream, the bytes the peer has received, and whether it is relayed.
+    async fn resume_once(&self, request: &Request, direct: bool) -> Result<(Compat<Stream>, u64, bool), Resumed> {
         let Opened { mut stream, relayed } =
             self.forwarding.node.reach_and_open(self.forward.peer, STREAM_PROTOCOL).await.map_err(|e| Resumed::Failed(e.to_string()))?;
+        if direct && relayed {
+            return Err(Resumed::Failed("the new stream went through a relay".into()));
+        }
         warren_forward::write_request(&mut stream, request).await.map_err(|e| Resumed::Failed(format!("request failed: {e}")))?;
         let reply = match tokio::time::timeout(REPLY_TIMEOUT, warren_forward::read_reply(&mut stream)).await {
             Err(_) => return Err(Resumed::Failed("the peer did not answer".into())),
@@ -134,7 +178,7 @@ impl Resume<'_> {
                 let path = if relayed { "relayed" } else { "direct" };
                 tracing::info!(peer = %self.forward.peer, path, "forwarded connection resumed on a new stream");
                 *self.forward.stats.path.lock().unwrap() = Some(path.to_string());
-                Ok((stream.compat(), received))
+                Ok((stream.compat(), received, relayed))
             }
             (Status::Accepted, None) => Err(Resumed::Refused("the peer accepted a resume without saying what it received".into())),
             (status, _) => Err(Resumed::Refused(format!("the peer would not resume: {}", warren_forward::opener::Refusal::Refused { status, detail: reply.detail }))),
@@ -188,7 +232,7 @@ impl Spare {
 /// Connects to the peer if needed, opens a stream (the forward's spare when it has one) and
 /// sends the request for the service. The answer is read by the caller ([`accepted`]), after
 /// the first data has gone out behind the request.
-async fn open(forwarding: &Arc<Forwarding>, forward: &Arc<Forward>, request: &Request) -> Result<Compat<Stream>, String> {
+async fn open(forwarding: &Arc<Forwarding>, forward: &Arc<Forward>, request: &Request) -> Result<(Compat<Stream>, bool), String> {
     let peer = forward.peer;
     let spare = forward.spare.take(&forwarding.node, &peer);
     Spare::refill(forwarding, forward);
@@ -213,7 +257,7 @@ async fn open(forwarding: &Arc<Forwarding>, forward: &Arc<Forward>, request: &Re
         }
     };
     *forward.stats.path.lock().unwrap() = Some(if relayed { "relayed" } else { "direct" }.to_string());
-    Ok(stream.compat())
+    Ok((stream.compat(), relayed))
 }
 
 /// Reads the peer's answer to a request: `Ok` if the service accepted, else the refusal as text.
@@ -262,7 +306,7 @@ async fn run_udp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, socket: Arc
         tasks.spawn(async move {
             let _permit = permit;
             match open(&forwarding, &forward, &Request::new(forward.spec.service.as_str(), Transport::Udp)).await {
-                Ok(stream) => {
+                Ok((stream, _)) => {
                     let _active = Active::new(&forward.stats);
                     let local = Datagrams { source: Source::Queue(rx), socket, to: Some(from) };
                     let answer = async |r: &mut Compat<tokio::io::ReadHalf<Compat<Stream>>>| accepted(r).await;

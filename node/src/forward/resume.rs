@@ -60,6 +60,9 @@ struct State {
     remote_end: bool,
     /// Whether the peer resumes; `None` until an opener reads the answer to its first request.
     resumable: Option<bool>,
+    /// A replacement stream is being asked for with `received` as it was then: no
+    /// acknowledgement may go beyond it, since the peer sends again from there.
+    acks_held: bool,
 }
 
 impl State {
@@ -71,7 +74,7 @@ impl State {
     }
 
     fn ack_due(&self) -> bool {
-        self.resumable == Some(true) && (self.received - self.confirmed >= ACK_EVERY || (self.remote_end && self.received > self.confirmed))
+        self.resumable == Some(true) && !self.acks_held && (self.received - self.confirmed >= ACK_EVERY || (self.remote_end && self.received > self.confirmed))
     }
 
     /// The peer has every byte before `upto`.
@@ -94,11 +97,15 @@ impl State {
         Ok(())
     }
 
-    /// A new stream, whose peer has received `peer_received` bytes: what it lacks, to send again.
-    fn rewind(&mut self, peer_received: u64) -> Result<Vec<Bytes>, Error> {
+    /// A new stream, whose peer has received `peer_received` bytes and was told we have
+    /// `reported`: what it lacks, to send again. The peer's next acknowledgement counts from
+    /// `reported`, which may be less than we have (what came meanwhile is sent again, skipped,
+    /// and must be acknowledged for the peer to free it).
+    fn rewind(&mut self, peer_received: u64, reported: u64) -> Result<Vec<Bytes>, Error> {
         self.release(peer_received)?;
+        self.acks_held = false;
         self.end_sent = false;
-        self.confirmed = self.received;
+        self.confirmed = reported;
         Ok(self.unacked.iter().cloned().collect())
     }
 }
@@ -121,11 +128,45 @@ pub(crate) trait Streams<S> {
     /// A stream to go on with after the current one failed, and the bytes the peer has
     /// received; `Err` (why) when there is none within [`GRACE`].
     async fn after_failure(&mut self, received: u64) -> Result<(S, u64), String>;
-    /// A stream that replaces one still working (the opener resumed on a new stream before the
-    /// answerer saw the old one fail), and the bytes the peer has received. Never ready by
-    /// default.
-    async fn replacement(&mut self) -> (S, u64) {
+    /// A stream that replaces one still working, and the bytes the peer has received: the
+    /// answerer gets one when the opener resumed before the answerer saw the old stream fail, or
+    /// moved the session to a better path; the opener makes one to move from a relay to a new
+    /// direct connection. With it comes the count this side reported on it (`progress` told it
+    /// while the old stream went on, so more may have arrived since; that much is skipped).
+    /// Never ready by default.
+    async fn replacement(&mut self, progress: Progress<'_>) -> (S, u64, u64) {
+        let _ = progress;
         std::future::pending().await
+    }
+}
+
+/// What a session has done so far, for a [`Streams::replacement`] to look at.
+#[derive(Clone, Copy)]
+pub(crate) struct Progress<'a>(&'a Mutex<State>);
+
+impl Progress<'_> {
+    /// Bytes from the peer written to the local connection.
+    pub(crate) fn received(&self) -> u64 {
+        self.0.lock().unwrap().received
+    }
+
+    /// The count to report on a replacement stream: acknowledgements stop here until the
+    /// session is on its next stream (or [`Progress::release_acks`]), so the peer never drops
+    /// bytes it is about to send again.
+    pub(crate) fn hold_acks(&self) -> u64 {
+        let mut st = self.0.lock().unwrap();
+        st.acks_held = true;
+        st.received
+    }
+
+    /// The replacement did not happen: acknowledgements go on.
+    pub(crate) fn release_acks(&self) {
+        self.0.lock().unwrap().acks_held = false;
+    }
+
+    /// The peer resumes sessions (known once an opener has its first answer).
+    pub(crate) fn resumable(&self) -> bool {
+        self.0.lock().unwrap().resumable == Some(true)
     }
 }
 
@@ -158,11 +199,13 @@ where
     let wake = Notify::new();
     let mut stream = first;
     let mut resend = Vec::new();
+    // Bytes the peer sends again on the new stream that we have already.
+    let mut skip = 0;
     let outcome = loop {
         let detached = {
             let (mut r, mut w) = tokio::io::split(&mut stream);
             let upload = upload(&mut tcp_r, &mut w, &state, &wake, std::mem::take(&mut resend), counters.sent);
-            let download = download(&mut r, &mut tcp_w, &state, &wake, counters.received);
+            let download = download(&mut r, &mut tcp_w, &state, &wake, counters.received, std::mem::take(&mut skip));
             tokio::pin!(upload, download);
             let replaced = tokio::select! {
                 done = &mut upload => match done {
@@ -179,11 +222,11 @@ where
                     Ok(()) => Err(upload.await.err().unwrap_or(Detached::Done)),
                     Err(e) => Err(e),
                 },
-                next = streams.replacement() => Ok(next),
+                next = streams.replacement(Progress(&state)) => Ok(next),
             };
             replaced
         };
-        let (next, peer_received) = match detached {
+        let (next, peer_received, reported) = match detached {
             Ok(next) => next,
             Err(Detached::Done) => {
                 use futures::AsyncWriteExt as _;
@@ -202,13 +245,18 @@ where
                 let received = state.lock().unwrap().received;
                 tracing::debug!(error = %e, received, "forward stream failed; resuming the session on another");
                 match streams.after_failure(received).await {
-                    Ok(next) => next,
+                    Ok((next, peer_received)) => (next, peer_received, received),
                     Err(why) => break Err(SpliceError::Cut(Error::new(ErrorKind::ConnectionReset, format!("{e}; could not resume: {why}")))),
                 }
             }
         };
         stream = next;
-        let rewound = state.lock().unwrap().rewind(peer_received);
+        let received = state.lock().unwrap().received;
+        if reported > received {
+            break Err(SpliceError::Cut(Error::other(format!("reported {reported} bytes received of {received}"))));
+        }
+        skip = received - reported;
+        let rewound = state.lock().unwrap().rewind(peer_received, reported);
         match rewound {
             Ok(again) => resend = again,
             Err(e) => break Err(SpliceError::Cut(e)),
@@ -331,7 +379,7 @@ where
 
 /// Stream → local connection: the answer first (an opener's first stream), then chunks,
 /// acknowledgements and the end marker. Returns `Ok` when there is nothing more to read.
-async fn download<R, W>(stream: &mut R, tcp: &mut W, state: &Mutex<State>, wake: &Notify, received: &AtomicU64) -> Result<(), Detached>
+async fn download<R, W>(stream: &mut R, tcp: &mut W, state: &Mutex<State>, wake: &Notify, received: &AtomicU64, mut skip: u64) -> Result<(), Detached>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -382,9 +430,13 @@ where
                     if n == 0 {
                         return Err(Detached::Stream(Error::new(ErrorKind::ConnectionReset, "the stream ended mid-chunk")));
                     }
+                    left -= n;
+                    // What we had before this stream's start: the peer sent it again.
+                    let dup = skip.min(n as u64) as usize;
+                    skip -= dup as u64;
                     // One write at a time, each counted: what a cut stream leaves unwritten
                     // comes again on the next.
-                    let mut at = 0;
+                    let mut at = dup;
                     while at < n {
                         let wrote = tcp.write(&buf[at..n]).await.map_err(Detached::Fatal)?;
                         if wrote == 0 {
@@ -394,7 +446,6 @@ where
                         state.lock().unwrap().received += wrote as u64;
                         received.fetch_add(wrote as u64, Ordering::Relaxed);
                     }
-                    left -= n;
                 }
                 if state.lock().unwrap().ack_due() {
                     wake.notify_one();
@@ -439,10 +490,13 @@ mod tests {
         to_answerer: mpsc::Sender<(DuplexStream, u64)>,
         pumps: mpsc::UnboundedSender<tokio::task::JoinHandle<()>>,
         resumes: std::sync::Arc<AtomicU64>,
+        /// Moves the session to a new stream, while the old one still works, once this much
+        /// has arrived.
+        move_at: Option<u64>,
     }
 
-    impl Streams<DuplexStream> for OpenerStreams {
-        async fn after_failure(&mut self, received: u64) -> Result<(DuplexStream, u64), String> {
+    impl OpenerStreams {
+        async fn resume_on_new(&mut self, received: u64) -> Result<(DuplexStream, u64), String> {
             let (mut opener, answerer, pump) = stream_pair();
             let _ = self.pumps.send(pump);
             self.to_answerer.send((answerer, received)).await.map_err(|_| "answerer gone".to_string())?;
@@ -452,15 +506,37 @@ mod tests {
         }
     }
 
+    impl Streams<DuplexStream> for OpenerStreams {
+        async fn after_failure(&mut self, received: u64) -> Result<(DuplexStream, u64), String> {
+            self.resume_on_new(received).await
+        }
+
+        async fn replacement(&mut self, progress: Progress<'_>) -> (DuplexStream, u64, u64) {
+            let Some(at) = self.move_at else { return std::future::pending().await };
+            while progress.received() < at {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            self.move_at = None;
+            let reported = progress.hold_acks();
+            // The request takes a while to arrive; the old stream goes on meanwhile, and what
+            // it brings is sent again on the new one.
+            while progress.received() < reported + 64 * 1024 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let (stream, peer_received) = self.resume_on_new(reported).await.unwrap();
+            (stream, peer_received, reported)
+        }
+    }
+
     struct AnswererStreams(mpsc::Receiver<(DuplexStream, u64)>);
 
     impl Streams<DuplexStream> for AnswererStreams {
         async fn after_failure(&mut self, _received: u64) -> Result<(DuplexStream, u64), String> {
             self.0.recv().await.ok_or_else(|| "opener gone".to_string())
         }
-        async fn replacement(&mut self) -> (DuplexStream, u64) {
+        async fn replacement(&mut self, progress: Progress<'_>) -> (DuplexStream, u64, u64) {
             match self.0.recv().await {
-                Some(next) => next,
+                Some((stream, peer_received)) => (stream, peer_received, progress.received()),
                 None => std::future::pending().await,
             }
         }
@@ -503,7 +579,7 @@ mod tests {
         let (pumps_tx, mut pumps) = mpsc::unbounded_channel();
         pumps_tx.send(first_pump).unwrap();
         let resumes = std::sync::Arc::new(AtomicU64::new(0));
-        let opener_streams = OpenerStreams { to_answerer, pumps: pumps_tx, resumes: resumes.clone() };
+        let opener_streams = OpenerStreams { to_answerer, pumps: pumps_tx, resumes: resumes.clone(), move_at: None };
         let counts = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
         let a_side = run(local_a, std::mem::replace(&mut opener, tokio::io::duplex(1).0), Role::Opener, Counters { sent: &counts[0], received: &counts[1] }, opener_streams);
         let b_side = run(local_b, answerer, Role::Answerer, Counters { sent: &counts[2], received: &counts[3] }, AnswererStreams(from_opener));
@@ -534,6 +610,35 @@ mod tests {
         assert!(got_a.unwrap() == down, "B's bytes reached A intact");
         assert_eq!(resumes.load(Ordering::Relaxed), 3, "the session went on over three more streams");
         assert_eq!(counts[1].load(Ordering::Relaxed), down.len() as u64, "counted once, not per attempt");
+    }
+
+    #[tokio::test]
+    async fn a_session_moved_to_a_new_stream_while_the_old_one_works_delivers_each_byte_once() {
+        let (app_a, local_a) = tcp_pair().await;
+        let (app_b, local_b) = tcp_pair().await;
+        let (opener, mut answerer, _first_pump) = stream_pair();
+        warren_forward::write_reply(&mut (&mut answerer).compat(), &Reply { received: Some(0), ..Reply::new(Status::Accepted, None) })
+            .await
+            .unwrap();
+        let (to_answerer, from_opener) = mpsc::channel(1);
+        let (pumps_tx, _pumps) = mpsc::unbounded_channel();
+        let resumes = std::sync::Arc::new(AtomicU64::new(0));
+        // The opener moves when it has 1 MiB of B's data; both directions are busy then.
+        let opener_streams = OpenerStreams { to_answerer, pumps: pumps_tx, resumes: resumes.clone(), move_at: Some(1 << 20) };
+        let counts = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+        let a_side = run(local_a, opener, Role::Opener, Counters { sent: &counts[0], received: &counts[1] }, opener_streams);
+        let b_side = run(local_b, answerer, Role::Answerer, Counters { sent: &counts[2], received: &counts[3] }, AnswererStreams(from_opener));
+        let (up, down) = (payload(4 << 20, 3), payload(4 << 20, 4));
+        let (a, b, got_b, got_a) = tokio::time::timeout(Duration::from_secs(60), async {
+            tokio::join!(a_side, b_side, exchange(app_b, down.clone()), exchange(app_a, up.clone()))
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the session stalled: bytes {:?}, moves {}", counts.iter().map(|c| c.load(Ordering::Relaxed)).collect::<Vec<_>>(), resumes.load(Ordering::Relaxed)));
+        a.unwrap();
+        b.unwrap();
+        assert!(got_b.unwrap() == up, "A's bytes reached B intact, once each");
+        assert!(got_a.unwrap() == down, "B's bytes reached A intact, once each");
+        assert_eq!(resumes.load(Ordering::Relaxed), 1, "the session moved once");
     }
 
     #[tokio::test]

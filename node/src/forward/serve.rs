@@ -354,9 +354,11 @@ impl resume::Streams<Compat<Stream>> for NextStream {
         }
     }
 
-    async fn replacement(&mut self) -> (Compat<Stream>, u64) {
+    async fn replacement(&mut self, progress: resume::Progress<'_>) -> (Compat<Stream>, u64, u64) {
         match self.rx.recv().await {
-            Some((stream, received)) => (stream.compat(), received),
+            // Our count goes out in the reply to this stream, taken once the old one is dropped:
+            // nothing arrives in between.
+            Some((stream, received)) => (stream.compat(), received, progress.received()),
             None => std::future::pending().await,
         }
     }
