@@ -1,7 +1,8 @@
 //! The NAT lab's representative subset (the full matrix is `natlab`, see simulations/natlab):
 //! two EIM NATs punch through (QUIC and TCP racing; then TCP alone), fall back to the relay when
 //! the direct path is cut and punch again when it returns, and a symmetric NAT, which defeats
-//! DCUtR, gets a direct path by the birthday punch; then the whole lab restarts with its
+//! DCUtR, gets a direct path by the birthday punch, and a transfer over it outlives the direct
+//! connection when the NAT maps the flow afresh; then the whole lab restarts with its
 //! data dirs and every forward works again. Real kernel NAT in network
 //! namespaces; needs root. WARREN_SKIP_NETNS=1 skips it elsewhere. The UPnP site (miniupnpd on
 //! an EIM router) is checked on its own.
@@ -11,7 +12,7 @@ mod common;
 use std::time::Duration;
 
 use warren_natlab::topo::SiteKind;
-use warren_natlab::{Options, Pair, Transports, describe, markdown};
+use warren_natlab::{Options, Pair, Rebind, Transports, describe, markdown};
 
 /// The lab needs root; runs that set WARREN_SKIP_NETNS=1 skip it.
 fn skipped() -> bool {
@@ -76,7 +77,9 @@ fn nat_lab_subset_punches_through_eim_and_birthday_punches_through_symmetric() {
         vec![
             Pair { repunch: true, ..Pair::new(SiteKind::Eim, SiteKind::Eim) },
             Pair { transports: Transports::Tcp, ..Pair::new(SiteKind::Eim, SiteKind::Eim) },
-            Pair::new(SiteKind::Symmetric, SiteKind::Eim),
+            // Then its router is flushed mid-transfer: the symmetric NAT maps the flow to a
+            // new port, the direct connection dies, and the forwarded connection goes on.
+            Pair { rebind: Some(Rebind::Flush), ..Pair::new(SiteKind::Symmetric, SiteKind::Eim) },
         ],
         true,
     );
@@ -107,6 +110,9 @@ fn nat_lab_subset_punches_through_eim_and_birthday_punches_through_symmetric() {
     assert!(symmetric.direct, "symmetric x EIM is punched: {}", describe(symmetric));
     assert_eq!(symmetric.direct_by.as_deref(), Some("birthday"), "{}", describe(symmetric));
     assert!(symmetric.birthday_probes.is_some_and(|p| p > 0), "the easy side counted its probes: {}", describe(symmetric));
+    // The forwarded connection outlived its direct connection: resumed on another stream.
+    let rebound = symmetric.rebind.as_ref().expect("the router was flushed mid-transfer");
+    assert!(rebound.transfer_ok, "100 MB intact across the direct connection's death: {}", describe(symmetric));
     // The whole lab restarted with its data dirs: every forward works again, nobody re-ran a
     // command, and the punched pairs are direct again.
     for cell in &cells {
