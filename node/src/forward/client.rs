@@ -98,7 +98,8 @@ struct Resume<'a> {
 const MOVE_CHECK: Duration = Duration::from_secs(1);
 
 impl resume::Streams<Compat<Stream>> for Resume<'_> {
-    async fn after_failure(&mut self, received: u64) -> Result<(Compat<Stream>, u64), String> {
+    async fn after_failure(&mut self, progress: resume::Progress<'_>) -> Result<(Compat<Stream>, u64), String> {
+        let received = progress.received();
         let deadline = tokio::time::Instant::now() + resume::GRACE;
         let mut wait = RESUME_RETRY_FIRST;
         let request = Request::session(self.forward.spec.service.as_str(), self.session, Some(received));
@@ -181,7 +182,12 @@ impl Resume<'_> {
                 Ok((stream.compat(), received, relayed))
             }
             (Status::Accepted, None) => Err(Resumed::Refused("the peer accepted a resume without saying what it received".into())),
-            (status, _) => Err(Resumed::Refused(format!("the peer would not resume: {}", warren_forward::opener::Refusal::Refused { status, detail: reply.detail }))),
+            // The session is gone there (or the service, or our access to it): final.
+            (status @ (Status::NoSession | Status::UnknownService | Status::NotAllowed), _) => {
+                Err(Resumed::Refused(format!("the peer would not resume: {}", warren_forward::opener::Refusal::Refused { status, detail: reply.detail })))
+            }
+            // Busy, or our request was late: another attempt may do.
+            (status, _) => Err(Resumed::Failed(format!("the peer put the resume off: {}", warren_forward::opener::Refusal::Refused { status, detail: reply.detail }))),
         }
     }
 }

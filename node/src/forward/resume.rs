@@ -8,6 +8,12 @@
 //! the bytes it received; the answer says how many the answerer received; each side sends again
 //! what the other lacks. The wire format is in `warren_forward` (sessions, `Chunk::Ack`).
 //!
+//! Known limit: acknowledgements travel in the stream behind data. A side whose local
+//! application stops reading its input also stops reading the stream, acknowledgements
+//! included; the other side can then send at most [`WINDOW`] more before it waits. A service
+//! that streams a long response without reading a long upload therefore stalls once both
+//! directions are full, where a plain TCP connection would go on answering.
+//!
 //! Data arrives exactly once and in order: `received` counts only bytes written to the local
 //! connection, one `write` at a time, so whatever was read from a dying stream but not written
 //! comes again on the next one.
@@ -34,6 +40,18 @@ pub const WINDOW: usize = 1024 * 1024;
 /// Received bytes between acknowledgements: an eighth of the window, so the sender never waits
 /// for one while the path is fine; 12 bytes per 128 KiB on the wire.
 pub const ACK_EVERY: u64 = 128 * 1024;
+/// What a kept chunk costs beyond its bytes (its allocation and queue entry), counted against
+/// the window: a chatty connection of many tiny writes holds no more memory than the window
+/// says.
+const CHUNK_COST: usize = 256;
+/// Reads at least this long are kept as they were read, sharing the read buffer (64 KiB);
+/// shorter ones are copied into a buffer of their own size, so a kept chunk never holds more
+/// than twice its bytes.
+const SHARE_MIN: usize = BUFFER / 2;
+/// Received bytes go unacknowledged at most this long: an interactive connection (a shell, a
+/// chat) that never reaches [`ACK_EVERY`] still lets the peer free what it keeps.
+pub const ACK_IDLE: Duration = Duration::from_millis(200);
+
 /// How long a session waits for its next stream after one failed: a QUIC connection takes 10 s
 /// to notice a dead path, a new punch or relayed connection a few more. The answerer holds the
 /// connection to its service (and its slot) this long; the opener keeps trying to reach the
@@ -71,6 +89,16 @@ impl State {
             && self.end_sent
             && self.remote_end
             && (self.resumable == Some(false) || (self.unacked_len == 0 && self.confirmed == self.received))
+    }
+
+    /// The memory the kept chunks stand for, against [`WINDOW`].
+    fn window_used(&self) -> usize {
+        self.unacked_len + self.unacked.len() * CHUNK_COST
+    }
+
+    /// Something received is not acknowledged yet (and may be now).
+    fn ack_pending(&self) -> bool {
+        self.resumable == Some(true) && !self.acks_held && self.received > self.confirmed
     }
 
     fn ack_due(&self) -> bool {
@@ -127,7 +155,7 @@ enum Detached {
 pub(crate) trait Streams<S> {
     /// A stream to go on with after the current one failed, and the bytes the peer has
     /// received; `Err` (why) when there is none within [`GRACE`].
-    async fn after_failure(&mut self, received: u64) -> Result<(S, u64), String>;
+    async fn after_failure(&mut self, progress: Progress<'_>) -> Result<(S, u64), String>;
     /// A stream that replaces one still working, and the bytes the peer has received: the
     /// answerer gets one when the opener resumed before the answerer saw the old stream fail, or
     /// moved the session to a better path; the opener makes one to move from a relay to a new
@@ -140,14 +168,20 @@ pub(crate) trait Streams<S> {
     }
 }
 
-/// What a session has done so far, for a [`Streams::replacement`] to look at.
+/// What a session has done so far, for its [`Streams`] to look at.
 #[derive(Clone, Copy)]
-pub(crate) struct Progress<'a>(&'a Mutex<State>);
+pub(crate) struct Progress<'a>(&'a Mutex<State>, &'a Notify);
 
 impl Progress<'_> {
     /// Bytes from the peer written to the local connection.
     pub(crate) fn received(&self) -> u64 {
         self.0.lock().unwrap().received
+    }
+
+    /// Bytes the peer has acknowledged: a resume claiming less is stale (an abandoned attempt
+    /// arriving late), since the peer acknowledged more on a later stream.
+    pub(crate) fn acked(&self) -> u64 {
+        self.0.lock().unwrap().acked
     }
 
     /// The count to report on a replacement stream: acknowledgements stop here until the
@@ -162,6 +196,7 @@ impl Progress<'_> {
     /// The replacement did not happen: acknowledgements go on.
     pub(crate) fn release_acks(&self) {
         self.0.lock().unwrap().acks_held = false;
+        self.1.notify_one();
     }
 
     /// The peer resumes sessions (known once an opener has its first answer).
@@ -222,7 +257,7 @@ where
                     Ok(()) => Err(upload.await.err().unwrap_or(Detached::Done)),
                     Err(e) => Err(e),
                 },
-                next = streams.replacement(Progress(&state)) => Ok(next),
+                next = streams.replacement(Progress(&state, &wake)) => Ok(next),
             };
             replaced
         };
@@ -244,7 +279,7 @@ where
                 }
                 let received = state.lock().unwrap().received;
                 tracing::debug!(error = %e, received, "forward stream failed; resuming the session on another");
-                match streams.after_failure(received).await {
+                match streams.after_failure(Progress(&state, &wake)).await {
                     Ok((next, peer_received)) => (next, peer_received, received),
                     Err(why) => break Err(SpliceError::Cut(Error::new(ErrorKind::ConnectionReset, format!("{e}; could not resume: {why}")))),
                 }
@@ -302,6 +337,9 @@ where
     }
     let mut buf = BytesMut::new();
     let mut ahead = 0;
+    // When received bytes must be acknowledged even though fewer than ACK_EVERY came.
+    let mut ack_by: Option<tokio::time::Instant> = None;
+    let mut ack_now = false;
     enum Step {
         Done,
         Ack(u64),
@@ -312,16 +350,21 @@ where
     loop {
         let step = {
             let st = state.lock().unwrap();
+            if !st.ack_pending() {
+                (ack_by, ack_now) = (None, false);
+            } else if ack_by.is_none() {
+                ack_by = Some(tokio::time::Instant::now() + ACK_IDLE);
+            }
             if st.done() {
                 Step::Done
-            } else if st.ack_due() {
+            } else if st.ack_due() || (ack_now && st.ack_pending()) {
                 Step::Ack(st.received)
             } else if st.local_eof {
                 if st.end_sent { Step::Wait } else { Step::End }
             } else if st.resumable.is_none() {
                 // Before the answer, the first flight only (see `splice::SEND_AHEAD`).
                 if ahead >= SEND_AHEAD { Step::Wait } else { Step::Read(SEND_AHEAD - ahead) }
-            } else if st.resumable == Some(true) && st.unacked_len >= WINDOW {
+            } else if st.resumable == Some(true) && st.window_used() >= WINDOW {
                 Step::Wait
             } else {
                 Step::Read(BUFFER)
@@ -336,21 +379,43 @@ where
                 stream.write_all(&frame).await.map_err(Detached::Stream)?;
                 stream.flush().await.map_err(Detached::Stream)?;
                 state.lock().unwrap().confirmed = count;
+                (ack_by, ack_now) = (None, false);
             }
             Step::End => {
                 stream.write_all(&Chunk::End.encode()).await.map_err(Detached::Stream)?;
                 stream.flush().await.map_err(Detached::Stream)?;
                 state.lock().unwrap().end_sent = true;
             }
-            Step::Wait => wake.notified().await,
+            Step::Wait => {
+                let ack_timer = async {
+                    match ack_by {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = wake.notified() => {}
+                    _ = ack_timer => ack_now = true,
+                }
+            }
             Step::Read(limit) => {
                 buf.clear();
                 buf.reserve(HEADER + limit);
                 buf.put_bytes(0, HEADER);
                 let mut room = (&mut buf).limit(limit);
+                let ack_timer = async {
+                    match ack_by {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 let read = tokio::select! {
                     // Reading is cancel-safe: an acknowledgement due meanwhile goes out first.
                     _ = wake.notified() => continue,
+                    _ = ack_timer => {
+                        ack_now = true;
+                        continue;
+                    }
                     read = tcp.read_buf(&mut room) => read,
                 };
                 let n = read.map_err(Detached::Fatal)?;
@@ -359,18 +424,31 @@ where
                     continue;
                 }
                 buf[..HEADER].copy_from_slice(&Chunk::Data(n).encode());
-                let frame = buf.split().freeze();
+                let keep = state.lock().unwrap().resumable != Some(false);
+                // A long read is kept as read (sharing the buffer, which the next read
+                // replaces); a short one is copied so that it does not hold a whole buffer.
+                let (frame, kept) = if n >= SHARE_MIN {
+                    let frame = buf.split().freeze();
+                    let kept = keep.then(|| frame.slice(HEADER..));
+                    (Some(frame), kept)
+                } else {
+                    (None, keep.then(|| Bytes::copy_from_slice(&buf[HEADER..HEADER + n])))
+                };
                 {
                     let mut st = state.lock().unwrap();
-                    if st.resumable != Some(false) {
-                        st.unacked.push_back(frame.slice(HEADER..));
+                    if let Some(kept) = kept {
+                        st.unacked.push_back(kept);
                         st.unacked_len += n;
                     }
                     if st.resumable.is_none() {
                         ahead += n;
                     }
                 }
-                stream.write_all(&frame).await.map_err(Detached::Stream)?;
+                let wrote = match &frame {
+                    Some(frame) => stream.write_all(frame).await,
+                    None => stream.write_all(&buf[..HEADER + n]).await,
+                };
+                wrote.map_err(Detached::Stream)?;
                 sent.fetch_add(n as u64, Ordering::Relaxed);
             }
         }
@@ -507,8 +585,8 @@ mod tests {
     }
 
     impl Streams<DuplexStream> for OpenerStreams {
-        async fn after_failure(&mut self, received: u64) -> Result<(DuplexStream, u64), String> {
-            self.resume_on_new(received).await
+        async fn after_failure(&mut self, progress: Progress<'_>) -> Result<(DuplexStream, u64), String> {
+            self.resume_on_new(progress.received()).await
         }
 
         async fn replacement(&mut self, progress: Progress<'_>) -> (DuplexStream, u64, u64) {
@@ -531,7 +609,7 @@ mod tests {
     struct AnswererStreams(mpsc::Receiver<(DuplexStream, u64)>);
 
     impl Streams<DuplexStream> for AnswererStreams {
-        async fn after_failure(&mut self, _received: u64) -> Result<(DuplexStream, u64), String> {
+        async fn after_failure(&mut self, _progress: Progress<'_>) -> Result<(DuplexStream, u64), String> {
             self.0.recv().await.ok_or_else(|| "opener gone".to_string())
         }
         async fn replacement(&mut self, progress: Progress<'_>) -> (DuplexStream, u64, u64) {
@@ -645,7 +723,7 @@ mod tests {
     async fn a_session_with_nowhere_to_go_resets_its_local_connection() {
         struct Nowhere;
         impl Streams<DuplexStream> for Nowhere {
-            async fn after_failure(&mut self, _received: u64) -> Result<(DuplexStream, u64), String> {
+            async fn after_failure(&mut self, _progress: Progress<'_>) -> Result<(DuplexStream, u64), String> {
                 Err("no peer".into())
             }
         }

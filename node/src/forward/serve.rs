@@ -310,16 +310,18 @@ impl Sessions {
     /// does not exist (ended, timed out, before a restart) or is busy is refused.
     async fn resume(&self, peer: PeerId, id: SessionId, mut stream: Stream, received: u64) {
         let tx = self.0.lock().unwrap().get(&(peer, id)).cloned();
-        let refused = match tx {
+        let (refused, status) = match tx {
             Some(tx) => match tx.try_send((stream, received)) {
                 Ok(()) => return,
-                Err(mpsc::error::TrySendError::Full((s, _)) | mpsc::error::TrySendError::Closed((s, _))) => s,
+                // Another resume of it is being taken: this one may try again.
+                Err(mpsc::error::TrySendError::Full((s, _))) => (s, Status::OverCapacity),
+                Err(mpsc::error::TrySendError::Closed((s, _))) => (s, Status::NoSession),
             },
-            None => stream,
+            None => (stream, Status::NoSession),
         };
         stream = refused;
-        tracing::debug!(peer = %peer, "a resume named no session we hold");
-        refuse(stream, Status::NoSession, None).await;
+        tracing::debug!(peer = %peer, %status, "a resume was refused");
+        refuse(stream, status, None).await;
     }
 
     /// Sessions open now.
@@ -347,19 +349,28 @@ struct NextStream {
 }
 
 impl resume::Streams<Compat<Stream>> for NextStream {
-    async fn after_failure(&mut self, _received: u64) -> Result<(Compat<Stream>, u64), String> {
-        match tokio::time::timeout(resume::GRACE, self.rx.recv()).await {
-            Ok(Some((stream, received))) => Ok((stream.compat(), received)),
-            _ => Err(format!("the peer did not resume within {} s", resume::GRACE.as_secs())),
+    async fn after_failure(&mut self, progress: resume::Progress<'_>) -> Result<(Compat<Stream>, u64), String> {
+        let deadline = tokio::time::Instant::now() + resume::GRACE;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some((stream, received))) if received >= progress.acked() => return Ok((stream.compat(), received)),
+                // An attempt the opener gave up on, arriving late: dropped, the next comes.
+                Ok(Some(_stale)) => continue,
+                _ => return Err(format!("the peer did not resume within {} s", resume::GRACE.as_secs())),
+            }
         }
     }
 
     async fn replacement(&mut self, progress: resume::Progress<'_>) -> (Compat<Stream>, u64, u64) {
-        match self.rx.recv().await {
-            // Our count goes out in the reply to this stream, taken once the old one is dropped:
-            // nothing arrives in between.
-            Some((stream, received)) => (stream.compat(), received, progress.received()),
-            None => std::future::pending().await,
+        loop {
+            match self.rx.recv().await {
+                // Our count goes out in the reply to this stream, taken once the old one is
+                // dropped: nothing arrives in between.
+                Some((stream, received)) if received >= progress.acked() => return (stream.compat(), received, progress.received()),
+                // Stale (see `after_failure`): the current stream goes on.
+                Some(_stale) => continue,
+                None => std::future::pending().await,
+            }
         }
     }
 }
