@@ -55,6 +55,10 @@ pub(super) struct HolePunch {
     failed: HashMap<PeerId, String>,
     /// Peers we have had a direct connection with since start: a path between us existed.
     direct_before: std::collections::HashSet<PeerId>,
+    /// Peers whose punched connection closed while another direct connection to them stayed
+    /// up: when that one closes too, the path was a punched one (DCUtR's retries can leave two
+    /// direct connections, only one of them reported as punched on this side).
+    punched_gone: std::collections::HashSet<PeerId>,
 }
 
 impl HolePunch {
@@ -75,6 +79,7 @@ impl HolePunch {
     }
 
     pub(super) fn on_disconnected(&mut self, peer: &PeerId) {
+        self.punched_gone.remove(peer);
         self.relayed_since.remove(peer);
         self.tried.remove(peer);
         self.failed.remove(peer);
@@ -177,6 +182,20 @@ impl HolePunch {
     pub(super) fn punched_after(&self, connection: &ConnectionId) -> Option<Duration> {
         self.punched.get(connection).copied()
     }
+
+    /// `connection` to `peer`, direct, closed while another direct one stays up: if a punch
+    /// made it, the path stays a punched one.
+    pub(super) fn on_direct_closed_early(&mut self, peer: PeerId, connection: &ConnectionId) {
+        if self.punched.contains_key(connection) && self.punched_gone.len() < DIRECT_MEMORY {
+            self.punched_gone.insert(peer);
+        }
+    }
+
+    /// Whether the peer's last direct connection (`connection`) was on a punched path: made by
+    /// a punch, or outliving one that was.
+    pub(super) fn take_punched_path(&mut self, peer: &PeerId, connection: &ConnectionId) -> bool {
+        self.punched_gone.remove(peer) | self.punched.contains_key(connection)
+    }
 }
 
 impl EventLoop {
@@ -187,12 +206,14 @@ impl EventLoop {
     /// (re-punching after every such connection closed as idle kept relays busy with circuits
     /// nobody used, measured in `simulations/dht-scale`).
     pub(super) fn direct_lost(&mut self, peer: PeerId, connection: ConnectionId) {
-        let punched = self.hole_punch.punched_after(&connection).is_some();
+        if self.conns.values().any(|c| c.peer == peer && !is_relayed(&c.address)) {
+            // Another direct connection is still up.
+            self.hole_punch.on_direct_closed_early(peer, &connection);
+            return;
+        }
+        let punched = self.hole_punch.take_punched_path(&peer, &connection);
         let mut circuit = None;
         for conn in self.conns.values().filter(|c| c.peer == peer) {
-            if !is_relayed(&conn.address) {
-                return; // another direct connection is still up
-            }
             if conn.outbound && punched {
                 circuit = Some(conn.address.clone());
             }
@@ -316,5 +337,22 @@ mod tests {
         assert!(stats.last_error.unwrap().ends_with("no route"));
         punch.on_connection_closed(conn);
         assert_eq!(punch.punched_after(&conn), None);
+    }
+
+    #[test]
+    fn a_direct_connection_that_outlived_the_punched_one_is_still_on_a_punched_path() {
+        // DCUtR's retries left two direct connections; only one was reported as punched here.
+        let (mut punch, peer, now) = (HolePunch::default(), PeerId::random(), Instant::now());
+        let (punched, other) = (ConnectionId::new_unchecked(1), ConnectionId::new_unchecked(2));
+        let _ = punch.on_punched(peer, punched, "quic", now);
+        // The punched one closes first, the other one stays up for a while.
+        punch.on_direct_closed_early(peer, &punched);
+        punch.on_connection_closed(punched);
+        assert!(punch.take_punched_path(&peer, &other), "the path was punched: re-punch when it goes");
+        assert!(!punch.take_punched_path(&peer, &other), "counted once");
+        // A peer reached directly without a punch needs none to come back.
+        let dialed = ConnectionId::new_unchecked(3);
+        punch.on_direct_closed_early(peer, &dialed);
+        assert!(!punch.take_punched_path(&peer, &ConnectionId::new_unchecked(4)));
     }
 }
