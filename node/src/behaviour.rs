@@ -90,6 +90,8 @@ pub struct Built {
     pub punch_offers: warren_forward::Incoming,
     /// QUIC listeners for punched connections, beside the swarm's own.
     pub punch_listeners: crate::punch::PunchListeners,
+    /// Inbound path probes (`/warren/probe/1.0.0` streams).
+    pub probes: warren_forward::Incoming,
 }
 
 /// The punch protocol as libp2p negotiates it.
@@ -185,6 +187,7 @@ pub fn build_swarm_over(
 ) -> Result<Built, BuildError> {
     let (mut forward, inbound) = warren_forward::Behaviour::new();
     let punch_offers = forward.accept(PUNCH_PROTOCOL, PUNCH_OFFERS_QUEUED);
+    let probes = forward.accept(crate::paths::PROBE_PROTOCOL, crate::paths::PROBES_QUEUED);
     let mut forward = Some(forward);
     let mut punch_listeners = None;
     let kad_protocol = StreamProtocol::try_from_owned(config.kad_protocol.clone())
@@ -310,5 +313,5 @@ pub fn build_swarm_over(
         .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout()))
         .build();
     let punch_listeners = punch_listeners.expect("the transport is built once");
-    Ok(Built { swarm, meter, reservations_by_ip, inbound, punch_offers, punch_listeners })
+    Ok(Built { swarm, meter, reservations_by_ip, inbound, punch_offers, punch_listeners, probes })
 }

@@ -40,6 +40,10 @@ pub enum Command {
     PunchDial(PeerId, libp2p::Multiaddr, oneshot::Sender<()>),
     /// A birthday punch ended, either role.
     PunchDone(PeerId, crate::punch::Outcome, oneshot::Sender<()>),
+    /// A forwarded connection to the peer went silent: probe its direct connections.
+    CheckPaths(PeerId),
+    /// A direct connection did not answer its probe (why): close it.
+    PathSilent(PeerId, libp2p::swarm::ConnectionId, String),
 }
 
 /// What the event loop gathered for `warren netcheck`; [`NetcheckDraft::finish`] traces the
@@ -142,6 +146,18 @@ impl NodeHandle {
         let (tx, rx) = oneshot::channel();
         self.tx.send(make(tx)).await.map_err(|_| ShuttingDown)?;
         rx.await.map_err(|_| ShuttingDown)
+    }
+
+    /// Asks the node to probe the peer's direct connections and close those that no longer
+    /// answer (`warren_probe`). Never waits: with the command queue full the request is dropped,
+    /// since the node is busy enough that QUIC's own timeout will come first.
+    pub fn check_paths(&self, peer: PeerId) {
+        let _ = self.tx.try_send(Command::CheckPaths(peer));
+    }
+
+    /// Tells the event loop something that needs no answer.
+    pub async fn tell(&self, command: Command) -> Result<(), ShuttingDown> {
+        self.tx.send(command).await.map_err(|_| ShuttingDown)
     }
 
     /// Whether a direct (not relayed) connection to the peer is open now.

@@ -24,6 +24,9 @@
 //!   per source IP; [`resources`]: the open-file limit and what it allows.
 //! - [`forward`]: port forwarding (expose and forward) over `/warren/forward/1.0.0` streams,
 //!   whose wire format and libp2p behaviour live in the `warren-forward` crate.
+//! - [`paths`]: probing a direct connection that went silent under a forwarded one
+//!   (`/warren/probe/1.0.0`, in the `warren-probe` crate); the event loop's `paths` closes
+//!   those that do not answer.
 //! - [`relay`] and [`relay_meter`]: serving circuit relay v2 within operator limits;
 //!   [`autorelay`] and [`candidates`]: choosing relays and holding reservations while not
 //!   publicly reachable.
@@ -59,6 +62,7 @@ pub mod forward;
 pub mod metrics;
 pub mod node;
 pub mod output;
+pub mod paths;
 pub mod peer_record;
 pub mod port_mapping;
 pub mod ports;

@@ -129,6 +129,7 @@ pub async fn run(
     let forwarding = Forwarding::new(handle.clone(), udp_idle, store.tree("forwarding")?, shutdown.clone());
     forwarding.restore(&exposes, &forwards).await.map_err(|e| UserError::bad_input(e.to_string()))?;
     shutdown.spawn(crate::forward::serve::run(forwarding.clone(), built.inbound));
+    shutdown.spawn(crate::paths::answer(built.probes));
     if let Some(metrics) = metrics {
         shutdown.spawn(crate::metrics::serve(metrics, handle.clone(), forwarding.clone()));
     }

@@ -20,6 +20,7 @@ mod holepunch;
 mod identify;
 mod mdns;
 mod netcheck;
+mod paths;
 mod port_mapping;
 mod relays;
 mod status;
@@ -107,6 +108,8 @@ pub struct EventLoop {
     dht_refresh_due: Instant,
     relay_announced: bool,
     hole_punch: HolePunch,
+    /// When each peer's direct connections were last probed (see `paths`).
+    path_checks: HashMap<PeerId, Instant>,
     meter: Option<std::sync::Arc<crate::relay_meter::Meter>>,
     /// The port-mapping task's link, when port mapping is on.
     port_mapping: Option<port_mapping::Link>,
@@ -177,6 +180,7 @@ impl EventLoop {
             dht_refresh_due: Instant::now() + config.bootstrap_interval(),
             relay_announced: false,
             hole_punch: HolePunch::default(),
+            path_checks: HashMap::new(),
             meter: None,
             port_mapping: None,
             observations: Default::default(),
@@ -355,6 +359,8 @@ impl EventLoop {
                 self.punch_done(peer, outcome);
                 birthday::answered(reply);
             }
+            Command::CheckPaths(peer) => self.check_paths(peer),
+            Command::PathSilent(peer, connection, why) => self.on_path_silent(peer, connection, why),
             Command::RoutingTable(reply) => {
                 let peers = self.swarm.behaviour_mut().kad.kbuckets().flat_map(|b| b.iter().map(|e| *e.node.key.preimage()).collect::<Vec<_>>()).collect();
                 let _ = reply.send(peers);

@@ -24,6 +24,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
@@ -58,6 +60,20 @@ pub const ACK_IDLE: Duration = Duration::from_millis(200);
 /// peer for as long.
 pub const GRACE: Duration = Duration::from_secs(30);
 
+/// Nothing heard on the stream this long while the peer owes us something (an acknowledgement
+/// of bytes we sent, or the next of the bytes it was sending) makes the session ask the node to
+/// probe the peer's direct connections (`warren_probe`). The peer acknowledges within
+/// [`ACK_IDLE`] of writing what it received, so on a working path a second of silence is its
+/// application pausing, or the path gone; the probe tells which, long before QUIC's idle
+/// timeout (10 s) would.
+pub const SILENCE: Duration = Duration::from_secs(1);
+/// A session still waiting for acknowledgements asks again this often: the path may die after
+/// a probe found it alive (the silence then was a slow reader).
+const SILENCE_AGAIN: Duration = Duration::from_secs(4);
+/// How often a session looks at its silence: half of [`SILENCE`], so a dead path is probed
+/// between 1 and 1.5 s after the last thing heard.
+const SILENCE_TICK: Duration = Duration::from_millis(500);
+
 /// What one side of a session keeps across its streams.
 #[derive(Default)]
 struct State {
@@ -81,6 +97,19 @@ struct State {
     /// A replacement stream is being asked for with `received` as it was then: no
     /// acknowledgement may go beyond it, since the peer sends again from there.
     acks_held: bool,
+    /// When the current stream last delivered anything (a chunk, an acknowledgement), or began.
+    heard: Option<Instant>,
+    /// Since when we have been waiting for the peer to acknowledge something: the oldest unacked
+    /// byte's sending, or the last acknowledgement that left some unacked.
+    waiting_since: Option<Instant>,
+    /// Data arrived since the stream last went quiet (a peer that was sending and stops is
+    /// worth one probe per pause).
+    quiet_unchecked: bool,
+    /// When this session last asked for a probe.
+    last_alarm: Option<Instant>,
+    /// The download side is waiting for the local connection to take bytes (and so does not
+    /// read the stream).
+    writing_local: bool,
 }
 
 impl State {
@@ -89,6 +118,28 @@ impl State {
             && self.end_sent
             && self.remote_end
             && (self.resumable == Some(false) || (self.unacked_len == 0 && self.confirmed == self.received))
+    }
+
+    /// Whether the silence on the stream at `now` is worth a probe of the path (see
+    /// [`SILENCE`]); if so, it is taken as asked.
+    fn silence_alarm(&mut self, now: Instant) -> bool {
+        if self.resumable != Some(true) || self.writing_local || self.heard.is_none_or(|heard| now - heard < SILENCE) {
+            return false;
+        }
+        let waiting = self.waiting_since.is_some_and(|since| now - since >= SILENCE)
+            && self.last_alarm.is_none_or(|last| now - last >= SILENCE_AGAIN);
+        if !(waiting || self.quiet_unchecked) {
+            return false;
+        }
+        self.quiet_unchecked = false;
+        self.last_alarm = Some(now);
+        true
+    }
+
+    /// A chunk arrived on the current stream.
+    fn heard(&mut self, now: Instant, data: bool) {
+        self.heard = Some(now);
+        self.quiet_unchecked |= data;
     }
 
     /// The memory the kept chunks stand for, against [`WINDOW`].
@@ -106,7 +157,7 @@ impl State {
     }
 
     /// The peer has every byte before `upto`.
-    fn release(&mut self, upto: u64) -> Result<(), Error> {
+    fn release(&mut self, upto: u64, now: Instant) -> Result<(), Error> {
         let end = self.acked + self.unacked_len as u64;
         if upto < self.acked || upto > end {
             return Err(Error::new(ErrorKind::InvalidData, format!("the peer acknowledged {upto} bytes; {} to {end} were possible", self.acked)));
@@ -122,6 +173,7 @@ impl State {
             self.acked += take as u64;
             self.unacked_len -= take;
         }
+        self.waiting_since = (self.unacked_len > 0).then_some(now);
         Ok(())
     }
 
@@ -129,8 +181,9 @@ impl State {
     /// `reported`: what it lacks, to send again. The peer's next acknowledgement counts from
     /// `reported`, which may be less than we have (what came meanwhile is sent again, skipped,
     /// and must be acknowledged for the peer to free it).
-    fn rewind(&mut self, peer_received: u64, reported: u64) -> Result<Vec<Bytes>, Error> {
-        self.release(peer_received)?;
+    fn rewind(&mut self, peer_received: u64, reported: u64, now: Instant) -> Result<Vec<Bytes>, Error> {
+        self.release(peer_received, now)?;
+        self.heard = Some(now);
         self.acks_held = false;
         self.end_sent = false;
         self.confirmed = reported;
@@ -165,6 +218,11 @@ pub(crate) trait Streams<S> {
     async fn replacement(&mut self, progress: Progress<'_>) -> (S, u64, u64) {
         let _ = progress;
         std::future::pending().await
+    }
+    /// What to call when the stream has been silent too long (see [`SILENCE`]): the node
+    /// probes the peer's direct connections. Nothing by default.
+    fn silence_alarm(&mut self) -> Box<dyn Fn() + Send + Sync> {
+        Box::new(|| {})
     }
 }
 
@@ -230,8 +288,9 @@ where
 {
     let _ = tcp.set_nodelay(true);
     let (mut tcp_r, mut tcp_w) = tcp.into_split();
-    let state = Mutex::new(State { resumable: (role == Role::Answerer).then_some(true), ..State::default() });
+    let state = Mutex::new(State { resumable: (role == Role::Answerer).then_some(true), heard: Some(Instant::now()), ..State::default() });
     let wake = Notify::new();
+    let alarm = streams.silence_alarm();
     let mut stream = first;
     let mut resend = Vec::new();
     // Bytes the peer sends again on the new stream that we have already.
@@ -258,6 +317,7 @@ where
                     Err(e) => Err(e),
                 },
                 next = streams.replacement(Progress(&state, &wake)) => Ok(next),
+                never = watch_silence(&state, &alarm) => match never {},
             };
             replaced
         };
@@ -291,7 +351,7 @@ where
             break Err(SpliceError::Cut(Error::other(format!("reported {reported} bytes received of {received}"))));
         }
         skip = received - reported;
-        let rewound = state.lock().unwrap().rewind(peer_received, reported);
+        let rewound = state.lock().unwrap().rewind(peer_received, reported, Instant::now());
         match rewound {
             Ok(again) => resend = again,
             Err(e) => break Err(SpliceError::Cut(e)),
@@ -312,6 +372,18 @@ where
         tcp_w.forget();
     }
     outcome
+}
+
+/// Rings `alarm` whenever the stream's silence is worth a probe of the path; never returns.
+async fn watch_silence(state: &Mutex<State>, alarm: &(dyn Fn() + Send + Sync)) -> std::convert::Infallible {
+    loop {
+        tokio::time::sleep(SILENCE_TICK).await;
+        let ring = state.lock().unwrap().silence_alarm(Instant::now());
+        if ring {
+            tracing::debug!("forward stream silent; probing the path");
+            alarm();
+        }
+    }
 }
 
 /// Tells the peer not to resume: our side is gone. Best effort, briefly.
@@ -443,6 +515,9 @@ where
                     if st.resumable.is_none() {
                         ahead += n;
                     }
+                    if st.waiting_since.is_none() {
+                        st.waiting_since = Some(Instant::now());
+                    }
                 }
                 let wrote = match &frame {
                     Some(frame) => stream.write_all(frame).await,
@@ -498,9 +573,14 @@ where
             ErrorKind::UnexpectedEof => Detached::Stream(Error::new(ErrorKind::ConnectionReset, "the stream ended before the session did")),
             _ => Detached::Stream(e),
         })?;
-        let resumable = state.lock().unwrap().resumable == Some(true);
-        let chunk = if resumable { Chunk::decode_in_session(header) } else { Chunk::decode(header) };
-        match chunk.map_err(|e| Detached::Fatal(Error::new(ErrorKind::InvalidData, e.to_string())))? {
+        let chunk = {
+            let mut st = state.lock().unwrap();
+            let chunk = if st.resumable == Some(true) { Chunk::decode_in_session(header) } else { Chunk::decode(header) };
+            let chunk = chunk.map_err(|e| Detached::Fatal(Error::new(ErrorKind::InvalidData, e.to_string())))?;
+            st.heard(Instant::now(), matches!(chunk, Chunk::Data(_)));
+            chunk
+        };
+        match chunk {
             Chunk::Data(len) => {
                 let mut left = len;
                 while left > 0 {
@@ -516,12 +596,18 @@ where
                     // comes again on the next.
                     let mut at = dup;
                     while at < n {
+                        // While the local application is slow to read, the stream is not read
+                        // either: its silence is ours, not the path's.
+                        state.lock().unwrap().writing_local = true;
                         let wrote = tcp.write(&buf[at..n]).await.map_err(Detached::Fatal)?;
                         if wrote == 0 {
                             return Err(Detached::Fatal(Error::from(ErrorKind::WriteZero)));
                         }
                         at += wrote;
-                        state.lock().unwrap().received += wrote as u64;
+                        let mut st = state.lock().unwrap();
+                        st.received += wrote as u64;
+                        st.writing_local = false;
+                        st.heard = Some(Instant::now());
                         received.fetch_add(wrote as u64, Ordering::Relaxed);
                     }
                 }
@@ -539,7 +625,7 @@ where
             Chunk::Ack => {
                 let mut count = [0u8; ACK_COUNT];
                 stream.read_exact(&mut count).await.map_err(Detached::Stream)?;
-                state.lock().unwrap().release(u64::from_be_bytes(count)).map_err(Detached::Fatal)?;
+                state.lock().unwrap().release(u64::from_be_bytes(count), Instant::now()).map_err(Detached::Fatal)?;
                 wake.notify_one();
             }
             Chunk::Reset => return Err(Detached::Fatal(Error::new(ErrorKind::ConnectionReset, "the peer's side was reset"))),
@@ -642,6 +728,76 @@ mod tests {
         wrote?;
         read?;
         Ok(got)
+    }
+
+    #[test]
+    fn silence_rings_once_per_pause_and_again_while_acknowledgements_stay_away() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut st = State { resumable: Some(true), heard: Some(t0), ..State::default() };
+        assert!(!st.silence_alarm(at(5_000)), "an idle session owes nothing and is owed nothing");
+        // The peer was sending, and stops.
+        st.heard(at(5_000), true);
+        assert!(!st.silence_alarm(at(5_900)));
+        assert!(st.silence_alarm(at(6_000)));
+        assert!(!st.silence_alarm(at(9_000)), "one probe per pause");
+        // We send; nothing comes back.
+        st.unacked.push_back(Bytes::from_static(b"hello"));
+        st.unacked_len = 5;
+        st.waiting_since = Some(at(9_000));
+        assert!(!st.silence_alarm(at(9_500)));
+        assert!(st.silence_alarm(at(10_000)));
+        assert!(!st.silence_alarm(at(13_000)));
+        assert!(st.silence_alarm(at(14_000)), "asked again while still waiting");
+        // An acknowledgement of it all: nothing owed, nothing to ask.
+        st.heard(at(14_100), false);
+        st.release(5, at(14_100)).unwrap();
+        assert!(!st.silence_alarm(at(30_000)));
+        // Data waiting for a slow local reader is our silence, not the path's.
+        st.heard(at(30_000), true);
+        st.writing_local = true;
+        assert!(!st.silence_alarm(at(35_000)));
+        st.writing_local = false;
+        assert!(st.silence_alarm(at(35_000)));
+        // A session that does not resume has nowhere to go: it never asks.
+        let mut plain = State { resumable: Some(false), heard: Some(t0), quiet_unchecked: true, ..State::default() };
+        assert!(!plain.silence_alarm(at(60_000)));
+    }
+
+    #[tokio::test]
+    async fn a_session_whose_stream_goes_silent_asks_for_a_probe() {
+        let (mut app, local) = tcp_pair().await;
+        // The peer's end of the stream is held, and says nothing.
+        let (stream, _silent_peer) = tokio::io::duplex(64 * 1024);
+        struct Alarmed(std::sync::Arc<AtomicU64>);
+        impl Streams<DuplexStream> for Alarmed {
+            async fn after_failure(&mut self, _: Progress<'_>) -> Result<(DuplexStream, u64), String> {
+                Err("nowhere".into())
+            }
+            fn silence_alarm(&mut self) -> Box<dyn Fn() + Send + Sync> {
+                let rang = self.0.clone();
+                Box::new(move || {
+                    rang.fetch_add(1, Ordering::Relaxed);
+                })
+            }
+        }
+        let rang = std::sync::Arc::new(AtomicU64::new(0));
+        let counts = [AtomicU64::new(0), AtomicU64::new(0)];
+        let session = run(local, stream, Role::Answerer, Counters { sent: &counts[0], received: &counts[1] }, Alarmed(rang.clone()));
+        let started = Instant::now();
+        let watch = async {
+            app.write_all(b"anyone there?").await.unwrap();
+            while rang.load(Ordering::Relaxed) == 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::select! {
+            _ = session => panic!("the session ended"),
+            _ = tokio::time::timeout(Duration::from_secs(10), watch) => {}
+        }
+        assert_eq!(rang.load(Ordering::Relaxed), 1, "no probe asked for within 10 s");
+        let took = started.elapsed();
+        assert!(took >= SILENCE, "asked after {took:?}, before a second of silence");
     }
 
     #[tokio::test]

@@ -274,7 +274,11 @@ async fn serve(forwarding: &Forwarding, peer: PeerId, mut stream: Stream, waitin
         }
         return;
     };
-    let Some(next) = forwarding.sessions.open(peer, id) else {
+    let alarm = {
+        let node = forwarding.node.clone();
+        Box::new(move || node.check_paths(peer)) as Box<dyn Fn() + Send + Sync>
+    };
+    let Some(next) = forwarding.sessions.open(peer, id, alarm) else {
         forwarding.refusals.note(Refused::BadRequest, &peer);
         return refuse(stream, Status::BadRequest, Some("that session is open already".into())).await;
     };
@@ -295,7 +299,8 @@ pub struct Sessions(Arc<Mutex<HashMap<(PeerId, SessionId), mpsc::Sender<(Stream,
 
 impl Sessions {
     /// Registers a new session; `None` if the peer has one of that id already.
-    fn open(&self, peer: PeerId, id: SessionId) -> Option<NextStream> {
+    /// `alarm` is what the session calls when its stream goes silent.
+    fn open(&self, peer: PeerId, id: SessionId, alarm: Box<dyn Fn() + Send + Sync>) -> Option<NextStream> {
         let mut map = self.0.lock().unwrap();
         if map.contains_key(&(peer, id)) {
             return None;
@@ -303,7 +308,7 @@ impl Sessions {
         // One resume at a time: a second before the first is taken is refused.
         let (tx, rx) = mpsc::channel(1);
         map.insert((peer, id), tx);
-        Some(NextStream { rx, _entry: SessionEntry { sessions: self.0.clone(), key: (peer, id) } })
+        Some(NextStream { rx, _entry: SessionEntry { sessions: self.0.clone(), key: (peer, id) }, alarm: Some(alarm) })
     }
 
     /// Hands a stream that resumes a session to it; the session answers it. A session that
@@ -346,6 +351,8 @@ impl Drop for SessionEntry {
 struct NextStream {
     rx: mpsc::Receiver<(Stream, u64)>,
     _entry: SessionEntry,
+    /// Handed to the session once (see `resume::Streams::silence_alarm`).
+    alarm: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl resume::Streams<Compat<Stream>> for NextStream {
@@ -372,6 +379,10 @@ impl resume::Streams<Compat<Stream>> for NextStream {
                 None => std::future::pending().await,
             }
         }
+    }
+
+    fn silence_alarm(&mut self) -> Box<dyn Fn() + Send + Sync> {
+        self.alarm.take().unwrap_or_else(|| Box::new(|| {}))
     }
 }
 

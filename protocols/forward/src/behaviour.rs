@@ -128,6 +128,16 @@ impl Behaviour {
         let chosen = self.connections.get(&peer).and_then(|list| {
             list.iter().rev().find(|(_, relayed)| !relayed).or_else(|| list.last()).map(|(id, _)| *id)
         });
+        self.open_chosen(peer, chosen, protocol, reply);
+    }
+
+    /// Opens a stream of `protocol` on that one connection to `peer` (to probe it, say).
+    pub fn open_on(&mut self, peer: PeerId, connection: ConnectionId, protocol: StreamProtocol, reply: Reply) {
+        let known = self.connections.get(&peer).is_some_and(|list| list.iter().any(|(id, _)| *id == connection));
+        self.open_chosen(peer, known.then_some(connection), protocol, reply);
+    }
+
+    fn open_chosen(&mut self, peer: PeerId, chosen: Option<ConnectionId>, protocol: StreamProtocol, reply: Reply) {
         match chosen {
             Some(connection) => self.events.push_back(ToSwarm::NotifyHandler {
                 peer_id: peer,

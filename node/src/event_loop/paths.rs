@@ -1,0 +1,55 @@
+//! Direct connections that went silent under a forwarded connection: probed, and closed when
+//! they do not answer, so the streams on them resume elsewhere (the relay, then a new punch)
+//! within seconds instead of after QUIC's 10 s idle timeout (see `crate::paths`).
+
+use std::time::Instant;
+
+use libp2p::PeerId;
+use libp2p::swarm::ConnectionId;
+
+use super::EventLoop;
+use crate::addresses::is_relayed;
+use crate::handle::Command;
+use crate::paths::{CHECK_EVERY, CHECKS_REMEMBERED, PROBE_PROTOCOL, probe, probe_within};
+
+impl EventLoop {
+    /// Probes every direct connection to `peer`, at most once per [`CHECK_EVERY`].
+    pub(super) fn check_paths(&mut self, peer: PeerId) {
+        let now = Instant::now();
+        if self.path_checks.get(&peer).is_some_and(|at| now.duration_since(*at) < CHECK_EVERY) {
+            return;
+        }
+        let direct: Vec<_> =
+            self.conns.iter().filter(|(_, c)| c.peer == peer && !is_relayed(&c.address)).map(|(id, c)| (*id, c.rtt)).collect();
+        if direct.is_empty() {
+            return;
+        }
+        if self.path_checks.len() >= CHECKS_REMEMBERED {
+            self.path_checks.retain(|_, at| now.duration_since(*at) < CHECK_EVERY);
+        }
+        self.path_checks.insert(peer, now);
+        for (connection, rtt) in direct {
+            let (opened, opening) = tokio::sync::oneshot::channel();
+            self.swarm.behaviour_mut().forward.open_on(peer, connection, PROBE_PROTOCOL, opened);
+            let within = probe_within(rtt);
+            let handle = self.handle.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                match probe(opening, within).await {
+                    Ok(()) => tracing::debug!(peer = %peer, took = ?started.elapsed(), "direct connection answered its probe"),
+                    Err(silent) => {
+                        let _ = handle.tell(Command::PathSilent(peer, connection, silent.to_string())).await;
+                    }
+                }
+            });
+        }
+    }
+
+    /// A direct connection did not answer its probe: closed, so that what it carried moves on.
+    pub(super) fn on_path_silent(&mut self, peer: PeerId, connection: ConnectionId, why: String) {
+        if self.conns.contains_key(&connection) {
+            tracing::warn!(peer = %peer, %why, "direct connection stopped carrying anything; closing it");
+            self.swarm.close_connection(connection);
+        }
+    }
+}
