@@ -55,7 +55,7 @@ fn site_with_node(kind: SiteKind) -> Option<SiteWithNode> {
 /// Lab options for this build's binary at 20 ms one-way latency, nodes' dirs under `work`
 /// (removed with the cells that pass).
 fn lab_options(work: &std::path::Path, pairs: Vec<Pair>, restart: bool) -> Options {
-    Options { warren: common::BIN.into(), latency: Duration::from_millis(20), pairs, work_dir: work.to_path_buf(), keep_logs: false, restart }
+    Options { warren: common::BIN.into(), latency: Duration::from_millis(20), pairs, work_dir: work.to_path_buf(), keep_logs: false, restart, rebind_mb: warren_natlab::REBIND_MB }
 }
 
 /// `warren up` arguments for a node in the lab: no mDNS, the wire's documentation range counted

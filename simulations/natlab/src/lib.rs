@@ -83,7 +83,8 @@ pub struct Pair {
     /// After the transfer, cut the direct path at A's router: traffic must fall back to the
     /// relay; then restore it: the nodes must punch again.
     pub repunch: bool,
-    /// Once direct, change A's router's mappings in the middle of a 100 MB transfer.
+    /// Once direct, change A's router's mappings in the middle of a transfer ([`REBIND_MB`]
+    /// by default).
     pub rebind: Option<Rebind>,
 }
 
@@ -102,7 +103,9 @@ pub enum Rebind {
 /// What a rebinding cell saw.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Rebinding {
-    /// The 100 MB transfer came back intact.
+    /// Megabytes sent.
+    pub mb: usize,
+    /// The transfer came back intact.
     pub transfer_ok: bool,
     pub error: Option<String>,
     /// The longest time no byte came back during the transfer, seconds.
@@ -117,7 +120,7 @@ pub struct Rebinding {
 }
 
 /// The transfer a rebinding cell disturbs.
-const REBIND_BYTES: usize = 100 * 1024 * 1024;
+pub const REBIND_MB: usize = 100;
 /// When, into that transfer, the router is changed.
 const REBIND_AFTER: Duration = Duration::from_secs(2);
 
@@ -297,6 +300,9 @@ pub struct Options {
     pub keep_logs: bool,
     /// After the matrix, restart the whole lab with its data dirs and check every cell again.
     pub restart: bool,
+    /// Megabytes a rebinding cell sends ([`REBIND_MB`] by default): enough to outlast the
+    /// stall and a new punch, so that the move back to a direct connection is seen too.
+    pub rebind_mb: usize,
 }
 
 /// The lab's fixed part: the wire, the bootstrap node and the relay.
@@ -574,7 +580,7 @@ fn run_cell(
     if let Some((how, edge)) = rebind
         && cell.direct
     {
-        cell.rebind = Some(rebinding(&a, &b, &a_host.ns, bind, how, &edge));
+        cell.rebind = Some(rebinding(&a, &b, &a_host.ns, bind, how, &edge, opts.rebind_mb));
     }
     Ok(Kept { index: 0, a, b, a_ns: a_host.ns.clone(), bind, _echo: echo })
 }
@@ -601,12 +607,14 @@ fn repunch(a: &Node, b: &Node, a_ns: &str, bind: SocketAddr, edge: &str, b_wan: 
     result
 }
 
-/// Changes A's router (`how`) 2 s into a 100 MB transfer over the direct path: the transfer
+/// Changes A's router (`how`) 2 s into an `mb` MB transfer over the direct path: the transfer
 /// must come back intact; the longest stall and the path afterwards are recorded.
-fn rebinding(a: &Node, b: &Node, a_ns: &str, bind: SocketAddr, how: Rebind, edge: &str) -> Rebinding {
-    let mut result = Rebinding::default();
+fn rebinding(a: &Node, b: &Node, a_ns: &str, bind: SocketAddr, how: Rebind, edge: &str, mb: usize) -> Rebinding {
+    let mut result = Rebinding { mb, ..Rebinding::default() };
     let ns = a_ns.to_string();
-    let transfer = std::thread::spawn(move || nodes::transfer_watched(&ns, bind, REBIND_BYTES, TRANSFER_TIMEOUT * 2));
+    // Through the relay (10 MiB/s by default) a megabyte takes 0.1 s: time for that, and more.
+    let limit = TRANSFER_TIMEOUT * 2 + Duration::from_millis(200 * mb as u64);
+    let transfer = std::thread::spawn(move || nodes::transfer_watched(&ns, bind, mb * 1024 * 1024, limit));
     // The disturbance is scheduled into the transfer, not a condition to wait for.
     std::thread::sleep(REBIND_AFTER);
     if let Err(e) = topo::rebind(edge, how == Rebind::Ports) {
@@ -715,9 +723,11 @@ pub fn describe(cell: &Cell) -> String {
     };
     let rebind = match &cell.rebind {
         Some(r) => format!(
-            "; router rebound 2 s into 100 MB: {}, longest stall {}, then {}{}",
+            "; router rebound 2 s into {} MB: {}, longest stall {}, forward on {} path at the end, then {}{}",
+            r.mb,
             if r.transfer_ok { "intact".to_string() } else { format!("FAILED ({})", r.error.as_deref().unwrap_or("?")) },
             r.stall_s.map(|s| format!("{s:.2} s")).unwrap_or_else(|| "-".into()),
+            r.path_after.as_deref().unwrap_or("no"),
             if r.direct_after { "still direct" } else { "no direct connection" },
             r.direct_again_after_s.map(|s| format!(", direct again after {s:.1} s")).unwrap_or_default(),
         ),

@@ -35,6 +35,9 @@ struct Args {
     /// pair: how often it went direct, time to direct and birthday probes (median, p90)
     #[arg(long, default_value_t = 1, value_name = "N")]
     repeat: usize,
+    /// Megabytes a rebinding cell (A:B:rebind, A:B:rebind-ports) sends through the forward
+    #[arg(long, default_value_t = warren_natlab::REBIND_MB, value_name = "MB")]
+    rebind_mb: usize,
     /// Remove every lab namespace left behind (by any run) and exit
     #[arg(long)]
     cleanup: bool,
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
         work_dir: work_dir.clone(),
         keep_logs: args.keep_logs,
         restart: !args.no_restart,
+        rebind_mb: args.rebind_mb.max(1),
     };
     if args.netcheck {
         use topo::SiteKind;
