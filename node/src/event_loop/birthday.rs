@@ -222,8 +222,13 @@ impl Birthday {
     /// may start at once, without the pause or the peer's backoff.
     pub(super) fn punch_again_now(&mut self, peer: PeerId, now: Instant) {
         self.retry.remove(&peer);
-        self.ended_at = None;
+        self.pause_over();
         self.lost.insert(peer, now);
+    }
+
+    /// The pause after the last punch is over.
+    pub(super) fn pause_over(&mut self) {
+        self.ended_at = None;
     }
 
     /// Peers whose punched connection died lately, to punch again whether connected or not.
@@ -290,6 +295,9 @@ impl EventLoop {
         // Our NAT may have mapped us afresh; the easy side must know its new address before
         // the peer's next offer.
         self.reobserve();
+        // The pause after a punch spaces punches that fail; this one worked until the path
+        // died, and the peer's offer to mend it comes at once.
+        self.birthday.pause_over();
         if !punched.hard {
             return; // the easy side waits for the peer's next offer
         }
@@ -398,8 +406,9 @@ impl EventLoop {
                     return;
                 }
             };
-            // Not knowing our mapping yet, the admission has asked peers where they see us:
-            // wait a moment for the answers rather than send the peer away for half a minute.
+            // Not knowing our mapping yet (or re-learning it after a direct connection died),
+            // the admission has asked peers where they see us: wait a moment for the answers
+            // rather than send the peer away for half a minute.
             // The last try takes a mapping that most likely keeps our port.
             let learn_until = tokio::time::Instant::now() + LEARN_WAIT;
             let admitted = loop {
@@ -484,9 +493,10 @@ impl EventLoop {
             return Err((Refusal::Busy, String::new()));
         }
         // Peers are being asked where they see us now (a direct connection just died, maybe
-        // because our mapping changed): the address above may be stale for a moment more.
+        // because our mapping changed): the address above may be stale for a moment more. As
+        // with a mapping not known yet, the offer waits (see `on_punch_offer`), then is taken.
         if self.reobserved_at.is_some_and(|t| now.saturating_duration_since(t) < REOBSERVE_SETTLE) {
-            return Err((Refusal::Busy, "re-learning our public address".into()));
+            return Err((Refusal::Unknown, "re-learning our public address".into()));
         }
         if !self.birthday.may_probe(ip, now) {
             return Err((Refusal::Busy, format!("probed {ip} often enough this hour")));

@@ -110,6 +110,9 @@ pub struct EventLoop {
     hole_punch: HolePunch,
     /// When each peer's direct connections were last probed (see `paths`).
     path_checks: HashMap<PeerId, Instant>,
+    /// Connections we closed because they went silent (a probe or pings unanswered): their
+    /// closing counts as a failure, not as a close on purpose.
+    silenced: HashSet<ConnectionId>,
     meter: Option<std::sync::Arc<crate::relay_meter::Meter>>,
     /// The port-mapping task's link, when port mapping is on.
     port_mapping: Option<port_mapping::Link>,
@@ -181,6 +184,7 @@ impl EventLoop {
             relay_announced: false,
             hole_punch: HolePunch::default(),
             path_checks: HashMap::new(),
+            silenced: HashSet::new(),
             meter: None,
             port_mapping: None,
             observations: Default::default(),
@@ -515,7 +519,8 @@ impl EventLoop {
                     }
                 }
                 self.hole_punch.on_connection_closed(connection_id);
-                let failed = matches!(cause, Some(libp2p::swarm::ConnectionError::IO(_)));
+                let silenced = self.silenced.remove(&connection_id);
+                let failed = silenced || matches!(cause, Some(libp2p::swarm::ConnectionError::IO(_)));
                 self.birthday_connection_closed(peer_id, connection_id, failed);
                 if num_established == 0 {
                     self.hole_punch.on_disconnected(&peer_id);
@@ -574,7 +579,9 @@ impl EventLoop {
                 let has_other = self.conns.iter().any(|(id, c)| c.peer == peer && *id != connection);
                 if held_relay || has_other {
                     tracing::warn!(peer = %peer, %error, "connection stopped answering pings; dropping it");
-                    self.swarm.close_connection(connection);
+                    if self.swarm.close_connection(connection) {
+                        self.silenced.insert(connection);
+                    }
                 }
             }
             BehaviourEvent::Mdns(libp2p::mdns::Event::Discovered(found)) => self.on_mdns_discovered(found),

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::{
     Multiaddr, PeerId,
+    multiaddr::Protocol,
     swarm::{
         ConnectionId,
         dial_opts::{DialOpts, PeerCondition},
@@ -78,10 +79,31 @@ impl EventLoop {
         if let Some(conn) = self.conns.get(&connection) {
             let public = self.policy.lock().expect("policy lock").is_public(&conn.address);
             if let Some(o) = observation(&conn.address, observed, public) {
+                let quic = (o.transport == nat::Transport::Quic).then_some(o.observed);
                 self.observations.record(o);
+                if let Some(observed) = quic {
+                    self.propose_mapped_quic(observed);
+                }
             }
         }
         self.on_probe_event(connection, None);
+    }
+
+    /// identify proposes an observed address whose port we do not listen on with our listen
+    /// port in its place (it takes the observed port for an ephemeral one, which a TCP dial
+    /// from a new port has). Behind a NAT that gives our QUIC socket another public port (a
+    /// carrier NAT, a router whose preferred port was taken, one whose port range moved) that
+    /// guess is wrong, and DCUtR would send peers only a port that leads nowhere. QUIC dials
+    /// leave from the listening socket, so when peers agree on one mapped address (an
+    /// endpoint-independent mapping) and `observed` is it, it is proposed as it is.
+    fn propose_mapped_quic(&mut self, observed: SocketAddr) {
+        let listened = self.listen_addrs.iter().any(|a| transport_of(a) == "quic" && endpoint_of(a).is_some_and(|(_, p)| p.number() == observed.port()));
+        if listened || nat::assess(&self.nat_evidence()).quic_mapped != Some(observed) {
+            return;
+        }
+        let addr = Multiaddr::from(observed.ip()).with(Protocol::Udp(observed.port())).with(Protocol::QuicV1);
+        tracing::debug!(%addr, "proposing our mapped QUIC address as peers see it");
+        self.swarm.behaviour_mut().candidates.propose(addr);
     }
 
     /// A probe dial connected (`Some(true)`), failed (`Some(false)`), or was answered (`None`).

@@ -49,7 +49,9 @@ impl EventLoop {
     pub(super) fn on_path_silent(&mut self, peer: PeerId, connection: ConnectionId, why: String) {
         if self.conns.contains_key(&connection) {
             tracing::warn!(peer = %peer, %why, "direct connection stopped carrying anything; closing it");
-            self.swarm.close_connection(connection);
+            if self.swarm.close_connection(connection) {
+                self.silenced.insert(connection);
+            }
         }
     }
 }
