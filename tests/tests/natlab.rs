@@ -113,6 +113,8 @@ fn nat_lab_subset_punches_through_eim_and_birthday_punches_through_symmetric() {
     // The forwarded connection outlived its direct connection: resumed on another stream.
     let rebound = symmetric.rebind.as_ref().expect("the router was flushed mid-transfer");
     assert!(rebound.transfer_ok, "100 MB intact across the direct connection's death: {}", describe(symmetric));
+    // ... and the pair was punched again: direct at the transfer's end, or within the lab's 40 s.
+    assert!(rebound.direct_after || rebound.direct_again_after_s.is_some(), "punched again after the rebinding: {}", describe(symmetric));
     // The whole lab restarted with its data dirs: every forward works again, nobody re-ran a
     // command, and the punched pairs are direct again.
     for cell in &cells {

@@ -54,8 +54,9 @@ const SHARE_MIN: usize = BUFFER / 2;
 /// chat) that never reaches [`ACK_EVERY`] still lets the peer free what it keeps.
 pub const ACK_IDLE: Duration = Duration::from_millis(200);
 
-/// How long a session waits for its next stream after one failed: a QUIC connection takes 10 s
-/// to notice a dead path, a new punch or relayed connection a few more. The answerer holds the
+/// How long a session waits for its next stream after one failed: a dead path is noticed in 3-4 s
+/// when a session is busy on it (see [`SILENCE`]), in QUIC's 10 s idle timeout otherwise, and
+/// a new punch or relayed connection takes a few more. The answerer holds the
 /// connection to its service (and its slot) this long; the opener keeps trying to reach the
 /// peer for as long.
 pub const GRACE: Duration = Duration::from_secs(30);
