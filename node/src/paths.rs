@@ -2,10 +2,11 @@
 //! forwarded connection over it went silent, and answering the peer's probes. The event loop
 //! decides what to probe and closes what does not answer (`event_loop/paths.rs`).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use libp2p::StreamProtocol;
+use libp2p::{PeerId, StreamProtocol};
 use tokio::sync::{Semaphore, oneshot};
 use warren_forward::{OpenError, Opened};
 
@@ -15,9 +16,14 @@ pub const PROBE_PROTOCOL: StreamProtocol = StreamProtocol::new(warren_probe::PRO
 /// forwarded connection goes silent, at most once per [`CHECK_EVERY`] each.
 pub const PROBES_QUEUED: usize = 32;
 /// Probes answered at once, from all peers: each holds a stream for at most
-/// `warren_probe::ANSWER_WITHIN`, so a peer that opens probe streams and sends nothing ties up
-/// at most this many tasks; beyond, probes are refused (the prober sees a reset).
+/// `warren_probe::ANSWER_WITHIN`, so peers that open probe streams and send nothing tie up at
+/// most this many tasks; beyond, probes are refused (the prober sees a reset, which tells it
+/// the path works all the same).
 const ANSWERING: usize = 64;
+/// ... and from one peer: it probes each of its connections to us at most every
+/// [`CHECK_EVERY`], so a peer with more at once is not probing, and is not let near
+/// [`ANSWERING`].
+const ANSWERING_PER_PEER: usize = 4;
 /// The least time a probe gets before its connection counts as dead: a round trip, plus the
 /// queue ahead of the probe under bulk traffic (a home router's buffer can hold a second).
 pub const PROBE_WITHIN_MIN: Duration = Duration::from_secs(2);
@@ -35,43 +41,68 @@ pub fn probe_within(rtt: Option<Duration>) -> Duration {
     rtt.map_or(PROBE_WITHIN_MIN, |rtt| (rtt * PROBE_RTTS).max(PROBE_WITHIN_MIN))
 }
 
-/// Why a connection counts as no longer carrying anything.
+/// A connection that let a probe go unanswered.
 #[derive(Debug, thiserror::Error)]
-pub enum Silent {
-    #[error("no answer to a probe within {0:?}")]
-    TimedOut(Duration),
-    #[error("the probe stream failed: {0}")]
-    Failed(String),
-}
+#[error("no answer to a probe within {0:?}")]
+pub struct Silent(pub Duration);
 
-/// Probes the connection the stream is being opened on (`opening`): `Ok` when it echoed within
-/// `within`, or when it cannot tell (the connection is gone already, the peer does not speak
-/// the probe protocol).
+/// Probes the connection the stream is being opened on (`opening`): `Err` only when nothing at
+/// all came back within `within`. Any answer came over the path, so the path works: an echo,
+/// and as much a refusal (a peer too busy to answer, one that does not speak the protocol), a
+/// reset, or the connection closing.
 pub async fn probe(opening: oneshot::Receiver<Result<Opened, OpenError>>, within: Duration) -> Result<(), Silent> {
     let exchange = async {
-        let mut opened = match opening.await {
-            Ok(Ok(opened)) => opened,
-            Ok(Err(OpenError::Failed(why))) => return Err(Silent::Failed(why)),
-            // Closed already, or an older peer: nothing to learn.
-            Ok(Err(_)) | Err(_) => return Ok(()),
-        };
-        warren_probe::probe(&mut opened.stream, rand::random()).await.map_err(|e| Silent::Failed(e.to_string()))
+        if let Ok(Ok(mut opened)) = opening.await {
+            let _ = warren_probe::probe(&mut opened.stream, rand::random()).await;
+        }
     };
-    tokio::time::timeout(within, exchange).await.unwrap_or(Err(Silent::TimedOut(within)))
+    tokio::time::timeout(within, exchange).await.map_err(|_| Silent(within))
 }
 
 /// Answers the peer's probes, each in a task of its own, at most [`ANSWERING`] at once.
 pub async fn answer(mut incoming: warren_forward::Incoming) {
     let slots = Arc::new(Semaphore::new(ANSWERING));
+    let per_peer: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
     while let Some((peer, mut stream)) = incoming.recv().await {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::debug!(peer = %peer, "too many probes being answered; refusing one");
             continue;
         };
+        let Some(peer_slot) = PeerSlot::take(&per_peer, peer) else {
+            tracing::debug!(peer = %peer, "too many probes from one peer; refusing one");
+            continue;
+        };
         tokio::spawn(async move {
-            let _slot = slot;
+            let (_slot, _peer_slot) = (slot, peer_slot);
             let _ = tokio::time::timeout(warren_probe::ANSWER_WITHIN, warren_probe::answer(&mut stream)).await;
         });
+    }
+}
+
+/// One of a peer's [`ANSWERING_PER_PEER`] probes being answered, given back when dropped.
+struct PeerSlot(Arc<Mutex<HashMap<PeerId, usize>>>, PeerId);
+
+impl PeerSlot {
+    fn take(counts: &Arc<Mutex<HashMap<PeerId, usize>>>, peer: PeerId) -> Option<PeerSlot> {
+        let mut map = counts.lock().unwrap();
+        let n = map.entry(peer).or_default();
+        if *n >= ANSWERING_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot(counts.clone(), peer))
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut map = self.0.lock().unwrap();
+        if let Some(n) = map.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.1);
+            }
+        }
     }
 }
 
@@ -87,18 +118,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_connection_that_closed_or_does_not_speak_the_protocol_is_not_called_silent() {
-        let (tx, rx) = oneshot::channel();
-        tx.send(Err(OpenError::ConnectionClosed)).unwrap();
-        assert!(probe(rx, Duration::from_secs(1)).await.is_ok());
-        let (tx, rx) = oneshot::channel();
-        tx.send(Err(OpenError::Unsupported(PROBE_PROTOCOL))).unwrap();
-        assert!(probe(rx, Duration::from_secs(1)).await.is_ok());
+    async fn any_answer_even_a_refusal_shows_the_path_works() {
+        for answer in [OpenError::ConnectionClosed, OpenError::Unsupported(PROBE_PROTOCOL), OpenError::Failed("reset".into())] {
+            let (tx, rx) = oneshot::channel();
+            tx.send(Err(answer)).unwrap();
+            assert!(probe(rx, Duration::from_secs(1)).await.is_ok());
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_that_never_opens_the_stream_is_silent() {
         let (_tx, rx) = oneshot::channel();
-        assert!(matches!(probe(rx, Duration::from_secs(2)).await, Err(Silent::TimedOut(_))));
+        assert!(probe(rx, Duration::from_secs(2)).await.is_err());
+    }
+
+    #[test]
+    fn one_peer_gets_a_few_answers_at_once_and_its_slots_come_back() {
+        let counts = Arc::default();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let held: Vec<_> = (0..ANSWERING_PER_PEER).map(|_| PeerSlot::take(&counts, a).expect("within the cap")).collect();
+        assert!(PeerSlot::take(&counts, a).is_none(), "one over the cap is refused");
+        assert!(PeerSlot::take(&counts, b).is_some(), "another peer is not");
+        drop(held);
+        let again = PeerSlot::take(&counts, a).expect("released slots are counted back");
+        assert_eq!(counts.lock().unwrap().get(&a), Some(&1));
+        drop(again);
+        assert!(counts.lock().unwrap().is_empty(), "a peer with nothing being answered is forgotten");
     }
 }

@@ -59,7 +59,7 @@ async fn run_tcp(forwarding: Arc<Forwarding>, forward: Arc<Forward>, listener: T
                 Err(e) => return failed(&forward, &tcp, e),
             };
             let _active = Active::new(&forward.stats);
-            let counters = resume::Counters { sent: &forward.stats.sent, received: &forward.stats.received };
+            let counters = resume::Counters { sent: &forward.stats.sent, received: &forward.stats.received, heard: &forward.stats.heard };
             let streams = Resume { forwarding: &forwarding, forward: &forward, session, relayed };
             match resume::run(tcp, stream, resume::Role::Opener, counters, streams).await {
                 Ok(()) => {}

@@ -35,6 +35,8 @@ pub struct Stats {
     pub sent: AtomicU64,
     /// Bytes from the stream to the local side.
     pub received: AtomicU64,
+    /// When a connection last heard from the peer (`resume::heard_ms`).
+    pub heard: AtomicU64,
     pub last_error: Mutex<Option<String>>,
     pub path: Mutex<Option<String>>,
 }

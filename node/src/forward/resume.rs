@@ -111,6 +111,8 @@ struct State {
     /// The download side is waiting for the local connection to take bytes (and so does not
     /// read the stream).
     writing_local: bool,
+    /// The upload side has its [`ACK_IDLE`] timer running for what was received.
+    ack_timer: bool,
 }
 
 impl State {
@@ -185,6 +187,8 @@ impl State {
     fn rewind(&mut self, peer_received: u64, reported: u64, now: Instant) -> Result<Vec<Bytes>, Error> {
         self.release(peer_received, now)?;
         self.heard = Some(now);
+        // The old stream's download may have been dropped in the middle of a local write.
+        self.writing_local = false;
         self.acks_held = false;
         self.end_sent = false;
         self.confirmed = reported;
@@ -277,6 +281,16 @@ pub enum Role {
 pub struct Counters<'a> {
     pub sent: &'a AtomicU64,
     pub received: &'a AtomicU64,
+    /// When any session counting here last heard from its peer ([`heard_ms`]): one that did
+    /// within [`SILENCE`] shows the path works, so a quiet session on it asks for no probe.
+    pub heard: &'a AtomicU64,
+}
+
+/// Milliseconds since the process's first call: the time kept in [`Counters::heard`].
+pub fn heard_ms(at: std::time::Instant) -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    // Never 0, which stands for "never heard".
+    at.saturating_duration_since(*EPOCH.get_or_init(std::time::Instant::now)).as_millis() as u64 + 1
 }
 
 /// Runs a forwarded connection over a session: `first` is its first stream (for an opener, with
@@ -300,7 +314,7 @@ where
         let detached = {
             let (mut r, mut w) = tokio::io::split(&mut stream);
             let upload = upload(&mut tcp_r, &mut w, &state, &wake, std::mem::take(&mut resend), counters.sent);
-            let download = download(&mut r, &mut tcp_w, &state, &wake, counters.received, std::mem::take(&mut skip));
+            let download = download(&mut r, &mut tcp_w, &state, &wake, &counters, std::mem::take(&mut skip));
             tokio::pin!(upload, download);
             let replaced = tokio::select! {
                 done = &mut upload => match done {
@@ -318,7 +332,7 @@ where
                     Err(e) => Err(e),
                 },
                 next = streams.replacement(Progress(&state, &wake)) => Ok(next),
-                never = watch_silence(&state, &alarm) => match never {},
+                never = watch_silence(&state, counters.heard, &alarm) => match never {},
             };
             replaced
         };
@@ -376,11 +390,16 @@ where
 }
 
 /// Rings `alarm` whenever the stream's silence is worth a probe of the path; never returns.
-async fn watch_silence(state: &Mutex<State>, alarm: &(dyn Fn() + Send + Sync)) -> std::convert::Infallible {
+async fn watch_silence(state: &Mutex<State>, heard: &AtomicU64, alarm: &(dyn Fn() + Send + Sync)) -> std::convert::Infallible {
     loop {
         tokio::time::sleep(SILENCE_TICK).await;
-        let ring = state.lock().unwrap().silence_alarm(Instant::now());
-        if ring {
+        let now = std::time::Instant::now();
+        let ring = state.lock().unwrap().silence_alarm(Instant::from_std(now));
+        // Another connection of the same forward heard from the peer just now: the path
+        // carries data (a probe might not even get a stream slot on a connection full of them).
+        let last = heard.load(Ordering::Relaxed);
+        let others = last != 0 && heard_ms(now).saturating_sub(last) < SILENCE.as_millis() as u64;
+        if ring && !others {
             tracing::debug!("forward stream silent; probing the path");
             alarm();
         }
@@ -422,12 +441,13 @@ where
     }
     loop {
         let step = {
-            let st = state.lock().unwrap();
+            let mut st = state.lock().unwrap();
             if !st.ack_pending() {
                 (ack_by, ack_now) = (None, false);
             } else if ack_by.is_none() {
                 ack_by = Some(tokio::time::Instant::now() + ACK_IDLE);
             }
+            st.ack_timer = ack_by.is_some();
             if st.done() {
                 Step::Done
             } else if st.ack_due() || (ack_now && st.ack_pending()) {
@@ -533,7 +553,7 @@ where
 
 /// Stream → local connection: the answer first (an opener's first stream), then chunks,
 /// acknowledgements and the end marker. Returns `Ok` when there is nothing more to read.
-async fn download<R, W>(stream: &mut R, tcp: &mut W, state: &Mutex<State>, wake: &Notify, received: &AtomicU64, mut skip: u64) -> Result<(), Detached>
+async fn download<R, W>(stream: &mut R, tcp: &mut W, state: &Mutex<State>, wake: &Notify, counters: &Counters<'_>, mut skip: u64) -> Result<(), Detached>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -549,6 +569,7 @@ where
             return Err(Detached::Refused(refusal.to_string()));
         }
         let mut st = state.lock().unwrap();
+        st.heard(Instant::now(), false);
         match reply.received {
             Some(0) => st.resumable = Some(true),
             Some(n) => return Err(Detached::Fatal(Error::new(ErrorKind::InvalidData, format!("a new session answered as having received {n} bytes")))),
@@ -575,10 +596,12 @@ where
             _ => Detached::Stream(e),
         })?;
         let chunk = {
+            let now = std::time::Instant::now();
             let mut st = state.lock().unwrap();
             let chunk = if st.resumable == Some(true) { Chunk::decode_in_session(header) } else { Chunk::decode(header) };
             let chunk = chunk.map_err(|e| Detached::Fatal(Error::new(ErrorKind::InvalidData, e.to_string())))?;
-            st.heard(Instant::now(), matches!(chunk, Chunk::Data(_)));
+            st.heard(Instant::from_std(now), matches!(chunk, Chunk::Data(_)));
+            counters.heard.store(heard_ms(now), Ordering::Relaxed);
             chunk
         };
         match chunk {
@@ -609,10 +632,16 @@ where
                         st.received += wrote as u64;
                         st.writing_local = false;
                         st.heard = Some(Instant::now());
-                        received.fetch_add(wrote as u64, Ordering::Relaxed);
+                        counters.received.fetch_add(wrote as u64, Ordering::Relaxed);
                     }
                 }
-                if state.lock().unwrap().ack_due() {
+                // Wake the upload side for an acknowledgement due now, or to start the timer of
+                // one due within ACK_IDLE (it may be waiting on a local connection that is idle).
+                let wake_upload = {
+                    let st = state.lock().unwrap();
+                    st.ack_due() || (st.ack_pending() && !st.ack_timer)
+                };
+                if wake_upload {
                     wake.notify_one();
                 }
             }
@@ -784,7 +813,8 @@ mod tests {
         }
         let rang = std::sync::Arc::new(AtomicU64::new(0));
         let counts = [AtomicU64::new(0), AtomicU64::new(0)];
-        let session = run(local, stream, Role::Answerer, Counters { sent: &counts[0], received: &counts[1] }, Alarmed(rang.clone()));
+        let heard = AtomicU64::new(0);
+        let session = run(local, stream, Role::Answerer, Counters { sent: &counts[0], received: &counts[1], heard: &heard }, Alarmed(rang.clone()));
         let started = Instant::now();
         let watch = async {
             app.write_all(b"anyone there?").await.unwrap();
@@ -799,6 +829,7 @@ mod tests {
         assert_eq!(rang.load(Ordering::Relaxed), 1, "no probe asked for within 10 s");
         let took = started.elapsed();
         assert!(took >= SILENCE, "asked after {took:?}, before a second of silence");
+        assert!(took < Duration::from_secs(3), "asked only after {took:?}");
     }
 
     #[tokio::test]
@@ -816,8 +847,9 @@ mod tests {
         let resumes = std::sync::Arc::new(AtomicU64::new(0));
         let opener_streams = OpenerStreams { to_answerer, pumps: pumps_tx, resumes: resumes.clone(), move_at: None };
         let counts = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
-        let a_side = run(local_a, std::mem::replace(&mut opener, tokio::io::duplex(1).0), Role::Opener, Counters { sent: &counts[0], received: &counts[1] }, opener_streams);
-        let b_side = run(local_b, answerer, Role::Answerer, Counters { sent: &counts[2], received: &counts[3] }, AnswererStreams(from_opener));
+        let heard = AtomicU64::new(0);
+        let a_side = run(local_a, std::mem::replace(&mut opener, tokio::io::duplex(1).0), Role::Opener, Counters { sent: &counts[0], received: &counts[1], heard: &heard }, opener_streams);
+        let b_side = run(local_b, answerer, Role::Answerer, Counters { sent: &counts[2], received: &counts[3], heard: &heard }, AnswererStreams(from_opener));
         let (up, down) = (payload(6 << 20, 1), payload(5 << 20, 2));
         // Three times during the transfer, the current stream dies with what it held.
         let cutter = async {
@@ -861,8 +893,9 @@ mod tests {
         // The opener moves when it has 1 MiB of B's data; both directions are busy then.
         let opener_streams = OpenerStreams { to_answerer, pumps: pumps_tx, resumes: resumes.clone(), move_at: Some(1 << 20) };
         let counts = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
-        let a_side = run(local_a, opener, Role::Opener, Counters { sent: &counts[0], received: &counts[1] }, opener_streams);
-        let b_side = run(local_b, answerer, Role::Answerer, Counters { sent: &counts[2], received: &counts[3] }, AnswererStreams(from_opener));
+        let heard = AtomicU64::new(0);
+        let a_side = run(local_a, opener, Role::Opener, Counters { sent: &counts[0], received: &counts[1], heard: &heard }, opener_streams);
+        let b_side = run(local_b, answerer, Role::Answerer, Counters { sent: &counts[2], received: &counts[3], heard: &heard }, AnswererStreams(from_opener));
         let (up, down) = (payload(4 << 20, 3), payload(4 << 20, 4));
         let (a, b, got_b, got_a) = tokio::time::timeout(Duration::from_secs(60), async {
             tokio::join!(a_side, b_side, exchange(app_b, down.clone()), exchange(app_a, up.clone()))
@@ -888,7 +921,8 @@ mod tests {
         let (opener, answerer, _pump) = stream_pair();
         drop(answerer);
         let counts = [AtomicU64::new(0), AtomicU64::new(0)];
-        let outcome = run(local, opener, Role::Answerer, Counters { sent: &counts[0], received: &counts[1] }, Nowhere).await;
+        let heard = AtomicU64::new(0);
+        let outcome = run(local, opener, Role::Answerer, Counters { sent: &counts[0], received: &counts[1], heard: &heard }, Nowhere).await;
         assert!(matches!(outcome, Err(SpliceError::Cut(ref e)) if e.to_string().contains("could not resume: no peer")), "{outcome:?}");
         let mut buf = [0u8; 8];
         assert!(app.read(&mut buf).await.is_err(), "the application sees a reset, not a clean end");

@@ -287,7 +287,7 @@ async fn serve(forwarding: &Forwarding, peer: PeerId, mut stream: Stream, waitin
         return;
     }
     let _active = Active::new(&service.stats);
-    let counters = resume::Counters { sent: &service.stats.received, received: &service.stats.sent };
+    let counters = resume::Counters { sent: &service.stats.received, received: &service.stats.sent, heard: &service.stats.heard };
     if let Err(e) = resume::run(tcp, stream.compat(), resume::Role::Answerer, counters, next).await {
         tracing::debug!(peer = %peer, service = %request.service, error = ?e, "forwarded connection ended with an error");
     }
