@@ -39,20 +39,20 @@ use super::splice::{ANSWER_GRACE, BUFFER, SEND_AHEAD, SpliceError, reset};
 /// memory per connection: 1 MiB keeps a home uplink's bulk transfer unthrottled while 500 busy
 /// connections hold at most 500 MiB.
 pub const WINDOW: usize = 1024 * 1024;
-/// Received bytes between acknowledgements: an eighth of the window, so the sender never waits
-/// for one while the path is fine; 12 bytes per 128 KiB on the wire.
-pub const ACK_EVERY: u64 = 128 * 1024;
+/// Received bytes between acknowledgements: a quarter of the window, so the sender never waits
+/// for one while the path is fine. Each is a wake-up of both sides and a packet of its own; at
+/// 128 KiB they cost 12 % more CPU per GiB forwarded than connections without sessions (measured:
+/// `forward_bench.py --baseline`), at 256 KiB 1-4 %.
+pub const ACK_EVERY: u64 = 256 * 1024;
 /// What a kept chunk costs beyond its bytes (its allocation and queue entry), counted against
 /// the window: a chatty connection of many tiny writes holds no more memory than the window
 /// says.
 const CHUNK_COST: usize = 256;
-/// Reads at least this long are kept as they were read, sharing the read buffer (64 KiB);
-/// shorter ones are copied into a buffer of their own size, so a kept chunk never holds more
-/// than twice its bytes.
-const SHARE_MIN: usize = BUFFER / 2;
-/// Received bytes go unacknowledged at most this long: an interactive connection (a shell, a
-/// chat) that never reaches [`ACK_EVERY`] still lets the peer free what it keeps.
-pub const ACK_IDLE: Duration = Duration::from_millis(200);
+/// Reads go one after another into a block of [`BUFFER`] bytes (and a header each) and are
+/// kept as read, sharing the block, never copied; a new block is taken when less than this is
+/// left of the current one. Kept chunks are freed in the order they were read, so the blocks
+/// they hold are consecutive: at most the window's bytes and two blocks per direction.
+const READ_MIN: usize = 4 * 1024;
 
 /// How long a session waits for its next stream after one failed: a dead path is noticed in 3-4 s
 /// when a session is busy on it (see [`SILENCE`]), in QUIC's 10 s idle timeout otherwise, and
@@ -64,16 +64,20 @@ pub const GRACE: Duration = Duration::from_secs(30);
 /// Nothing heard on the stream this long while the peer owes us something (an acknowledgement
 /// of bytes we sent, or the next of the bytes it was sending) makes the session ask the node to
 /// probe the peer's direct connections (`warren_probe`). The peer acknowledges within
-/// [`ACK_IDLE`] of writing what it received, so on a working path a second of silence is its
+/// a [`WATCH_TICK`] of writing what it received, so on a working path a second of silence is its
 /// application pausing, or the path gone; the probe tells which, long before QUIC's idle
 /// timeout (10 s) would.
 pub const SILENCE: Duration = Duration::from_secs(1);
 /// A session still waiting for acknowledgements asks again this often: the path may die after
 /// a probe found it alive (the silence then was a slow reader).
 const SILENCE_AGAIN: Duration = Duration::from_secs(4);
-/// How often a session looks at its silence: half of [`SILENCE`], so a dead path is probed
-/// between 1 and 1.5 s after the last thing heard.
-const SILENCE_TICK: Duration = Duration::from_millis(500);
+/// How often a session's watcher looks at it. Received bytes not yet acknowledged are then
+/// (an interactive connection, a shell or a chat, never reaches [`ACK_EVERY`], and the peer
+/// keeps what it sent until acknowledged); the watcher rather than a timer of the upload side,
+/// so that a bulk transfer costs no wake-ups beyond its acknowledgements. And silence is
+/// looked at: half of [`SILENCE`], so a dead path is probed 1 to 1.5 s after the last thing
+/// heard.
+const WATCH_TICK: Duration = Duration::from_millis(500);
 
 /// What one side of a session keeps across its streams.
 #[derive(Default)]
@@ -111,8 +115,8 @@ struct State {
     /// The download side is waiting for the local connection to take bytes (and so does not
     /// read the stream).
     writing_local: bool,
-    /// The upload side has its [`ACK_IDLE`] timer running for what was received.
-    ack_timer: bool,
+    /// The watcher found received bytes unacknowledged: acknowledge them now.
+    ack_now: bool,
 }
 
 impl State {
@@ -332,7 +336,7 @@ where
                     Err(e) => Err(e),
                 },
                 next = streams.replacement(Progress(&state, &wake)) => Ok(next),
-                never = watch_silence(&state, counters.heard, &alarm) => match never {},
+                never = watch(&state, &wake, counters.heard, &alarm) => match never {},
             };
             replaced
         };
@@ -389,12 +393,21 @@ where
     outcome
 }
 
-/// Rings `alarm` whenever the stream's silence is worth a probe of the path; never returns.
-async fn watch_silence(state: &Mutex<State>, heard: &AtomicU64, alarm: &(dyn Fn() + Send + Sync)) -> std::convert::Infallible {
+/// The session's watcher: has what was received acknowledged at each tick (see [`WATCH_TICK`]),
+/// and rings `alarm` whenever the stream's silence is worth a probe of the path; never returns.
+async fn watch(state: &Mutex<State>, wake: &Notify, heard: &AtomicU64, alarm: &(dyn Fn() + Send + Sync)) -> std::convert::Infallible {
     loop {
-        tokio::time::sleep(SILENCE_TICK).await;
+        tokio::time::sleep(WATCH_TICK).await;
         let now = std::time::Instant::now();
-        let ring = state.lock().unwrap().silence_alarm(Instant::from_std(now));
+        let (ring, ack) = {
+            let mut st = state.lock().unwrap();
+            let ack = st.ack_pending();
+            st.ack_now |= ack;
+            (st.silence_alarm(Instant::from_std(now)), ack)
+        };
+        if ack {
+            wake.notify_one();
+        }
         // Another connection of the same forward heard from the peer just now: the path
         // carries data (a probe might not even get a stream slot on a connection full of them).
         let last = heard.load(Ordering::Relaxed);
@@ -429,9 +442,6 @@ where
     }
     let mut buf = BytesMut::new();
     let mut ahead = 0;
-    // When received bytes must be acknowledged even though fewer than ACK_EVERY came.
-    let mut ack_by: Option<tokio::time::Instant> = None;
-    let mut ack_now = false;
     enum Step {
         Done,
         Ack(u64),
@@ -441,16 +451,10 @@ where
     }
     loop {
         let step = {
-            let mut st = state.lock().unwrap();
-            if !st.ack_pending() {
-                (ack_by, ack_now) = (None, false);
-            } else if ack_by.is_none() {
-                ack_by = Some(tokio::time::Instant::now() + ACK_IDLE);
-            }
-            st.ack_timer = ack_by.is_some();
+            let st = state.lock().unwrap();
             if st.done() {
                 Step::Done
-            } else if st.ack_due() || (ack_now && st.ack_pending()) {
+            } else if st.ack_due() || (st.ack_now && st.ack_pending()) {
                 Step::Ack(st.received)
             } else if st.local_eof {
                 if st.end_sent { Step::Wait } else { Step::End }
@@ -471,44 +475,28 @@ where
                 frame[HEADER..].copy_from_slice(&count.to_be_bytes());
                 stream.write_all(&frame).await.map_err(Detached::Stream)?;
                 stream.flush().await.map_err(Detached::Stream)?;
-                state.lock().unwrap().confirmed = count;
-                (ack_by, ack_now) = (None, false);
+                let mut st = state.lock().unwrap();
+                st.confirmed = count;
+                st.ack_now = false;
             }
             Step::End => {
                 stream.write_all(&Chunk::End.encode()).await.map_err(Detached::Stream)?;
                 stream.flush().await.map_err(Detached::Stream)?;
                 state.lock().unwrap().end_sent = true;
             }
-            Step::Wait => {
-                let ack_timer = async {
-                    match ack_by {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    _ = wake.notified() => {}
-                    _ = ack_timer => ack_now = true,
-                }
-            }
+            Step::Wait => wake.notified().await,
             Step::Read(limit) => {
                 buf.clear();
-                buf.reserve(HEADER + limit);
+                if buf.capacity() < HEADER + READ_MIN.min(limit) {
+                    // A new block, or the old one back when nothing is kept of it.
+                    buf.reserve(HEADER + BUFFER);
+                }
+                let limit = limit.min(buf.capacity() - HEADER);
                 buf.put_bytes(0, HEADER);
                 let mut room = (&mut buf).limit(limit);
-                let ack_timer = async {
-                    match ack_by {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                };
                 let read = tokio::select! {
                     // Reading is cancel-safe: an acknowledgement due meanwhile goes out first.
                     _ = wake.notified() => continue,
-                    _ = ack_timer => {
-                        ack_now = true;
-                        continue;
-                    }
                     read = tcp.read_buf(&mut room) => read,
                 };
                 let n = read.map_err(Detached::Fatal)?;
@@ -518,15 +506,9 @@ where
                 }
                 buf[..HEADER].copy_from_slice(&Chunk::Data(n).encode());
                 let keep = state.lock().unwrap().resumable != Some(false);
-                // A long read is kept as read (sharing the buffer, which the next read
-                // replaces); a short one is copied so that it does not hold a whole buffer.
-                let (frame, kept) = if n >= SHARE_MIN {
-                    let frame = buf.split().freeze();
-                    let kept = keep.then(|| frame.slice(HEADER..));
-                    (Some(frame), kept)
-                } else {
-                    (None, keep.then(|| Bytes::copy_from_slice(&buf[HEADER..HEADER + n])))
-                };
+                // The next read goes on in what is left of the block.
+                let frame = buf.split().freeze();
+                let kept = keep.then(|| frame.slice(HEADER..));
                 {
                     let mut st = state.lock().unwrap();
                     if let Some(kept) = kept {
@@ -540,11 +522,7 @@ where
                         st.waiting_since = Some(Instant::now());
                     }
                 }
-                let wrote = match &frame {
-                    Some(frame) => stream.write_all(frame).await,
-                    None => stream.write_all(&buf[..HEADER + n]).await,
-                };
-                wrote.map_err(Detached::Stream)?;
+                stream.write_all(&frame).await.map_err(Detached::Stream)?;
                 sent.fetch_add(n as u64, Ordering::Relaxed);
             }
         }
@@ -635,13 +613,7 @@ where
                         counters.received.fetch_add(wrote as u64, Ordering::Relaxed);
                     }
                 }
-                // Wake the upload side for an acknowledgement due now, or to start the timer of
-                // one due within ACK_IDLE (it may be waiting on a local connection that is idle).
-                let wake_upload = {
-                    let st = state.lock().unwrap();
-                    st.ack_due() || (st.ack_pending() && !st.ack_timer)
-                };
-                if wake_upload {
+                if state.lock().unwrap().ack_due() {
                     wake.notify_one();
                 }
             }
