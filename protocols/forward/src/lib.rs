@@ -39,8 +39,8 @@
 //! one that does not leaves `received` out, and the stream is the connection as above (older
 //! peers ignore the fields they do not know). In a session, besides data chunks and the end
 //! marker, either side sends *acknowledgements*: the header [`ACK`] then 8 bytes (big endian)
-//! counting every data byte of the session it has received (warren: every 128 KiB, and at the
-//! end marker); and either side may send [`RESET`]: its connection failed, the other resets its
+//! counting every data byte of the session it has received (warren: every 256 KiB, within
+//! half a second of receiving less, and at the end marker); and either side may send [`RESET`]: its connection failed, the other resets its
 //! own and nobody resumes. A side keeps what it sent until it is acknowledged.
 //! When the stream fails, the opener opens a new one (on any connection to the answerer) with a
 //! request naming the same service and session and `resume`: the bytes it has received. The
