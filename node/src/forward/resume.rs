@@ -41,8 +41,8 @@ use super::splice::{ANSWER_GRACE, BUFFER, SEND_AHEAD, SpliceError, reset};
 pub const WINDOW: usize = 1024 * 1024;
 /// Received bytes between acknowledgements: a quarter of the window, so the sender never waits
 /// for one while the path is fine. Each is a wake-up of both sides and a packet of its own; at
-/// 128 KiB they cost 12 % more CPU per GiB forwarded than connections without sessions (measured:
-/// `forward_bench.py --baseline`), at 256 KiB 1-4 %.
+/// 128 KiB sessions cost 12-19 % more CPU per GiB forwarded than connections without them
+/// (measured: `forward_bench.py --baseline`), at 256 KiB 1-15 % (this machine's noise is as large).
 pub const ACK_EVERY: u64 = 256 * 1024;
 /// What a kept chunk costs beyond its bytes (its allocation and queue entry), counted against
 /// the window: a chatty connection of many tiny writes holds no more memory than the window
