@@ -38,7 +38,8 @@
 //!   and given to each DHT); [`dial_gate`] applies it to every dial.
 //! - [`store`] and [`peer_record`]: identity and peer store in sled; [`private_files`]: the
 //!   data dir, the key file and the control socket kept to the node's owner.
-//! - [`error`]: errors meant for the person at the terminal.
+//! - [`error`]: errors meant for the person at the terminal; [`per_peer`]: counting what each
+//!   peer has under way against a cap.
 
 pub mod addresses;
 pub mod api;
@@ -63,6 +64,7 @@ pub mod metrics;
 pub mod node;
 pub mod output;
 pub mod paths;
+pub mod per_peer;
 pub mod peer_record;
 pub mod port_mapping;
 pub mod ports;

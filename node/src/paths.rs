@@ -2,11 +2,10 @@
 //! forwarded connection over it went silent, and answering the peer's probes. The event loop
 //! decides what to probe and closes what does not answer (`event_loop/paths.rs`).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use libp2p::{PeerId, StreamProtocol};
+use libp2p::StreamProtocol;
 use tokio::sync::{Semaphore, oneshot};
 use warren_forward::{OpenError, Opened};
 
@@ -62,13 +61,13 @@ pub async fn probe(opening: oneshot::Receiver<Result<Opened, OpenError>>, within
 /// Answers the peer's probes, each in a task of its own, at most [`ANSWERING`] at once.
 pub async fn answer(mut incoming: warren_forward::Incoming) {
     let slots = Arc::new(Semaphore::new(ANSWERING));
-    let per_peer: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
+    let per_peer = crate::per_peer::PerPeer::default();
     while let Some((peer, mut stream)) = incoming.recv().await {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::debug!(peer = %peer, "too many probes being answered; refusing one");
             continue;
         };
-        let Some(peer_slot) = PeerSlot::take(&per_peer, peer) else {
+        let Some(peer_slot) = per_peer.take(peer, ANSWERING_PER_PEER) else {
             tracing::debug!(peer = %peer, "too many probes from one peer; refusing one");
             continue;
         };
@@ -79,32 +78,6 @@ pub async fn answer(mut incoming: warren_forward::Incoming) {
     }
 }
 
-/// One of a peer's [`ANSWERING_PER_PEER`] probes being answered, given back when dropped.
-struct PeerSlot(Arc<Mutex<HashMap<PeerId, usize>>>, PeerId);
-
-impl PeerSlot {
-    fn take(counts: &Arc<Mutex<HashMap<PeerId, usize>>>, peer: PeerId) -> Option<PeerSlot> {
-        let mut map = counts.lock().unwrap();
-        let n = map.entry(peer).or_default();
-        if *n >= ANSWERING_PER_PEER {
-            return None;
-        }
-        *n += 1;
-        Some(PeerSlot(counts.clone(), peer))
-    }
-}
-
-impl Drop for PeerSlot {
-    fn drop(&mut self) {
-        let mut map = self.0.lock().unwrap();
-        if let Some(n) = map.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.1);
-            }
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -132,17 +105,4 @@ mod tests {
         assert!(probe(rx, Duration::from_secs(2)).await.is_err());
     }
 
-    #[test]
-    fn one_peer_gets_a_few_answers_at_once_and_its_slots_come_back() {
-        let counts = Arc::default();
-        let (a, b) = (PeerId::random(), PeerId::random());
-        let held: Vec<_> = (0..ANSWERING_PER_PEER).map(|_| PeerSlot::take(&counts, a).expect("within the cap")).collect();
-        assert!(PeerSlot::take(&counts, a).is_none(), "one over the cap is refused");
-        assert!(PeerSlot::take(&counts, b).is_some(), "another peer is not");
-        drop(held);
-        let again = PeerSlot::take(&counts, a).expect("released slots are counted back");
-        assert_eq!(counts.lock().unwrap().get(&a), Some(&1));
-        drop(again);
-        assert!(counts.lock().unwrap().is_empty(), "a peer with nothing being answered is forgotten");
-    }
 }

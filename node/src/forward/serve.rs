@@ -118,44 +118,18 @@ impl Refusals {
     }
 }
 
-/// Streams waiting for their request, per peer.
-#[derive(Default, Clone)]
-struct Waiting(Arc<Mutex<HashMap<PeerId, usize>>>);
-
-/// One waiting stream; leaves the count when dropped (the request arrived, or the stream ended).
-struct WaitingGuard(Waiting, PeerId);
-
-impl Waiting {
-    fn enter(&self, peer: PeerId) -> Option<WaitingGuard> {
-        let mut map = self.0.lock().unwrap();
-        let count = map.entry(peer).or_default();
-        if *count >= MAX_WAITING_PER_PEER {
-            return None;
-        }
-        *count += 1;
-        Some(WaitingGuard(self.clone(), peer))
-    }
-}
-
-impl Drop for WaitingGuard {
-    fn drop(&mut self) {
-        let mut map = self.0.0.lock().unwrap();
-        if let Some(count) = map.get_mut(&self.1) {
-            *count -= 1;
-            if *count == 0 {
-                map.remove(&self.1);
-            }
-        }
-    }
-}
+/// One stream waiting for its request; leaves the peer's count when dropped (the request
+/// arrived, or the stream ended).
+type WaitingGuard = crate::per_peer::Slot;
 
 pub async fn run(forwarding: Arc<Forwarding>, mut inbound: warren_forward::Incoming) {
     let slots = Arc::new(Semaphore::new(MAX_INBOUND_STREAMS));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT));
-    let waiting = Waiting::default();
+    // Streams waiting for their request, per peer.
+    let waiting = crate::per_peer::PerPeer::default();
     while let Some((peer, stream)) = inbound.recv().await {
         let admitted = if forwarding.may_use_any(&peer) {
-            waiting.enter(peer).ok_or(Refused::TooManyWaiting)
+            waiting.take(peer, MAX_WAITING_PER_PEER).ok_or(Refused::TooManyWaiting)
         } else {
             Err(Refused::Stranger)
         };

@@ -367,8 +367,10 @@ pub fn cut(edge: &str, peer: Ipv4Addr, cut: bool) -> Result<(), String> {
 pub const REBIND_PORTS: [&str; 2] = ["20000-29999", "30000-39999"];
 
 /// Changes A's router under a running connection: `ports` first moves its masquerade to one of
-/// [`REBIND_PORTS`] (every new mapping gets a new port), then every conntrack entry is flushed,
-/// so each flow is mapped afresh on its next packet.
+/// [`REBIND_PORTS`] (every new mapping gets a new port; the kernel still reuses a source's
+/// mapping for its other destinations, so an EIM router stays endpoint-independent, at a new
+/// port, as a carrier NAT that reassigns port blocks does), then every conntrack entry is
+/// flushed, so each flow is mapped afresh on its next packet.
 pub fn rebind(edge: &str, ports: bool) -> Result<(), String> {
     if ports {
         let (listing, rule) = masquerade_rule(edge)?;
@@ -393,8 +395,8 @@ fn masquerade_rule(edge: &str) -> Result<(String, Option<String>), String> {
     Ok((listing, plain))
 }
 
-/// Puts a router's masquerade back as [`rebind`] found it (a site serves later cells too, and a
-/// masquerade with a port range maps a flow whose port is outside the range per destination).
+/// Puts a router's masquerade back as [`rebind`] found it (a site serves later cells too, whose
+/// checks expect the port kept).
 pub fn unrebind(edge: &str) -> Result<(), String> {
     let Some(plain) = masquerade_rule(edge)?.1 else { return Ok(()) };
     nft(edge, &format!("flush chain ip natlab nat_out\nadd rule ip natlab nat_out {plain}\n"))?;
