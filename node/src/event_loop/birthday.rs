@@ -301,8 +301,7 @@ impl EventLoop {
         if !punched.hard {
             return; // the easy side waits for the peer's next offer
         }
-        let direct = self.conns.values().any(|c| c.peer == peer && !is_relayed(&c.address));
-        if direct {
+        if self.has_direct(peer) {
             return;
         }
         tracing::info!(peer = %peer, "birthday-punched connection lost; punching again");
@@ -347,7 +346,7 @@ impl EventLoop {
         }
         let relayed_only: Vec<PeerId> = candidates
             .into_iter()
-            .filter(|peer| !self.conns.values().any(|c| c.peer == *peer && !is_relayed(&c.address)))
+            .filter(|peer| !self.has_direct(*peer))
             .filter(|peer| self.birthday.may_offer(peer, now))
             .collect();
         let Some(peer) = relayed_only.into_iter().next() else { return };
@@ -442,7 +441,7 @@ impl EventLoop {
         if !self.config.birthday_punch || self.punch.is_none() {
             return Err((Refusal::Disabled, String::new()));
         }
-        if self.conns.values().any(|c| c.peer == peer && !is_relayed(&c.address)) {
+        if self.has_direct(peer) {
             return Err((Refusal::AlreadyDirect, String::new()));
         }
         let evidence = self.nat_evidence();
@@ -520,9 +519,7 @@ impl EventLoop {
         // punched port, on the easy side the one to the punched address.
         let connection = match &outcome.result {
             Ok(success) => self
-                .conns
-                .iter()
-                .filter(|(_, c)| c.peer == peer && !is_relayed(&c.address))
+                .direct_conns(peer)
                 .filter(|(_, c)| match success.port {
                     Some(port) => c.local_port == Some(port),
                     None => self.birthday.is_punched_addr(&c.address),

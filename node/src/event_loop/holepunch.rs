@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use libp2p::{Multiaddr, PeerId, dcutr, swarm::{ConnectionId, dial_opts::{DialOpts, PeerCondition}}};
 
 use super::EventLoop;
-use crate::addresses::{is_relayed, transport_of};
+use crate::addresses::transport_of;
 use crate::api::HolePunchStats;
 
 /// Waits before re-punching after a direct connection died while a relayed one survives;
@@ -206,7 +206,7 @@ impl EventLoop {
     /// (re-punching after every such connection closed as idle kept relays busy with circuits
     /// nobody used, measured in `simulations/dht-scale`).
     pub(super) fn direct_lost(&mut self, peer: PeerId, connection: ConnectionId) {
-        if self.conns.values().any(|c| c.peer == peer && !is_relayed(&c.address)) {
+        if self.has_direct(peer) {
             // Another direct connection is still up.
             self.hole_punch.on_direct_closed_early(peer, &connection);
             return;
@@ -227,8 +227,7 @@ impl EventLoop {
     pub(super) fn repunch_when_due(&mut self) {
         let now = Instant::now();
         for (peer, r) in self.hole_punch.take_due(now) {
-            let direct = self.conns.values().any(|c| c.peer == peer && !is_relayed(&c.address));
-            if direct || !self.swarm.is_connected(&peer) {
+            if self.has_direct(peer) || !self.swarm.is_connected(&peer) {
                 continue;
             }
             let opts = DialOpts::peer_id(peer).condition(PeerCondition::Always).addresses(vec![r.circuit.clone()]).build();

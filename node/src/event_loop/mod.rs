@@ -340,6 +340,16 @@ impl EventLoop {
         }
     }
 
+    /// The direct (not relayed) connections to `peer`.
+    fn direct_conns(&self, peer: PeerId) -> impl Iterator<Item = (&ConnectionId, &ConnInfo)> {
+        self.conns.iter().filter(move |(_, c)| c.peer == peer && !is_relayed(&c.address))
+    }
+
+    /// Whether a direct (not relayed) connection to `peer` is open.
+    fn has_direct(&self, peer: PeerId) -> bool {
+        self.direct_conns(peer).next().is_some()
+    }
+
     fn on_command(&mut self, command: Command) {
         match command {
             Command::Status(reply) => {

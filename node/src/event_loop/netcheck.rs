@@ -304,7 +304,7 @@ impl EventLoop {
         let mut evidence = self.nat_evidence();
         evidence.quic_probe = probe;
         let rtt_to = |peer: &PeerId| -> Option<Duration> {
-            self.conns.values().filter(|c| c.peer == *peer && !is_relayed(&c.address)).filter_map(|c| c.rtt).min()
+            self.direct_conns(*peer).filter_map(|(_, c)| c.rtt).min()
         };
         let held: HashSet<PeerId> = self.autorelay.held().map(|h| h.relay).collect();
         let mut relays: Vec<(Option<Duration>, api::RelayRtt)> = self

@@ -8,7 +8,6 @@ use libp2p::PeerId;
 use libp2p::swarm::ConnectionId;
 
 use super::EventLoop;
-use crate::addresses::is_relayed;
 use crate::handle::Command;
 use crate::paths::{CHECK_EVERY, CHECKS_REMEMBERED, PROBE_PROTOCOL, probe, probe_within};
 
@@ -19,8 +18,7 @@ impl EventLoop {
         if self.path_checks.get(&peer).is_some_and(|at| now.duration_since(*at) < CHECK_EVERY) {
             return;
         }
-        let direct: Vec<_> =
-            self.conns.iter().filter(|(_, c)| c.peer == peer && !is_relayed(&c.address)).map(|(id, c)| (*id, c.rtt)).collect();
+        let direct: Vec<_> = self.direct_conns(peer).map(|(id, c)| (*id, c.rtt)).collect();
         if direct.is_empty() {
             return;
         }

@@ -120,13 +120,13 @@ impl resume::Streams<Compat<Stream>> for Resume<'_> {
         Err(format!("the peer could not be reached again within {} s ({last})", resume::GRACE.as_secs()))
     }
 
-    /// A session on a relay moves to a direct connection as soon as there is one: it resumes
-    /// on a stream of that connection, and the relayed stream is dropped.
     fn silence_alarm(&mut self) -> Box<dyn Fn() + Send + Sync> {
         let (node, peer) = (self.forwarding.node.clone(), self.forward.peer);
         Box::new(move || node.check_paths(peer))
     }
 
+    /// A session on a relay moves to a direct connection as soon as there is one: it resumes
+    /// on a stream of that connection, and the relayed stream is dropped.
     async fn replacement(&mut self, progress: resume::Progress<'_>) -> (Compat<Stream>, u64, u64) {
         let peer = self.forward.peer;
         loop {
