@@ -47,6 +47,10 @@ pub struct Status {
     /// Peers in the LAN DHT's routing table (peers on our private network or host).
     #[serde(default)]
     pub lan_routing_table_peers: usize,
+    /// Seconds since the WAN DHT's last bootstrap or refresh ended (the one a node runs to join
+    /// included); none yet if it has not ended.
+    #[serde(default)]
+    pub dht_refreshed_secs_ago: Option<u64>,
     /// Dials that reached another peer than the one dialed, since start (stale addresses,
     /// dropped from the peer's record as they were found).
     #[serde(default)]

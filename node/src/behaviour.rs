@@ -31,6 +31,22 @@ const QUIC_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const QUIC_CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
 /// Largest QUIC packet that path-MTU discovery may try.
 const QUIC_MTU_UPPER_BOUND: u16 = 9_000;
+/// A connection that only carried background protocols (the DHT, identify, ping, AutoNAT)
+/// closes this long after its last request. A lookup touches dozens of peers, and each
+/// connection it leaves costs pings and wake-ups while it lives: with 60 s, a 300-node network
+/// held about 100 connections per node a minute after joining (`simulations/dht-scale`).
+/// Connections that carried forwarded traffic, punch offers or probes stay open for
+/// `idle_connection_timeout_secs` after their last stream (see `warren_forward::Stream`).
+pub const BACKGROUND_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a node publishes its provider records again (its own, which carries the addresses
+/// it is reached at, and a relay's announcement). libp2p's default, 12 h, is for content in the
+/// IPFS DHT; here the record is how a node behind a NAT is found by PeerId, and its holders come
+/// and go: with a fifth of the network replaced every 10 minutes, few of the 20 holders would be
+/// left after an hour.
+const PROVIDER_REPUBLISH: Duration = Duration::from_secs(30 * 60);
+/// How long other nodes keep a provider record: four republications missed, then the addresses
+/// of a node that has left are forgotten (libp2p's default keeps them 48 h).
+const PROVIDER_TTL: Duration = Duration::from_secs(2 * 60 * 60);
 /// How long a DHT query may run before it reports what it found.
 const KAD_QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pending inbound handshakes at once: bounds what a flood of dials can cost.
@@ -150,6 +166,8 @@ fn kademlia(peer_id: libp2p::PeerId, protocol: StreamProtocol) -> kad::Behaviour
     // The event loop refreshes the routing table itself, only once it has peers.
     config.set_periodic_bootstrap_interval(None);
     config.set_query_timeout(KAD_QUERY_TIMEOUT);
+    config.set_provider_publication_interval(Some(PROVIDER_REPUBLISH));
+    config.set_provider_record_ttl(Some(PROVIDER_TTL));
     config.set_kbucket_inserts(kad::BucketInserts::Manual);
     // Records from others are stored only once checked (see `event_loop::dht`).
     config.set_record_filtering(kad::StoreInserts::FilterBoth);
@@ -185,7 +203,7 @@ pub fn build_swarm_over(
     policy: Arc<Mutex<Policy>>,
     wire: Wire,
 ) -> Result<Built, BuildError> {
-    let (mut forward, inbound) = warren_forward::Behaviour::new();
+    let (mut forward, inbound) = warren_forward::Behaviour::new(config.idle_connection_timeout());
     let punch_offers = forward.accept(PUNCH_PROTOCOL, PUNCH_OFFERS_QUEUED);
     let probes = forward.accept(crate::paths::PROBE_PROTOCOL, crate::paths::PROBES_QUEUED);
     let mut forward = Some(forward);
@@ -310,7 +328,7 @@ pub fn build_swarm_over(
         .map_err(|e| setup(&e))?
         // Substreams keep multistream-select V1 (a round trip before the first message): V1Lazy
         // would save it, but stalls protocols where the opener only reads (identify).
-        .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout()))
+        .with_swarm_config(|c| c.with_idle_connection_timeout(BACKGROUND_IDLE_TIMEOUT.min(config.idle_connection_timeout())))
         .build();
     let punch_listeners = punch_listeners.expect("the transport is built once");
     Ok(Built { swarm, meter, reservations_by_ip, inbound, punch_offers, punch_listeners, probes })

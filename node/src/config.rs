@@ -60,8 +60,11 @@ pub struct Config {
     pub max_stored_peers: usize,
     /// How many stored peers are dialed at start when rejoining without bootstrap. Default: 16.
     pub rejoin_dials: usize,
-    /// Seconds a connection with no open streams is kept. Default: 60, long enough that a
-    /// command issued right after a lookup reuses the connection.
+    /// Seconds a connection that carried forwarded traffic is kept after its last stream
+    /// closed. Default: 60, so the next connection through a forward reuses it rather than
+    /// going through a relay and a hole punch again. Connections that only carried the DHT and
+    /// other background protocols close after 10 s (`BACKGROUND_IDLE_TIMEOUT`), or this, if
+    /// shorter.
     pub idle_connection_timeout_secs: u64,
     /// Connections other peers may hold to this node at once; beyond it new inbound connections
     /// are refused. Bounds what a flood of connections (a relay's reservation flood, say) can

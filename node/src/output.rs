@@ -16,9 +16,13 @@ pub fn status(s: &api::Status) -> String {
         "peers         {} connected over {} connections; {} stored",
         s.connected_peers, s.connections, s.stored_peers
     );
+    let refreshed = match s.dht_refreshed_secs_ago {
+        Some(secs) => format!("refreshed {secs} s ago"),
+        None => "not refreshed yet".to_string(),
+    };
     let _ = writeln!(
         out,
-        "routing       {} in the DHT, {} in the LAN DHT; {} dials reached a different peer",
+        "routing       {} in the DHT ({refreshed}), {} in the LAN DHT; {} dials reached a different peer",
         s.routing_table_peers, s.lan_routing_table_peers, s.wrong_peer_dials
     );
     let _ = writeln!(out, "uptime        {}s", s.uptime_secs);

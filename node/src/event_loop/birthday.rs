@@ -385,7 +385,7 @@ impl EventLoop {
     }
 
     /// Reads an offer on an inbound punch stream and runs the easy side if it is admitted.
-    pub(super) fn on_punch_offer(&mut self, peer: PeerId, mut stream: libp2p::Stream) {
+    pub(super) fn on_punch_offer(&mut self, peer: PeerId, mut stream: warren_forward::Stream) {
         let Ok(slot) = self.offer_slots.clone().try_acquire_owned() else {
             tracing::debug!(peer = %peer, "punch offer dropped: {OFFERS_AT_ONCE} offers already being read");
             return;

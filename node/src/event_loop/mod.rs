@@ -107,6 +107,8 @@ pub struct EventLoop {
     /// When the DHT's routing table is next refreshed (a bootstrap query).
     dht_refresh_due: Instant,
     relay_announced: bool,
+    /// When an announcement that timed out is made again.
+    relay_announce_due: Option<Instant>,
     hole_punch: HolePunch,
     /// When each peer's direct connections were last probed (see `paths`).
     path_checks: HashMap<PeerId, Instant>,
@@ -142,6 +144,10 @@ pub struct EventLoop {
     /// The DHTs whose last bootstrap or refresh nobody answered: their routing tables are
     /// stale (see [`EventLoop::has_live_dht_peers`]).
     unanswered_bootstrap: std::collections::HashSet<Dht>,
+    /// Per DHT: when its last bootstrap ran to the end (see `dht::BOOTSTRAP_GAP`).
+    bootstrapped_at: HashMap<Dht, Instant>,
+    /// Bootstraps being cut short, one step at a time (see `dht::BOOTSTRAP_GAP`).
+    cut_bootstraps: std::collections::HashSet<dht::Query>,
 }
 
 impl EventLoop {
@@ -182,6 +188,7 @@ impl EventLoop {
             own_record_due: HashMap::new(),
             dht_refresh_due: Instant::now() + config.bootstrap_interval(),
             relay_announced: false,
+            relay_announce_due: None,
             hole_punch: HolePunch::default(),
             path_checks: HashMap::new(),
             silenced: HashSet::new(),
@@ -200,6 +207,8 @@ impl EventLoop {
             joined_at: None,
             bootstrap_answers: HashMap::new(),
             unanswered_bootstrap: std::collections::HashSet::new(),
+            bootstrapped_at: HashMap::new(),
+            cut_bootstraps: std::collections::HashSet::new(),
             config,
         };
         (event_loop, handle)

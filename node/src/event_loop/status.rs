@@ -38,6 +38,7 @@ impl EventLoop {
             connections: self.conns.len(),
             routing_table_peers: self.table_size(Dht::Wan),
             lan_routing_table_peers: self.table_size(Dht::Lan),
+            dht_refreshed_secs_ago: self.bootstrapped_at.get(&Dht::Wan).map(|t| t.elapsed().as_secs()),
             wrong_peer_dials: self.wrong_peer_dials,
             stored_peers: self.book.len(),
             peer_store_writes: self.writer.as_ref().map(|w| w.writes.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(0),

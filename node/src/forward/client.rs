@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use libp2p::{PeerId, Stream};
+use libp2p::PeerId;
+use warren_forward::Stream;
 use tokio::net::{TcpListener, UdpSocket};
 use tracing::Instrument;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};

@@ -13,9 +13,10 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use libp2p::{
-    Multiaddr, PeerId, Stream, StreamProtocol,
+    Multiaddr, PeerId, StreamProtocol,
     core::{Endpoint, transport::PortUse},
     multiaddr::Protocol,
     swarm::{
@@ -26,6 +27,7 @@ use libp2p::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::handler::{Handler, Open};
+use crate::linger::Stream;
 
 /// The protocol id as libp2p negotiates it.
 pub const STREAM_PROTOCOL: StreamProtocol = StreamProtocol::new(crate::PROTOCOL);
@@ -94,15 +96,23 @@ pub struct Behaviour {
     events: VecDeque<ToSwarm<(), Open>>,
     /// The swarm's task, woken when `open` queues a request from outside `poll`.
     waker: Option<Waker>,
+    linger: Duration,
 }
 
 impl Behaviour {
-    /// The behaviour, and the queue of inbound streams it accepts.
-    pub fn new() -> (Self, Incoming) {
+    /// The behaviour, and the queue of inbound streams it accepts. A connection that carried
+    /// its streams stays open for `linger` after the last of them closed (see [`crate::linger`]).
+    pub fn new(linger: Duration) -> (Self, Incoming) {
         let (inbound, incoming) = mpsc::channel(INBOUND_QUEUE);
         let inbound = Arc::new(vec![(STREAM_PROTOCOL, inbound)]);
-        let behaviour =
-            Self { inbound, connections: HashMap::new(), direct: Direct::default(), events: VecDeque::new(), waker: None };
+        let behaviour = Self {
+            inbound,
+            connections: HashMap::new(),
+            direct: Direct::default(),
+            events: VecDeque::new(),
+            waker: None,
+            linger,
+        };
         (behaviour, incoming)
     }
 
@@ -157,7 +167,7 @@ impl Behaviour {
         let relayed = is_relayed(addr);
         self.connections.entry(peer).or_default().push((connection, relayed));
         self.update_direct(peer);
-        Handler::new(peer, relayed, self.inbound.clone())
+        Handler::new(peer, relayed, self.inbound.clone(), self.linger)
     }
 
     fn update_direct(&self, peer: PeerId) {

@@ -3,7 +3,9 @@
 //! own reply channel through the negotiation.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use libp2p::{
     PeerId, Stream, StreamProtocol,
@@ -16,6 +18,7 @@ use libp2p::{
 use tokio::sync::mpsc;
 
 use crate::behaviour::{Accepted, OpenError, Opened, Reply};
+use crate::linger::Usage;
 
 /// A request to open one outbound stream.
 #[derive(Debug)]
@@ -32,11 +35,14 @@ pub struct Handler {
     to_open: VecDeque<Open>,
     /// Outbound negotiations running.
     negotiating: usize,
+    /// The streams handed out on this connection (see [`crate::linger`]).
+    usage: Arc<Usage>,
+    linger: Duration,
 }
 
 impl Handler {
-    pub(crate) fn new(peer: PeerId, relayed: bool, inbound: Accepted) -> Self {
-        Self { peer, relayed, inbound, to_open: VecDeque::new(), negotiating: 0 }
+    pub(crate) fn new(peer: PeerId, relayed: bool, inbound: Accepted, linger: Duration) -> Self {
+        Self { peer, relayed, inbound, to_open: VecDeque::new(), negotiating: 0, usage: Arc::default(), linger }
     }
 }
 
@@ -54,7 +60,7 @@ impl ConnectionHandler for Handler {
     }
 
     fn connection_keep_alive(&self) -> bool {
-        !self.to_open.is_empty() || self.negotiating > 0
+        !self.to_open.is_empty() || self.negotiating > 0 || self.usage.wanted(self.linger)
     }
 
     fn poll(
@@ -83,7 +89,7 @@ impl ConnectionHandler for Handler {
         match event {
             ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound { protocol: (stream, protocol), .. }) => {
                 let Some((_, queue)) = self.inbound.iter().find(|(p, _)| *p == protocol) else { return };
-                match queue.try_send((self.peer, stream)) {
+                match queue.try_send((self.peer, self.usage.track(stream))) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         tracing::warn!(peer = %self.peer, %protocol, "inbound stream refused: {} streams already waiting", queue.max_capacity());
@@ -95,7 +101,7 @@ impl ConnectionHandler for Handler {
             }
             ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound { protocol: stream, info: (_, reply) }) => {
                 self.negotiating = self.negotiating.saturating_sub(1);
-                let _ = reply.send(Ok(Opened { stream, relayed: self.relayed }));
+                let _ = reply.send(Ok(Opened { stream: self.usage.track(stream), relayed: self.relayed }));
             }
             ConnectionEvent::DialUpgradeError(DialUpgradeError { info: (protocol, reply), error }) => {
                 self.negotiating = self.negotiating.saturating_sub(1);

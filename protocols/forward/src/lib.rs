@@ -75,8 +75,12 @@ pub mod wire;
 mod behaviour;
 #[cfg(feature = "swarm")]
 pub mod handler;
+#[cfg(feature = "swarm")]
+mod linger;
 
 pub use wire::*;
 #[cfg(feature = "swarm")]
 pub use behaviour::{Behaviour, Direct, INBOUND_QUEUE, Incoming, OpenError, Opened, STREAM_PROTOCOL};
+#[cfg(feature = "swarm")]
+pub use linger::Stream;
 

@@ -207,10 +207,12 @@ async fn stop(node: SimNode) {
 }
 
 /// Whether a node has done what a node of its kind does after joining: public nodes serve the
-/// DHT, NATed ones hold a relay reservation; and every node has a routing table.
+/// DHT, NATed ones hold a relay reservation; and every node has a routing table and has
+/// finished the DHT bootstrap it joined with (until then its lookups compete with the joins'
+/// for the CPU, and the figures would say more about this machine than about the DHT).
 async fn settled(node: &NodeHandle, role: Role) -> bool {
     let Ok(status) = node.request(Command::Status).await else { return false };
-    let table = status.routing_table_peers > 0;
+    let table = status.routing_table_peers > 0 && status.dht_refreshed_secs_ago.is_some();
     match role {
         Role::Natted => table && status.relayed_through.iter().any(|r| r.accepted),
         _ => table && status.dht_mode == "server",
@@ -272,6 +274,7 @@ pub async fn run(params: &Params, root: &Path) -> Result<Report, String> {
         }
     }
     let joined_secs = started.elapsed().as_secs_f64();
+    eprintln!("[{joined_secs:6.1} s] {} nodes up; waiting for them to settle", params.nodes);
 
     // Settling: every node has a routing table and has become what it is (server, or reachable
     // through a relay), or the timeout passed; how many did not is reported.
@@ -286,6 +289,7 @@ pub async fn run(params: &Params, root: &Path) -> Result<Report, String> {
         tokio::time::sleep(Duration::from_secs(2)).await;
     };
     let settled_secs = started.elapsed().as_secs_f64();
+    eprintln!("[{settled_secs:6.1} s] settled ({unsettled} not); measuring for {} s", params.measure_secs);
 
     // Measuring.
     let traffic_before = total_traffic(&net, &live);
@@ -380,10 +384,12 @@ pub async fn run(params: &Params, root: &Path) -> Result<Report, String> {
         let statuses = futures::future::join_all(handles.iter().map(|h| h.request(Command::Status))).await;
         statuses.iter().flatten().map(|s| s.connections).sum::<usize>() as f64 / handles.len().max(1) as f64
     };
+    eprintln!("[{:6.1} s] measured; at rest for {} s", started.elapsed().as_secs_f64(), (IDLE_SETTLE + IDLE_WINDOW).as_secs());
     tokio::time::sleep(IDLE_SETTLE).await;
     let idle_traffic = total_traffic(&net, &live);
     let idle_cpu = report::cpu_seconds();
     let idle_start = Instant::now();
+    eprintln!("[{:6.1} s] measuring the background", started.elapsed().as_secs_f64());
     tokio::time::sleep(IDLE_WINDOW).await;
     let idle_secs = idle_start.elapsed().as_secs_f64();
     let idle_cpu = report::cpu_seconds() - idle_cpu;
