@@ -23,4 +23,7 @@ async fn a_network_under_churn_finds_its_nodes_and_forwards_to_them_and_idles_qu
     // no DHT bootstraps beyond its periodic refresh (before, each re-dialed every bootstrap peer
     // as its idle connection closed, about a dial a minute per bootstrap peer and node).
     assert!(report.idle_dials_per_node_per_min < 5.0, "an idle network dials {:.1} times per node per minute", report.idle_dials_per_node_per_min);
+    // At rest a node holds its relay reservations and little else: connections that only carried
+    // lookups close 10 s after them (with 60 s, a node of a 50-node network held 10.5).
+    assert!(report.connections_per_node < 6.0, "{:.1} connections per node at rest", report.connections_per_node);
 }
