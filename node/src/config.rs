@@ -52,8 +52,9 @@ pub struct Config {
     pub dht_mode: DhtMode,
     /// Kademlia protocol id. Default: `/warren/kad/1.0.0`, warren's own DHT.
     pub kad_protocol: String,
-    /// Seconds between periodic DHT bootstraps (refreshing the routing table). Default: 300,
-    /// the interval libp2p and kubo use.
+    /// Seconds between periodic DHT bootstraps (refreshing the routing table), each interval
+    /// drawn within ±25 % of it so nodes started together do not refresh together. Default:
+    /// 300, the interval libp2p and kubo use.
     pub bootstrap_interval_secs: u64,
     /// How many peers the peer store keeps; the least useful are evicted first. Default: 2000,
     /// a few hundred KiB on disk, more than a node ever needs to rejoin.

@@ -186,7 +186,7 @@ impl EventLoop {
             relay_advertised: config.relay_force,
             relay_lookups: Default::default(),
             own_record_due: HashMap::new(),
-            dht_refresh_due: Instant::now() + config.bootstrap_interval(),
+            dht_refresh_due: Instant::now() + dht::refresh_interval(&config),
             relay_announced: false,
             relay_announce_due: None,
             hole_punch: HolePunch::default(),
