@@ -318,6 +318,9 @@ async fn garbage_and_over_long_headers_are_refused_without_disturbing_other_stre
     use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
     use warren_forward::{Request, Status, Transport};
 
+    // Each network step may take this long on a loaded machine; past it the test fails, naming
+    // the step, rather than hanging (it once hung in CI, at an unknown step).
+    const STEP: Duration = Duration::from_secs(30);
     let (client, server) = pair();
     // A raw libp2p peer that speaks the protocol id but sends bad requests. It is on the
     // allow-list: a stranger's requests are not even read.
@@ -350,22 +353,25 @@ async fn garbage_and_over_long_headers_are_refused_without_disturbing_other_stre
     for bad in [over_long, not_cbor, vec![0x00, 0x00], host_port] {
         let mut stream = None;
         wait_until_async(Duration::from_secs(10), async || {
-            stream = control.open_stream(server_id, protocol.clone()).await.ok();
+            stream = tokio::time::timeout(STEP, control.open_stream(server_id, protocol.clone())).await.ok().and_then(|s| s.ok());
             stream.is_some()
         })
         .await;
         let mut stream = stream.unwrap();
         stream.write_all(&bad).await.unwrap();
         stream.flush().await.unwrap();
-        let reply = warren_forward::read_reply(&mut stream).await.expect("a reply, not a hang-up");
+        let reply = tokio::time::timeout(STEP, warren_forward::read_reply(&mut stream))
+            .await
+            .expect("a reply within the step's time")
+            .expect("a reply, not a hang-up");
         assert_eq!(reply.status, Status::BadRequest);
         assert_eq!(reply.detail, None, "a refusal says no more than it needs");
         let mut rest = Vec::new();
-        let _ = stream.read_to_end(&mut rest).await;
+        let _ = tokio::time::timeout(STEP, stream.read_to_end(&mut rest)).await.expect("the stream ends after a refusal");
         assert!(rest.is_empty(), "nothing follows a refusal");
     }
     open.write_all(b"after!").await.unwrap();
-    open.read_exact(&mut buf).await.unwrap();
+    tokio::time::timeout(STEP, open.read_exact(&mut buf)).await.expect("the open connection still echoes").unwrap();
     assert_eq!(&buf, b"after!", "the open stream carried on");
 }
 
