@@ -186,6 +186,9 @@ pub struct RelayStatus {
     pub relayed_bytes: u64,
     pub last_denial: Option<String>,
     pub last_cut: Option<String>,
+    /// Denials since start by what was denied and why, e.g. ("reservation ResourceLimitExceeded", 3).
+    #[serde(default)]
+    pub denied_by_reason: Vec<(String, u64)>,
     pub limits: crate::relay::RelayLimits,
 }
 

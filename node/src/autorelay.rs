@@ -247,7 +247,12 @@ impl AutoRelay {
         }
         if !wanted {
             // Released by us, not lost: out of `held` now, so their closing counts against nobody.
-            actions.release = self.held.iter().filter(|(_, h)| !h.pinned).map(|(id, _)| *id).collect();
+            // A reservation still waiting for the relay's answer is released once it is accepted
+            // (a later tick) or fails: libp2p's relay client panics when an answer arrives for a
+            // reservation whose listener is gone ("Relay connection exist", libp2p-relay 0.22),
+            // which a public node met when AutoNAT confirmed it while its first reservation was
+            // under way (`simulations/dht-scale`, 1,000 nodes).
+            actions.release = self.held.iter().filter(|(_, h)| !h.pinned && h.accepted_at.is_some()).map(|(id, _)| *id).collect();
             for id in &actions.release {
                 if let Some(held) = self.held.remove(id) {
                     self.track(held.relay, held.accepted_at.map(|at| at.elapsed()).unwrap_or_default(), false);
@@ -353,6 +358,22 @@ mod tests {
         // Publicly reachable: automatic reservations are released.
         let actions = auto.tick(false, true, |_| CONNECTED);
         assert_eq!(actions.release.len(), 1);
+    }
+
+    #[test]
+    fn a_reservation_awaiting_its_answer_is_released_only_once_accepted() {
+        let mut auto = AutoRelay::new(1, &[]);
+        let relay = PeerId::random();
+        auto.on_identify(relay, vec![addr(4000)]);
+        let (peer, relay_addr, pinned) = auto.tick(true, true, |_| CONNECTED).reserve.remove(0);
+        let id = ListenerId::next();
+        auto.reserving(id, peer, relay_addr, pinned);
+        // AutoNAT finds us public while the relay has not answered: the listener stays.
+        assert!(auto.tick(false, true, |_| CONNECTED).release.is_empty());
+        assert!(auto.is_relay_listener(id));
+        auto.on_listening(id);
+        assert_eq!(auto.tick(false, true, |_| CONNECTED).release, vec![id]);
+        assert!(!auto.is_relay_listener(id));
     }
 
     #[test]

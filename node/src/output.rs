@@ -78,6 +78,10 @@ pub fn status(s: &api::Status) -> String {
             r.reservations_accepted, r.reservations_denied, r.circuits_accepted, r.circuits_denied, r.circuits_cut,
             human_bytes(r.relayed_bytes)
         );
+        if !r.denied_by_reason.is_empty() {
+            let reasons: Vec<String> = r.denied_by_reason.iter().map(|(reason, n)| format!("{reason} ×{n}")).collect();
+            let _ = writeln!(out, "              denials: {}", reasons.join(", "));
+        }
     }
     out.trim_end().to_string()
 }

@@ -4,7 +4,7 @@
 //! signaling only (128 KiB and 2 minutes per circuit). warren's defaults carry real traffic for a
 //! few peers; every limit can be raised, lowered, or set to `"unlimited"` explicitly.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -401,6 +401,9 @@ pub struct RelayStats {
     pub circuits_cut: u64,
     pub last_denial: Option<String>,
     pub last_cut: Option<String>,
+    /// Denials counted by what was denied and why ("reservation ResourceLimitExceeded"): a
+    /// handful of keys, one per status the relay protocol has.
+    pub denied_by_reason: BTreeMap<String, u64>,
 }
 
 pub type SharedRelayStats = Arc<Mutex<RelayStats>>;
@@ -418,6 +421,7 @@ impl RelayStats {
             E::ReservationReqDenied { src_peer_id, status } => {
                 self.reservations_denied += 1;
                 self.last_denial = Some(format!("reservation from {src_peer_id}: {status:?}"));
+                *self.denied_by_reason.entry(format!("reservation {status:?}")).or_default() += 1;
             }
             E::ReservationClosed { src_peer_id } | E::ReservationTimedOut { src_peer_id } => {
                 if let Some(n) = self.reservations.get_mut(src_peer_id) {
@@ -430,6 +434,7 @@ impl RelayStats {
             E::CircuitReqDenied { src_peer_id, dst_peer_id, status } => {
                 self.circuits_denied += 1;
                 self.last_denial = Some(format!("circuit {src_peer_id} -> {dst_peer_id}: {status:?}"));
+                *self.denied_by_reason.entry(format!("circuit {status:?}")).or_default() += 1;
             }
             E::CircuitReqAccepted { src_peer_id, dst_peer_id } => {
                 *self.circuits.entry((*src_peer_id, *dst_peer_id)).or_default() += 1;

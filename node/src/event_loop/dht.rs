@@ -29,12 +29,26 @@ const BOOTSTRAP_GAP: Duration = Duration::from_secs(60);
 /// 300 nodes, 33 of 42 finds of NATed nodes failed, their publications having timed out while
 /// the network joined.
 const PUBLISH_RETRY: Duration = Duration::from_secs(30);
+/// Each publication that fails again doubles the wait before the next, up to this (and each wait
+/// is spread like refreshes, [`REFRESH_SPREAD`]). A publication is a full lookup and 20 requests;
+/// where they keep timing out (an overloaded machine, a lossy link) retrying every 30 s adds to
+/// what makes them time out: in `simulations/dht-scale`, 500 nodes joining on two cores retried
+/// 1,482 times in the first three minutes after joining, and the bootstraps, pings and relay
+/// reservations that competed with them timed out too.
+const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(8 * 60);
 /// Routing-table refreshes come at the interval ± this share of it, drawn anew each time. Nodes
 /// that started together (a network restarted at once, a data centre's nodes after an outage)
 /// would otherwise refresh together for good, each refresh about 35 requests to as many peers:
 /// in `simulations/dht-scale`, the 500 nodes that joined within 28 s refreshed within the same
 /// 28 s five minutes later, with 30 connections per node open again.
 const REFRESH_SPREAD: f64 = 0.25;
+
+/// A routing-table refresh under way: its lookups, and the answers and requests of those done.
+pub(super) struct Refresh {
+    lookups: std::collections::HashSet<kad::QueryId>,
+    answers: u32,
+    requests: u32,
+}
 
 /// Which of the two DHTs (see [`crate::behaviour::Behaviour::lan_kad`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -101,6 +115,9 @@ impl EventLoop {
     pub(super) fn on_kad_event(&mut self, dht: Dht, event: kad::Event) {
         match event {
             kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetClosestPeers(result), stats, .. } => {
+                if self.on_refresh_lookup(dht, id, &stats) {
+                    return;
+                }
                 let id = (dht, id);
                 let peers = match result {
                     Ok(ok) => ok.peers,
@@ -162,6 +179,12 @@ impl EventLoop {
                 result: kad::QueryResult::StartProviding(Err(error)) | kad::QueryResult::RepublishProvider(Err(error)),
                 ..
             } => self.on_publication_failed(dht, error.into_key()),
+            kad::Event::OutboundQueryProgressed {
+                result: kad::QueryResult::StartProviding(Ok(ok)) | kad::QueryResult::RepublishProvider(Ok(ok)),
+                ..
+            } => {
+                self.publish_failures.remove(&(dht, ok.key));
+            }
             kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetProviders(result), step, stats, .. } => {
                 let providers = match result {
                     Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => providers,
@@ -212,17 +235,8 @@ impl EventLoop {
                     return;
                 }
                 let answered = self.bootstrap_answers.remove(&dht).unwrap_or_default();
-                self.bootstrapped_at.insert(dht, Instant::now());
-                let routing_table = self.table_size(dht);
+                let routing_table = self.on_table_checked(dht, answered);
                 let requests = stats.num_requests();
-                if answered == 0 && routing_table > 0 {
-                    // libp2p keeps departed peers in the routing table (it replaces one only
-                    // when a newcomer needs its place), so a table can be all stale entries.
-                    tracing::info!(?dht, routing_table, "no peer in the routing table answered the DHT bootstrap; dialing bootstrap peers again");
-                    self.unanswered_bootstrap.insert(dht);
-                } else {
-                    self.unanswered_bootstrap.remove(&dht);
-                }
                 match result {
                     Ok(_) => tracing::info!(?dht, routing_table, requests, "DHT bootstrap finished"),
                     Err(error) => tracing::info!(?dht, routing_table, requests, %error, "DHT bootstrap timed out"),
@@ -348,14 +362,22 @@ impl EventLoop {
     }
 
     /// A provider record of ours reached nobody in time: our own record is published again
-    /// after [`PUBLISH_RETRY`], as is the relay announcement.
+    /// after [`publish_retry`], as is the relay announcement.
     fn on_publication_failed(&mut self, dht: Dht, key: kad::RecordKey) {
-        let retry_at = Instant::now() + PUBLISH_RETRY;
-        if key == peer_key(self.swarm.local_peer_id()) {
-            tracing::info!(?dht, retry_in_secs = PUBLISH_RETRY.as_secs(), "publishing our addresses in the DHT timed out");
+        let own = key == peer_key(self.swarm.local_peer_id());
+        let relays = dht == Dht::Wan && key.as_ref() == crate::autorelay::RELAYS_KEY;
+        if !own && !relays {
+            return;
+        }
+        let failures = self.publish_failures.entry((dht, key)).or_default();
+        *failures = failures.saturating_add(1);
+        let wait = publish_retry(*failures);
+        let retry_at = Instant::now() + wait;
+        if own {
+            tracing::info!(?dht, retry_in_secs = wait.as_secs(), failures = *failures, "publishing our addresses in the DHT timed out");
             self.own_record_due.entry(dht).or_insert(retry_at);
-        } else if dht == Dht::Wan && key.as_ref() == crate::autorelay::RELAYS_KEY {
-            tracing::info!(retry_in_secs = PUBLISH_RETRY.as_secs(), "announcing the relay service in the DHT timed out");
+        } else {
+            tracing::info!(retry_in_secs = wait.as_secs(), failures = *failures, "announcing the relay service in the DHT timed out");
             self.relay_announce_due = Some(retry_at);
         }
     }
@@ -388,25 +410,59 @@ impl EventLoop {
         self.kad(dht).kbuckets().map(|b| b.num_entries()).sum()
     }
 
-    /// Refreshes the routing table every `bootstrap_interval_secs` once it has peers. libp2p's own
-    /// periodic bootstrap is off: on a node with no peers yet (the first of a network, say) it
-    /// warned "Failed to trigger bootstrap" every time. (libp2p still bootstraps by itself when
-    /// few peers are known, and tries once when a listen address appears.)
+    /// Refreshes the routing tables every `bootstrap_interval_secs` once they have peers (see
+    /// [`refresh_targets`] for what a refresh looks up). libp2p's own periodic bootstrap is off:
+    /// it looks up a key in every bucket, full or not, one after the other, and on a node with no
+    /// peers yet (the first of a network, say) it warned "Failed to trigger bootstrap" every time.
+    /// (libp2p still bootstraps by itself when few peers are known, and tries once when a listen
+    /// address appears; joining the network is a bootstrap too.)
     pub(super) fn refresh_dht_when_due(&mut self) {
         if Instant::now() < self.dht_refresh_due {
             return;
         }
         self.dht_refresh_due = Instant::now() + refresh_interval(&self.config);
-        if self.table_size(Dht::Wan) > 0
-            && let Err(e) = self.swarm.behaviour_mut().kad.bootstrap()
-        {
-            tracing::debug!(error = %e, "DHT refresh not started");
+        let local = *self.swarm.local_peer_id();
+        for dht in [Dht::Wan, Dht::Lan] {
+            if self.table_size(dht) == 0 || self.refreshes.contains_key(&dht) {
+                continue;
+            }
+            let kad = self.kad(dht);
+            let targets = refresh_targets(local, kad);
+            let lookups = targets.into_iter().map(|target| kad.get_closest_peers(target)).collect();
+            self.refreshes.insert(dht, Refresh { lookups, answers: 0, requests: 0 });
         }
-        if self.table_size(Dht::Lan) > 0
-            && let Err(e) = self.swarm.behaviour_mut().lan_kad.bootstrap()
-        {
-            tracing::debug!(error = %e, "LAN DHT refresh not started");
+    }
+
+    /// A lookup ended; if it was one of a refresh's, counts what it had and returns true.
+    fn on_refresh_lookup(&mut self, dht: Dht, id: kad::QueryId, stats: &kad::QueryStats) -> bool {
+        let Some(refresh) = self.refreshes.get_mut(&dht) else { return false };
+        if !refresh.lookups.remove(&id) {
+            return false;
         }
+        refresh.answers = refresh.answers.saturating_add(stats.num_successes());
+        refresh.requests = refresh.requests.saturating_add(stats.num_requests());
+        if refresh.lookups.is_empty() {
+            let refresh = self.refreshes.remove(&dht).expect("present above");
+            let routing_table = self.on_table_checked(dht, refresh.answers);
+            tracing::info!(?dht, routing_table, requests = refresh.requests, answers = refresh.answers, "DHT refresh finished");
+        }
+        true
+    }
+
+    /// A bootstrap or a refresh ended with `answered` answers in all: records when, and whether
+    /// the routing table is stale. Returns the table's size.
+    fn on_table_checked(&mut self, dht: Dht, answered: u32) -> usize {
+        self.bootstrapped_at.insert(dht, Instant::now());
+        let routing_table = self.table_size(dht);
+        if answered == 0 && routing_table > 0 {
+            // libp2p keeps departed peers in the routing table (it replaces one only when a
+            // newcomer needs its place), so a table can be all stale entries.
+            tracing::info!(?dht, routing_table, "no peer in the routing table answered the DHT bootstrap or refresh; dialing bootstrap peers again");
+            self.unanswered_bootstrap.insert(dht);
+        } else {
+            self.unanswered_bootstrap.remove(&dht);
+        }
+        routing_table
     }
 
     /// Our external addresses changed: publish our own record again in both DHTs.
@@ -438,6 +494,58 @@ impl EventLoop {
             }
         }
     }
+}
+
+/// What a routing-table refresh looks up: our own PeerId (our neighbourhood, where the records
+/// we publish and hold live) and a random PeerId in each bucket beyond our closest neighbour's
+/// that is not full. A full bucket has no room for what a lookup would find; its entries are
+/// checked whenever a newcomer asks for a place in it (Kademlia pings the oldest) and dropped
+/// when a lookup finds them gone, and the far buckets, where most entries are, are the ones
+/// every lookup passes through. libp2p's bootstrap looks up one key per bucket whatever its
+/// state, each lookup 20 requests and more: in `simulations/dht-scale` at 500 nodes, the
+/// refreshes alone kept two cores busy.
+pub(super) fn refresh_targets(local: PeerId, kad: &mut kad::Behaviour<kad::store::MemoryStore>) -> Vec<PeerId> {
+    let mut entries = [0usize; 256];
+    let mut closest: Option<usize> = None;
+    for bucket in kad.kbuckets() {
+        if let Some(index) = bucket.range().0.ilog2() {
+            let index = index as usize;
+            entries[index] = bucket.num_entries();
+            closest = Some(closest.map_or(index, |c| c.min(index)));
+        }
+    }
+    let local_key = kad::KBucketKey::from(local);
+    let mut targets = vec![local];
+    let Some(closest) = closest else { return targets };
+    for index in closest + 1..entries.len() {
+        if entries[index] < kad::K_VALUE.get()
+            && let Some(target) = random_peer_in_bucket(&local_key, index)
+        {
+            targets.push(target);
+        }
+    }
+    targets
+}
+
+/// Random PeerIds tried for one that falls into a given bucket. Bucket 255 takes one try in
+/// two, bucket 245 one in 2,048: buckets closer than that are empty in networks of fewer than
+/// about a thousand DHT servers, and the lookup of our own PeerId covers them.
+const BUCKET_KEY_TRIES: usize = 4096;
+
+/// A random PeerId at a distance from us that falls into bucket `index`, if one turns up in
+/// [`BUCKET_KEY_TRIES`] tries.
+fn random_peer_in_bucket(local: &kad::KBucketKey<PeerId>, index: usize) -> Option<PeerId> {
+    (0..BUCKET_KEY_TRIES).map(|_| PeerId::random()).find(|peer| local.distance(&kad::KBucketKey::from(*peer)).ilog2() == Some(index as u32))
+}
+
+/// The wait before publishing again after `failures` publications in a row failed:
+/// [`PUBLISH_RETRY`], doubling with each further failure up to [`PUBLISH_RETRY_MAX`], spread by
+/// [`REFRESH_SPREAD`].
+fn publish_retry(failures: u32) -> Duration {
+    use rand::Rng as _;
+    let doublings = failures.saturating_sub(1).min(16);
+    let wait = PUBLISH_RETRY.saturating_mul(1 << doublings).min(PUBLISH_RETRY_MAX);
+    wait.mul_f64(rand::thread_rng().gen_range(1.0 - REFRESH_SPREAD..=1.0 + REFRESH_SPREAD))
 }
 
 /// The time to the next routing-table refresh: `bootstrap_interval_secs`, spread over ±25 %
@@ -487,5 +595,38 @@ mod tests {
         }
         assert!(accepts_provider(&arbitrary, Dht::Wan, "/ipfs/kad/1.0.0"), "the IPFS DHT stores what it is for");
         assert!(!accepts_provider(&arbitrary, Dht::Lan, "/ipfs/kad/1.0.0"));
+    }
+
+    #[test]
+    fn a_refresh_looks_up_our_own_key_and_each_bucket_with_room_beyond_our_closest_neighbour() {
+        let local = PeerId::random();
+        let local_key = kad::KBucketKey::from(local);
+        let mut kad = kad::Behaviour::new(local, kad::store::MemoryStore::new(local));
+        assert_eq!(refresh_targets(local, &mut kad), vec![local], "an empty table: our own key only");
+        let addr: Multiaddr = "/ip4/198.51.100.1/tcp/4001".parse().unwrap();
+        let bucket_of = |peer: &PeerId| local_key.distance(&kad::KBucketKey::from(*peer)).ilog2().unwrap() as usize;
+        // Bucket 255 full, 3 peers in 254, our closest neighbour in 250.
+        for (bucket, count) in [(255, kad::K_VALUE.get()), (254, 3), (250, 1)] {
+            for _ in 0..count {
+                let peer = random_peer_in_bucket(&local_key, bucket).expect("a key in a far bucket");
+                kad.add_address(&peer, addr.clone());
+            }
+        }
+        let targets = refresh_targets(local, &mut kad);
+        assert_eq!(targets[0], local);
+        let mut buckets: Vec<usize> = targets[1..].iter().map(bucket_of).collect();
+        buckets.sort();
+        assert_eq!(buckets, vec![251, 252, 253, 254], "the full bucket and the neighbour's own are left out");
+    }
+
+    #[test]
+    fn failed_publications_are_retried_ever_later_up_to_the_cap() {
+        let within = |wait: Duration, base: Duration| {
+            wait >= base.mul_f64(1.0 - REFRESH_SPREAD) && wait <= base.mul_f64(1.0 + REFRESH_SPREAD)
+        };
+        for (failures, base) in [(1, 30), (2, 60), (3, 120), (4, 240), (5, 480), (6, 480), (u32::MAX, 480)] {
+            let wait = publish_retry(failures);
+            assert!(within(wait, Duration::from_secs(base)), "after {failures} failures: {wait:?}, not about {base} s");
+        }
     }
 }

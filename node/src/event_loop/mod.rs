@@ -104,10 +104,14 @@ pub struct EventLoop {
     relay_lookups: std::collections::HashSet<kad::QueryId>,
     /// When our own provider record is next published, per DHT.
     own_record_due: HashMap<Dht, Instant>,
+    /// Publications of ours (own record, relay announcement) that failed in a row, by DHT and
+    /// key; at most four entries.
+    publish_failures: HashMap<(Dht, kad::RecordKey), u32>,
     /// When the DHT's routing table is next refreshed (a bootstrap query).
     dht_refresh_due: Instant,
-    relay_announced: bool,
-    /// When an announcement that timed out is made again.
+    /// When the relay service is next announced in the DHT (once it is advertised): at start and
+    /// when the service changes, and again a while after an announcement that timed out; `None`
+    /// once announced (Kademlia republishes it).
     relay_announce_due: Option<Instant>,
     hole_punch: HolePunch,
     /// When each peer's direct connections were last probed (see `paths`).
@@ -146,6 +150,8 @@ pub struct EventLoop {
     unanswered_bootstrap: std::collections::HashSet<Dht>,
     /// Per DHT: when its last bootstrap ran to the end (see `dht::BOOTSTRAP_GAP`).
     bootstrapped_at: HashMap<Dht, Instant>,
+    /// Routing-table refreshes under way, at most one per DHT.
+    refreshes: HashMap<Dht, dht::Refresh>,
     /// Bootstraps being cut short, one step at a time (see `dht::BOOTSTRAP_GAP`).
     cut_bootstraps: std::collections::HashSet<dht::Query>,
 }
@@ -186,9 +192,9 @@ impl EventLoop {
             relay_advertised: config.relay_force,
             relay_lookups: Default::default(),
             own_record_due: HashMap::new(),
+            publish_failures: HashMap::new(),
             dht_refresh_due: Instant::now() + dht::refresh_interval(&config),
-            relay_announced: false,
-            relay_announce_due: None,
+            relay_announce_due: Some(Instant::now()),
             hole_punch: HolePunch::default(),
             path_checks: HashMap::new(),
             silenced: HashSet::new(),
@@ -208,6 +214,7 @@ impl EventLoop {
             bootstrap_answers: HashMap::new(),
             unanswered_bootstrap: std::collections::HashSet::new(),
             bootstrapped_at: HashMap::new(),
+            refreshes: HashMap::new(),
             cut_bootstraps: std::collections::HashSet::new(),
             config,
         };

@@ -14,7 +14,7 @@ impl EventLoop {
                 self.relay_advertised = *status == relay::Status::Enable;
                 tracing::info!(advertised = self.relay_advertised, "relay service status changed");
                 // Announced (again) by the next tick once enabled.
-                self.relay_announced = false;
+                self.relay_announce_due = Some(std::time::Instant::now());
             }
             relay::Event::ReservationReqDenied { src_peer_id, status } => {
                 tracing::info!(peer = %src_peer_id, ?status, "relay reservation denied");
@@ -36,11 +36,10 @@ impl EventLoop {
     /// Tells the DHT this node relays, so nodes without candidates can find it. Once per
     /// advertisement, when the DHT has peers to store the record (Kademlia republishes it).
     pub(super) fn announce_relay_when_due(&mut self) {
-        let retry_due = self.relay_announce_due.is_some_and(|due| std::time::Instant::now() >= due);
-        if !self.relay_advertised || (self.relay_announced && !retry_due) || self.table_size(Dht::Wan) == 0 {
+        let due = self.relay_announce_due.is_some_and(|due| std::time::Instant::now() >= due);
+        if !self.relay_advertised || !due || self.table_size(Dht::Wan) == 0 {
             return;
         }
-        self.relay_announced = true;
         self.relay_announce_due = None;
         if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(kad::RecordKey::new(&RELAYS_KEY)) {
             tracing::warn!(error = %e, "cannot announce the relay service in the DHT");

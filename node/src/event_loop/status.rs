@@ -87,6 +87,7 @@ impl EventLoop {
                     relayed_bytes: self.meter.as_ref().map_or(0, |m| m.relayed()),
                     last_denial: r.last_denial.clone(),
                     last_cut: r.last_cut.clone(),
+                    denied_by_reason: r.denied_by_reason.iter().map(|(k, n)| (k.clone(), *n)).collect(),
                     limits: self.config.relay_limits.clone(),
                 }
             }),

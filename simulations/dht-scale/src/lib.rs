@@ -51,6 +51,10 @@ const IDLE_WINDOW: Duration = Duration::from_secs(30);
 /// The wait before that window: connections the lookups opened close after warren's 60 s idle
 /// timeout, and the background is what is left once they have.
 const IDLE_SETTLE: Duration = Duration::from_secs(65);
+/// A target up for less than this when a sample failed is named new in the failure's reason.
+const NEW_TARGET: Duration = Duration::from_secs(120);
+/// How long stopping the nodes at the end may take before the run returns without them.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a node that leaves to come back stays away, at most.
 const MAX_DOWNTIME: Duration = Duration::from_secs(60);
 
@@ -92,7 +96,7 @@ impl Default for Params {
             relay_share: 0.2,
             bootstrap: 4,
             latency_ms: 25,
-            join_per_sec: 20.0,
+            join_per_sec: 5.0,
             churn_per_10min: 0.0,
             restart_share: 0.5,
             settle_timeout_secs: 180,
@@ -210,12 +214,20 @@ async fn stop(node: SimNode) {
 /// DHT, NATed ones hold a relay reservation; and every node has a routing table and has
 /// finished the DHT bootstrap it joined with (until then its lookups compete with the joins'
 /// for the CPU, and the figures would say more about this machine than about the DHT).
-async fn settled(node: &NodeHandle, role: Role) -> bool {
-    let Ok(status) = node.request(Command::Status).await else { return false };
-    let table = status.routing_table_peers > 0 && status.dht_refreshed_secs_ago.is_some();
+/// `Err` says what the node still lacks.
+async fn settled(node: &NodeHandle, role: Role) -> Result<(), &'static str> {
+    let Ok(status) = node.request(Command::Status).await else { return Err("no status") };
+    if status.routing_table_peers == 0 {
+        return Err("empty routing table");
+    }
+    if status.dht_refreshed_secs_ago.is_none() {
+        return Err("join bootstrap not finished");
+    }
     match role {
-        Role::Natted => table && status.relayed_through.iter().any(|r| r.accepted),
-        _ => table && status.dht_mode == "server",
+        Role::Natted if !status.relayed_through.iter().any(|r| r.accepted) => Err("NATed, no relay reservation"),
+        Role::Natted => Ok(()),
+        _ if status.dht_mode != "server" => Err("public, not yet a DHT server"),
+        _ => Ok(()),
     }
 }
 
@@ -279,17 +291,21 @@ pub async fn run(params: &Params, root: &Path) -> Result<Report, String> {
     // Settling: every node has a routing table and has become what it is (server, or reachable
     // through a relay), or the timeout passed; how many did not is reported.
     let settle_deadline = Instant::now() + Duration::from_secs(params.settle_timeout_secs);
-    let unsettled = loop {
+    let (unsettled, unsettled_why) = loop {
         let nodes: Vec<(NodeHandle, Role)> = live.lock().expect("live").values().map(|n| (n.handle.clone(), n.role)).collect();
         let checks = futures::future::join_all(nodes.iter().map(|(h, role)| settled(h, *role))).await;
-        let unsettled = checks.iter().filter(|ok| !**ok).count();
+        let unsettled = checks.iter().filter(|c| c.is_err()).count();
         if unsettled == 0 || Instant::now() >= settle_deadline {
-            break unsettled;
+            let mut why: std::collections::BTreeMap<String, usize> = Default::default();
+            for reason in checks.iter().filter_map(|c| c.err()) {
+                *why.entry(reason.to_string()).or_default() += 1;
+            }
+            break (unsettled, why.into_iter().collect::<Vec<_>>());
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     };
     let settled_secs = started.elapsed().as_secs_f64();
-    eprintln!("[{settled_secs:6.1} s] settled ({unsettled} not); measuring for {} s", params.measure_secs);
+    eprintln!("[{settled_secs:6.1} s] settled ({unsettled} not: {unsettled_why:?}); measuring for {} s", params.measure_secs);
 
     // Measuring.
     let traffic_before = total_traffic(&net, &live);
@@ -399,6 +415,7 @@ pub async fn run(params: &Params, root: &Path) -> Result<Report, String> {
         (per_node_min(now.0, idle_traffic.0), per_node_min(now.1, idle_traffic.1))
     };
 
+    eprintln!("[{:6.1} s] collecting routing tables and statuses", started.elapsed().as_secs_f64());
     // Routing-table health: the share of entries that are nodes still up.
     let (handles, live_peers): (Vec<NodeHandle>, std::collections::HashSet<PeerId>) = {
         let live = live.lock().expect("live");
@@ -423,8 +440,9 @@ pub async fn run(params: &Params, root: &Path) -> Result<Report, String> {
             Some(Role::Public { relay: false }) => "public",
             None => "gone",
         };
-        for handle in &handles {
-            let Ok(peers) = handle.request(Command::Peers).await else { continue };
+        let all_peers = futures::future::join_all(handles.iter().map(|h| h.request(Command::Peers))).await;
+        for (handle, peers) in handles.iter().zip(all_peers) {
+            let Ok(peers) = peers else { continue };
             let own = name(roles.get(&handle.peer_id));
             for entry in peers {
                 let remote = entry.peer_id.parse::<PeerId>().ok();
@@ -446,6 +464,7 @@ pub async fn run(params: &Params, root: &Path) -> Result<Report, String> {
         joined_secs,
         settled_secs,
         unsettled,
+        unsettled_why,
         measured_secs,
         departures,
         finds: report::Outcomes::of(&finds),
@@ -465,8 +484,11 @@ pub async fn run(params: &Params, root: &Path) -> Result<Report, String> {
         idle_cpu_ms_per_node_per_sec: idle_cpu * 1000.0 / idle_secs / params.nodes as f64,
     };
 
+    eprintln!("[{:6.1} s] reported; stopping the nodes", started.elapsed().as_secs_f64());
     let nodes: Vec<SimNode> = live.lock().expect("live").drain().map(|(_, n)| n).collect();
-    futures::future::join_all(nodes.into_iter().map(stop)).await;
+    if tokio::time::timeout(STOP_TIMEOUT, futures::future::join_all(nodes.into_iter().map(stop))).await.is_err() {
+        eprintln!("some nodes had not stopped after {} s; leaving them", STOP_TIMEOUT.as_secs());
+    }
     Ok(report)
 }
 
@@ -516,13 +538,16 @@ async fn sample_forward((from, target, natted_target): (NodeHandle, PeerId, bool
 
 /// Keeps a sample unless one of its ends left while it ran (that is churn, not a failed lookup).
 fn record(started: Instant, failure: Option<String>, natted_target: bool, requests: Option<u32>, ends: &[PeerId], live: &Live, out: &Mutex<Vec<Sample>>) {
-    let still_up = {
+    let (still_up, target_age) = {
         let live = live.lock().expect("live");
-        ends.iter().all(|p| live.get(p).is_some_and(|n| n.up_since <= started))
+        let still_up = ends.iter().all(|p| live.get(p).is_some_and(|n| n.up_since <= started));
+        (still_up, ends.last().and_then(|p| live.get(p)).map(|n| started.saturating_duration_since(n.up_since)))
     };
     if still_up {
         let ok = failure.is_none();
-        let failure = failure.map(|f| report::generalise(&f));
+        // Whether the target had only just joined tells a record not yet published from one lost.
+        let joined = if target_age.is_some_and(|age| age < NEW_TARGET) { "new target" } else { "settled target" };
+        let failure = failure.map(|f| format!("{} [{joined}]", report::generalise(&f)));
         out.lock().expect("samples").push(Sample { ok, failure, millis: started.elapsed().as_secs_f64() * 1000.0, natted_target, requests });
     }
 }

@@ -113,8 +113,8 @@ fn main() -> std::process::ExitCode {
         "relays: {} up, {} peers reserved, circuits open {} (most on one {}), accepted {}, denied {}; reservations denied {}",
         relays.relays, relays.reservation_peers, relays.circuits_open, relays.most_circuits_open, relays.circuits_accepted, relays.circuits_denied, relays.reservations_denied
     );
-    for (denial, count) in &relays.denials {
-        println!("relay denial (last at {count} relays): {denial}");
+    for (reason, count) in &relays.denied_by_reason {
+        println!("relays denied {count}×: {reason}");
     }
     for (kind, outcomes) in [("find", &report.finds), ("forward", &report.forwards)] {
         for (reason, count) in &outcomes.failures {

@@ -14,6 +14,9 @@ pub struct Report {
     pub settled_secs: f64,
     /// Nodes not settled when measuring began.
     pub unsettled: usize,
+    /// What the unsettled nodes lacked, counted.
+    #[serde(default)]
+    pub unsettled_why: Vec<(String, usize)>,
     pub measured_secs: f64,
     /// Nodes that left while measuring.
     pub departures: usize,
@@ -65,6 +68,9 @@ pub struct RelaySummary {
     pub reservations_denied: u64,
     /// The last denial each relay saw, counted alike.
     pub denials: Vec<(String, usize)>,
+    /// Every denial, summed over the relays by what was denied and why.
+    #[serde(default)]
+    pub denied_by_reason: Vec<(String, u64)>,
 }
 
 impl RelaySummary {
@@ -78,6 +84,12 @@ impl RelaySummary {
             summary.circuits_accepted += relay.circuits_accepted;
             summary.circuits_denied += relay.circuits_denied;
             summary.reservations_denied += relay.reservations_denied;
+            for (reason, n) in &relay.denied_by_reason {
+                match summary.denied_by_reason.iter_mut().find(|(r, _)| r == reason) {
+                    Some((_, total)) => *total += n,
+                    None => summary.denied_by_reason.push((reason.clone(), *n)),
+                }
+            }
             if let Some(denial) = &relay.last_denial {
                 let denial = generalise(denial);
                 match summary.denials.iter_mut().find(|(d, _)| *d == denial) {
