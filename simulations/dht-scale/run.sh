@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The DHT at scale, as a matrix: every N in NODES at every churn rate in CHURNS, each run
 # appended to results/runs.jsonl, then the table and plots rendered into results/.
-# NODES="500 1000 2000" CHURNS="0 0.1 0.2" MEASURE=600 simulations/dht-scale/run.sh
+# NODES="300 500" CHURNS="0 0.1 0.2" MEASURE=600 simulations/dht-scale/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 NODES=${NODES:-"100 200"}
 CHURNS=${CHURNS:-"0 0.1 0.2"}
-MEASURE=${MEASURE:-300}
+# 600 s: long enough for every node's routing-table refresh (every 10 min ±25 %) to fall in it.
+MEASURE=${MEASURE:-600}
 cargo build --release -p warren-dht-scale
 out=simulations/dht-scale/results
 mkdir -p "$out"

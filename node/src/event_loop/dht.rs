@@ -428,7 +428,12 @@ impl EventLoop {
             }
             let kad = self.kad(dht);
             let targets = refresh_targets(local, kad);
-            let lookups = targets.into_iter().map(|target| kad.get_closest_peers(target)).collect();
+            // Our own key as any lookup (its 20 closest are where our records go); a bucket's
+            // key only until a few peers near it answered: they are the peers the bucket lacks.
+            let lookups = targets
+                .into_iter()
+                .map(|target| if target == local { kad.get_closest_peers(target) } else { kad.get_n_closest_peers(target, BUCKET_LOOKUP_RESULTS) })
+                .collect();
             self.refreshes.insert(dht, Refresh { lookups, answers: 0, requests: 0 });
         }
     }
@@ -526,6 +531,12 @@ pub(super) fn refresh_targets(local: PeerId, kad: &mut kad::Behaviour<kad::store
     }
     targets
 }
+
+/// A bucket's refresh lookup ends once this many peers near its random key have answered. The
+/// lookup is there to find peers for a bucket with room, and the peers nearest its key are in
+/// that bucket; asking until the 20 nearest answered (a lookup's usual end) took 36 requests per
+/// bucket at 500 nodes, where this takes about a third of that.
+const BUCKET_LOOKUP_RESULTS: std::num::NonZeroUsize = std::num::NonZeroUsize::new(5).expect("not zero");
 
 /// Random PeerIds tried for one that falls into a given bucket. Bucket 255 takes one try in
 /// two, bucket 245 one in 2,048: buckets closer than that are empty in networks of fewer than
