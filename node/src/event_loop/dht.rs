@@ -423,7 +423,9 @@ impl EventLoop {
         self.dht_refresh_due = Instant::now() + refresh_interval(&self.config);
         let local = *self.swarm.local_peer_id();
         for dht in [Dht::Wan, Dht::Lan] {
-            if self.table_size(dht) == 0 || self.refreshes.contains_key(&dht) {
+            // A refresh whose lookups have not all reported by now (each ends within the query
+            // timeout, 30 s) is forgotten rather than allowed to hold back every later one.
+            if self.table_size(dht) == 0 {
                 continue;
             }
             let kad = self.kad(dht);
