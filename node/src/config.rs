@@ -54,9 +54,10 @@ pub struct Config {
     pub kad_protocol: String,
     /// Seconds between periodic DHT bootstraps (refreshing the routing table), each interval
     /// drawn within ±25 % of it so nodes started together do not refresh together. Default:
-    /// 600, go-libp2p-kad-dht's (kubo's) interval. rust-libp2p's is 300; a refresh is a lookup
-    /// per bucket, 100–250 requests at 1,000 nodes, and at 300 s it was most of what an idle
-    /// node cost in `simulations/dht-scale`.
+    /// 600, go-libp2p-kad-dht's (kubo's) interval. rust-libp2p's is 300. A refresh looks up our
+    /// own key and one key per bucket with room (about 90 requests p50 at 500 nodes); libp2p's
+    /// bootstrap, every 300 s and every bucket, was most of what an idle node cost in
+    /// `simulations/dht-scale`.
     pub bootstrap_interval_secs: u64,
     /// How many peers the peer store keeps; the least useful are evicted first. Default: 2000,
     /// a few hundred KiB on disk, more than a node ever needs to rejoin.

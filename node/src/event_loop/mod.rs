@@ -107,7 +107,7 @@ pub struct EventLoop {
     /// Publications of ours (own record, relay announcement) that failed in a row, by DHT and
     /// key; at most four entries.
     publish_failures: HashMap<(Dht, kad::RecordKey), u32>,
-    /// When the DHT's routing table is next refreshed (a bootstrap query).
+    /// When the DHTs' routing tables are next refreshed (see `dht::refresh_targets`).
     dht_refresh_due: Instant,
     /// When the relay service is next announced in the DHT (once it is advertised): at start and
     /// when the service changes, and again a while after an announcement that timed out; `None`
@@ -148,7 +148,7 @@ pub struct EventLoop {
     /// The DHTs whose last bootstrap or refresh nobody answered: their routing tables are
     /// stale (see [`EventLoop::has_live_dht_peers`]).
     unanswered_bootstrap: std::collections::HashSet<Dht>,
-    /// Per DHT: when its last bootstrap ran to the end (see `dht::BOOTSTRAP_GAP`).
+    /// Per DHT: when its last bootstrap or refresh ran to the end (see `dht::BOOTSTRAP_GAP`).
     bootstrapped_at: HashMap<Dht, Instant>,
     /// Routing-table refreshes under way, at most one per DHT.
     refreshes: HashMap<Dht, dht::Refresh>,
