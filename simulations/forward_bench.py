@@ -12,11 +12,13 @@ CPU-seconds per GiB counts both ends of a forwarder (warren's two nodes; socat's
 its per-connection children) over the bulk upload and download, the steadiest figure here.
 Nothing here asserts: machines are shared and noisy, so read the ratios, not the absolutes.
 """
-import argparse, json, os, shlex, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
+import argparse, json, os, resource, shlex, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "warren")
 CHUNK = 256 * 1024
+# How long one of the connections held open may take to echo (all of them echo at once).
+HELD_ECHO_WITHIN = 30
 
 
 def serve(listener):
@@ -151,7 +153,8 @@ def concurrent(port, n=200, size=64 * 1024):
                     break
                 back += part
             if back != payload:
-                errors.append("mismatch")
+                same = next((i for i, (a, b) in enumerate(zip(back, payload)) if a != b), min(len(back), size))
+                errors.append(f"{len(back)} of {size} bytes back, the first {same} intact")
             s.close()
         except OSError as e:
             errors.append(str(e))
@@ -162,8 +165,51 @@ def concurrent(port, n=200, size=64 * 1024):
         th.start()
     for th in threads:
         th.join()
-    assert not errors, errors[:3]
+    assert not errors, f"{port}: {len(errors)} of {n} connections failed: {errors[:3]}"
     return time.perf_counter() - t
+
+
+def held_open(port, n, pids):
+    """`n` connections opened one after another and held open, each echoing 1 KiB once they all
+    are: seconds to open them all, seconds for the echoes, and the forwarder's resident memory
+    (both ends, MiB) while they are open, before and after the echoes."""
+    payload = os.urandom(1024)
+    conns = []
+    try:
+        t = time.perf_counter()
+        for _ in range(n):
+            s = connect(port)
+            s.sendall(b"E")
+            conns.append(s)
+        opened = time.perf_counter() - t
+        rss_idle = rss_mib(pids)
+        t = time.perf_counter()
+        for s in conns:
+            s.settimeout(HELD_ECHO_WITHIN)
+            s.sendall(payload)
+        for i, s in enumerate(conns):
+            try:
+                assert recv_exact(s, len(payload)) == payload, f"connection {i} of {n}: its echo came back changed"
+            except socket.timeout:
+                raise AssertionError(f"connection {i} of {n}: no echo within {HELD_ECHO_WITHIN} s")
+        echoed = time.perf_counter() - t
+        return opened, echoed, rss_idle, rss_mib(pids)
+    finally:
+        for s in conns:
+            s.close()
+
+
+def rss_mib(pids):
+    """The sum of the processes' and their children's resident set sizes now (VmRSS; socat's
+    per-connection children count), MiB."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+        with open(f"/proc/{pid}/status") as f:
+            total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+        total += rss_mib(children)
+    return total
 
 
 def cpu_seconds(pids):
@@ -264,9 +310,15 @@ def main():
                          "behind a veth pair with MTU 1500, as on a real path (needs root)")
     ap.add_argument("--tcp", action="store_true",
                     help="also measure warren over TCP alone (Noise + Yamux, the transport of UDP-blocked networks)")
+    ap.add_argument("--conns", type=int, default=0, metavar="N",
+                    help="also hold N connections open through every path at once (each echoes 1 KiB once all "
+                         "are open): time to open them, time for the echoes, the forwarder's memory meanwhile")
     ap.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--serve", metavar="PORT", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    # Every held connection is a socket here and, without --veth, the service's end another.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * args.conns + 1024)), hard))
     if args.serve:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -345,12 +397,19 @@ def main():
         samples = {name: [] for name, _ in paths}
         for _ in range(args.rounds):
             for name, port in paths:
+                print(f"measuring {name}", file=sys.stderr, flush=True)
                 setup(port, 20)  # warm up: connection to the peer, threads
                 r50, r99 = rtt(port)
                 s50, s99 = setup(port)
                 cpu0 = cpu_seconds(pids.get(name, []))
                 up, down = upload(port, nbytes), download(port, nbytes)
                 cpu = cpu_seconds(pids.get(name, [])) - cpu0
+                if args.conns:
+                    opened, echoed, rss_idle, rss_busy = held_open(port, args.conns, pids.get(name, []))
+                    held = {f"open_{args.conns}_ms": opened * 1e3, f"echo_{args.conns}x1k_ms": echoed * 1e3,
+                            f"rss_{args.conns}_open_mib": rss_idle, f"rss_{args.conns}_echoed_mib": rss_busy}
+                else:
+                    held = {}
                 samples[name].append({
                     "upload_mib_s": up,
                     "download_mib_s": down,
@@ -359,6 +418,7 @@ def main():
                     "setup_p50_ms": s50 * 1e3, "setup_p99_ms": s99 * 1e3,
                     "concurrent_200x64k_ms": concurrent(port) * 1e3,
                     "peak_rss_mib": peak_rss_mib(pids.get(name, [])),
+                    **held,
                 })
         rows = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in samples.items()}
         print(json.dumps(samples, indent=2), file=sys.stderr)

@@ -116,6 +116,13 @@ pub const PUNCH_PROTOCOL: StreamProtocol = StreamProtocol::new(warren_punch::PRO
 /// once, so a handful is plenty.
 const PUNCH_OFFERS_QUEUED: usize = 8;
 
+/// Streams a peer may open at once on a QUIC connection to us (see `quic_config`).
+const QUIC_STREAM_LIMIT: u32 = 1024;
+const _: () = assert!(
+    (warren_forward::QUIC_STREAMS as u32) < QUIC_STREAM_LIMIT,
+    "a peer's forward streams leave room for its path probes and punch offers"
+);
+
 /// The QUIC settings warren uses.
 fn quic_config(key: &Keypair) -> libp2p::quic::Config {
     let mut quic = libp2p::quic::Config::new(key);
@@ -128,7 +135,7 @@ fn quic_config(key: &Keypair) -> libp2p::quic::Config {
     // for a slot rather than fail. quinn reserves state for every allowed stream in every
     // connection (measured: ~600 KiB per connection at 4096, ~150 KiB at 256), which is what a
     // relay's connection count multiplies, so not more than this.
-    quic.max_concurrent_stream_limit = 1024;
+    quic.max_concurrent_stream_limit = QUIC_STREAM_LIMIT;
     // Flow control: every stream has its own window, and all share the connection's. A stream
     // whose reader is stuck (a forwarded service that stopped reading) holds its whole window of
     // the connection's. With libp2p's 10 MB per stream and 15 MB per connection, two stuck

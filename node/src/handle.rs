@@ -43,7 +43,7 @@ pub enum Command {
     /// A forwarded connection to the peer went silent: probe its direct connections.
     CheckPaths(PeerId),
     /// A direct connection did not answer its probe (why): close it.
-    PathSilent(PeerId, libp2p::swarm::ConnectionId, String),
+    PathSilent(PeerId, libp2p::swarm::ConnectionId, crate::paths::Silent),
 }
 
 /// What the event loop gathered for `warren netcheck`; [`NetcheckDraft::finish`] traces the
@@ -167,7 +167,11 @@ impl NodeHandle {
 
     /// Opens a stream on a connection already open ([`OpenError::NotConnected`] otherwise).
     pub async fn open_stream(&self, peer: PeerId, protocol: StreamProtocol) -> Result<Result<Opened, OpenError>, ShuttingDown> {
-        self.request(|tx| Command::OpenStream(peer, protocol, tx)).await
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::OpenStream(peer, protocol, tx)).await.map_err(|_| ShuttingDown)?;
+        // The request travels with the connection it waits on, and is dropped unanswered when
+        // that connection closes first: not the node shutting down.
+        Ok(rx.await.unwrap_or(Err(OpenError::ConnectionClosed)))
     }
 
     /// Makes sure a connection to the peer is open, reaching it if needed (within

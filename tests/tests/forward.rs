@@ -68,6 +68,46 @@ async fn five_hundred_concurrent_connections_each_echo_a_megabyte() {
     assert_eq!(forward_info(&client, bind)["total"].as_u64().unwrap(), 500);
 }
 
+/// Over TCP (yamux, as on a UDP-blocked network or through a relay), more forwarded connections
+/// at once than yamux's 512 streams: yamux ended the whole connection, every forward on it,
+/// once either side counted 512; now a connection carries at most `YAMUX_STREAMS` and the
+/// rest wait for one to close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn seven_hundred_connections_at_once_over_tcp_keep_their_shared_connection() {
+    const HELD: usize = 700;
+    let _turn = heavy();
+    let tcp_only = ["--listen", "/ip4/127.0.0.1/tcp/0"];
+    let server = Node::start(&tcp_only);
+    let status = server.status();
+    let listen = status["listen_addrs"].as_array().unwrap()[0].as_str().unwrap().to_string();
+    let client = Node::start(&[&tcp_only[..], &["--bootstrap", &format!("{listen}/p2p/{}", server.peer_id)]].concat());
+    expose(&server, "echo", &echo_service().await.to_string(), &[&client.peer_id]);
+    let bind = forward(&client, &format!("{}/echo", server.peer_id));
+    assert!(echo_transfer(bind, 1024, 1).await.0 != [0; 32], "the forward works");
+    let started = Instant::now();
+    // All open first, then every one echoes and closes.
+    let mut held = Vec::new();
+    for _ in 0..HELD {
+        held.push(TcpStream::connect(bind).await.unwrap());
+    }
+    let echoes = held.into_iter().enumerate().map(|(i, mut tcp)| async move {
+        let sent = format!("connection {i}");
+        tcp.write_all(sent.as_bytes()).await?;
+        let mut back = vec![0; sent.len()];
+        tcp.read_exact(&mut back).await?;
+        Ok::<_, std::io::Error>(back == sent.as_bytes())
+    });
+    let results = tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(echoes)).await.expect("every echo within 60 s");
+    let intact = results.iter().filter(|r| matches!(r, Ok(true))).count();
+    assert_eq!(intact, HELD, "every held connection echoed intact");
+    let info = forward_info(&client, bind);
+    assert_eq!(info["failed"], 0, "no forwarded connection failed: {info}");
+    let peers = client.json(&["peers"]).unwrap();
+    let entry = peers.as_array().unwrap().iter().find(|p| p["peer_id"] == server.peer_id.as_str()).expect("connected to the server");
+    let ages: Vec<u64> = entry["connections"].as_array().unwrap().iter().map(|c| c["age_secs"].as_u64().unwrap()).collect();
+    assert!(ages.iter().any(|age| *age >= started.elapsed().as_secs()), "the connection from before is still open: ages {ages:?} after {:?}", started.elapsed());
+}
+
 /// A reset must arrive as a reset, never as a clean end of data: a cut-off transfer that looks
 /// complete is the worst thing a tunnel can do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

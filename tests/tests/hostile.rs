@@ -119,19 +119,20 @@ async fn an_allowed_peer_holding_idle_streams_is_capped_and_others_still_forward
     let server = Node::start(&[]);
     let client = Node::start(&["--bootstrap", &server.quic_addr()]);
     let echo = echo_service().await.to_string();
-    let (greedy, control) = attacker(&server, 1);
+    // Two connections: one holds at most 1024 streams (QUIC's limit), fewer than the cap.
+    let (greedy, control) = attacker(&server, 2);
     expose(&server, "echo", &echo, &[&client.peer_id]);
     expose(&server, "other", &echo, &[&greedy.to_string()]);
     let bind = forward(&client, &format!("{}/echo", server.peer_id));
 
     let server_id: PeerId = server.peer_id.parse().unwrap();
-    let mut streams = open_idle(&control, server_id, 1000).await;
-    assert_eq!(streams.len(), 1000);
-    // 512 may wait for their request (30 s); the rest are refused at once.
+    let mut streams = open_idle(&control, server_id, 1500).await;
+    assert_eq!(streams.len(), 1500);
+    // 1024 may wait for their request (30 s); the rest are refused at once.
     let replies = futures::future::join_all(streams.iter_mut().map(|s| reply_on(s, Duration::from_secs(3)))).await;
     let over_capacity = replies.iter().filter(|r| **r == Some(Status::OverCapacity)).count();
     let unanswered = replies.iter().filter(|r| r.is_none()).count();
-    assert_eq!((over_capacity, unanswered), (1000 - 512, 512), "beyond the per-peer cap of waiting streams, streams are refused at once");
+    assert_eq!((over_capacity, unanswered), (1500 - 1024, 1024), "beyond the per-peer cap of waiting streams, streams are refused at once");
     for i in 0..3 {
         assert!(echoes(bind).await, "another allowed peer's connection {i} still works");
     }

@@ -27,10 +27,13 @@ use super::{Active, Forwarding, resume, splice};
 /// Forward streams served at once across all services; beyond it peers get "over capacity".
 const MAX_INBOUND_STREAMS: usize = 8192;
 /// Streams of one peer waiting for their request. A forward keeps one stream open ahead of
-/// need, and a burst of new connections sends its requests right behind the stream's opening:
-/// 512 covers hundreds of connections opened at once by one peer, while a peer that opens
-/// streams and sends nothing holds no more than this (and no node-wide slot).
-const MAX_WAITING_PER_PEER: usize = 512;
+/// need, and a burst of new connections sends its requests right behind the stream's opening,
+/// but on a busy node the requests wait for their tasks to run: 1,000 connections opened at
+/// once through one forward had a quarter refused at 512 (measured). As many as a peer's
+/// forward may have opening on one connection ([`warren_forward::QUIC_STREAMS`]), then, while
+/// a peer that opens streams and sends nothing holds no more than this (and no node-wide slot).
+const MAX_WAITING_PER_PEER: usize = 1024;
+const _: () = assert!(MAX_WAITING_PER_PEER >= warren_forward::QUIC_STREAMS, "an honest burst is never refused");
 /// Refusal replies being written at once. A refusal is one small frame, but a peer that does
 /// not read could hold its task until [`REFUSAL_TIMEOUT`]; beyond this, streams to refuse are
 /// dropped without a reply.

@@ -27,13 +27,26 @@ use libp2p::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::handler::{Handler, Open};
-use crate::linger::Stream;
+use crate::linger::{Stream, Usage};
 
 /// The protocol id as libp2p negotiates it.
 pub const STREAM_PROTOCOL: StreamProtocol = StreamProtocol::new(crate::PROTOCOL);
 /// Inbound streams waiting for the serving task; beyond this they are refused. Sized for a burst
 /// of new connections on every forward at once, while the serving task spawns one task each.
 pub const INBOUND_QUEUE: usize = 1024;
+
+/// Streams of this behaviour (both directions) one connection over yamux (TCP, and relayed
+/// circuits) carries at once; opening more forward streams waits until one closes. yamux ends
+/// the whole connection, every stream on it, when either side's count of streams reaches its
+/// limit (512 in yamux 0.14, which libp2p keeps): 700 forwarded connections at once killed the
+/// TCP connection they shared (measured). A quarter of the limit is left for the other
+/// protocols and for streams yamux still holds after they were dropped here.
+pub const YAMUX_STREAMS: usize = 384;
+/// ... and, counting only the streams this side opened, over QUIC, where the peer lets us open
+/// 1024 at once (the node's `max_concurrent_stream_limit`) and quinn makes the rest wait, so
+/// long that libp2p's negotiation times out: a little under it, so the DHT, a path probe or a
+/// punch offer always has room.
+pub const QUIC_STREAMS: usize = 1008;
 
 /// Inbound forward streams, in arrival order, with the peer that opened each.
 pub type Incoming = mpsc::Receiver<(PeerId, Stream)>;
@@ -90,8 +103,8 @@ pub(crate) type Accepted = Arc<Vec<(StreamProtocol, mpsc::Sender<(PeerId, Stream
 
 pub struct Behaviour {
     inbound: Accepted,
-    /// Each peer's connections, oldest first, and whether each is relayed.
-    connections: HashMap<PeerId, Vec<(ConnectionId, bool)>>,
+    /// Each peer's connections, oldest first, whether each is relayed, and its streams' use.
+    connections: HashMap<PeerId, Vec<(ConnectionId, bool, Arc<Usage>)>>,
     direct: Direct,
     events: VecDeque<ToSwarm<(), Open>>,
     /// The swarm's task, woken when `open` queues a request from outside `poll`.
@@ -136,14 +149,14 @@ impl Behaviour {
     /// relayed one; the stream (or why not) arrives on `reply`. Never dials.
     pub fn open(&mut self, peer: PeerId, protocol: StreamProtocol, reply: Reply) {
         let chosen = self.connections.get(&peer).and_then(|list| {
-            list.iter().rev().find(|(_, relayed)| !relayed).or_else(|| list.last()).map(|(id, _)| *id)
+            list.iter().rev().find(|(_, relayed, _)| !relayed).or_else(|| list.last()).map(|(id, ..)| *id)
         });
         self.open_chosen(peer, chosen, protocol, reply);
     }
 
     /// Opens a stream of `protocol` on that one connection to `peer` (to probe it, say).
     pub fn open_on(&mut self, peer: PeerId, connection: ConnectionId, protocol: StreamProtocol, reply: Reply) {
-        let known = self.connections.get(&peer).is_some_and(|list| list.iter().any(|(id, _)| *id == connection));
+        let known = self.connections.get(&peer).is_some_and(|list| list.iter().any(|(id, ..)| *id == connection));
         self.open_chosen(peer, known.then_some(connection), protocol, reply);
     }
 
@@ -165,13 +178,24 @@ impl Behaviour {
 
     fn add_connection(&mut self, peer: PeerId, connection: ConnectionId, addr: &Multiaddr) -> Handler {
         let relayed = is_relayed(addr);
-        self.connections.entry(peer).or_default().push((connection, relayed));
+        let quic = !relayed && addr.iter().any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic));
+        let handler = Handler::new(peer, relayed, self.inbound.clone(), self.linger, if quic { (QUIC_STREAMS, true) } else { (YAMUX_STREAMS, false) });
+        self.connections.entry(peer).or_default().push((connection, relayed, handler.usage()));
         self.update_direct(peer);
-        Handler::new(peer, relayed, self.inbound.clone(), self.linger)
+        handler
+    }
+
+    /// Whether a stream of this behaviour on `connection` read bytes from the peer within
+    /// `window` before now: the connection works, whatever a probe on it says.
+    pub fn heard_within(&self, peer: &PeerId, connection: ConnectionId, window: Duration) -> bool {
+        self.connections
+            .get(peer)
+            .and_then(|list| list.iter().find(|(id, ..)| *id == connection))
+            .is_some_and(|(.., usage)| usage.heard_within(window))
     }
 
     fn update_direct(&self, peer: PeerId) {
-        let direct = self.connections.get(&peer).is_some_and(|list| list.iter().any(|(_, relayed)| !relayed));
+        let direct = self.connections.get(&peer).is_some_and(|list| list.iter().any(|(_, relayed, _)| !relayed));
         self.direct.set(peer, direct);
     }
 }
@@ -207,7 +231,7 @@ impl NetworkBehaviour for Behaviour {
     fn on_swarm_event(&mut self, event: FromSwarm) {
         if let FromSwarm::ConnectionClosed(closed) = event {
             if let Some(list) = self.connections.get_mut(&closed.peer_id) {
-                list.retain(|(id, _)| *id != closed.connection_id);
+                list.retain(|(id, ..)| *id != closed.connection_id);
                 if list.is_empty() {
                     self.connections.remove(&closed.peer_id);
                 }

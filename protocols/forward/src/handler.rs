@@ -38,11 +38,39 @@ pub struct Handler {
     /// The streams handed out on this connection (see [`crate::linger`]).
     usage: Arc<Usage>,
     linger: Duration,
+    /// Streams of this behaviour the connection may carry at once before forward streams wait,
+    /// and whether that counts only the streams this side opened (see
+    /// [`crate::behaviour::YAMUX_STREAMS`]).
+    stream_limit: (usize, bool),
 }
 
 impl Handler {
-    pub(crate) fn new(peer: PeerId, relayed: bool, inbound: Accepted, linger: Duration) -> Self {
-        Self { peer, relayed, inbound, to_open: VecDeque::new(), negotiating: 0, usage: Arc::default(), linger }
+    pub(crate) fn new(peer: PeerId, relayed: bool, inbound: Accepted, linger: Duration, stream_limit: (usize, bool)) -> Self {
+        Self { peer, relayed, inbound, to_open: VecDeque::new(), negotiating: 0, usage: Arc::default(), linger, stream_limit }
+    }
+
+    pub(crate) fn usage(&self) -> Arc<Usage> {
+        self.usage.clone()
+    }
+
+    /// The next request to hand to the connection: the rare ones that are not forward streams
+    /// (path probes, punch offers) first, whatever waits: a probe stuck behind a burst of new
+    /// forwarded connections would take its working connection for dead. Then forward streams
+    /// in order, while the connection carries fewer than its limit; beyond, they wait for one
+    /// to close.
+    fn next_to_open(&mut self, cx: &Context<'_>) -> Option<Open> {
+        if self.to_open.is_empty() {
+            return None;
+        }
+        // Registered before counting, so a stream closing in between still wakes us.
+        self.usage.wake_on_close(cx);
+        let (limit, opened_here_only) = self.stream_limit;
+        let next = self
+            .to_open
+            .iter()
+            .position(|open| open.protocol != crate::behaviour::STREAM_PROTOCOL)
+            .or_else(|| (self.usage.open(opened_here_only) + self.negotiating < limit).then_some(0));
+        next.and_then(|i| self.to_open.remove(i))
     }
 }
 
@@ -65,9 +93,9 @@ impl ConnectionHandler for Handler {
 
     fn poll(
         &mut self,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, Self::OutboundOpenInfo, Self::ToBehaviour>> {
-        match self.to_open.pop_front() {
+        match self.next_to_open(cx) {
             Some(Open { protocol, reply }) => {
                 self.negotiating += 1;
                 Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest {
@@ -89,7 +117,7 @@ impl ConnectionHandler for Handler {
         match event {
             ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound { protocol: (stream, protocol), .. }) => {
                 let Some((_, queue)) = self.inbound.iter().find(|(p, _)| *p == protocol) else { return };
-                match queue.try_send((self.peer, self.usage.track(stream))) {
+                match queue.try_send((self.peer, self.usage.track(stream, false))) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         tracing::warn!(peer = %self.peer, %protocol, "inbound stream refused: {} streams already waiting", queue.max_capacity());
@@ -101,7 +129,7 @@ impl ConnectionHandler for Handler {
             }
             ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound { protocol: stream, info: (_, reply) }) => {
                 self.negotiating = self.negotiating.saturating_sub(1);
-                let _ = reply.send(Ok(Opened { stream: self.usage.track(stream), relayed: self.relayed }));
+                let _ = reply.send(Ok(Opened { stream: self.usage.track(stream, true), relayed: self.relayed }));
             }
             ConnectionEvent::DialUpgradeError(DialUpgradeError { info: (protocol, reply), error }) => {
                 self.negotiating = self.negotiating.saturating_sub(1);

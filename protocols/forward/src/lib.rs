@@ -80,7 +80,7 @@ mod linger;
 
 pub use wire::*;
 #[cfg(feature = "swarm")]
-pub use behaviour::{Behaviour, Direct, INBOUND_QUEUE, Incoming, OpenError, Opened, STREAM_PROTOCOL};
+pub use behaviour::{Behaviour, Direct, INBOUND_QUEUE, Incoming, OpenError, Opened, QUIC_STREAMS, STREAM_PROTOCOL, YAMUX_STREAMS};
 #[cfg(feature = "swarm")]
 pub use linger::Stream;
 

@@ -11,19 +11,59 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-/// The streams of one connection in use, and when the last one closed.
+use futures::task::AtomicWaker;
+
+/// The streams of one connection in use, when the last one closed, and when one of them last
+/// brought bytes from the peer.
 #[derive(Debug, Default)]
 pub(crate) struct Usage {
     open: AtomicUsize,
+    /// Of those, the ones this side opened.
+    opened_here: AtomicUsize,
     last_closed: Mutex<Option<Instant>>,
+    /// The [`now_ms`] at which a stream last read bytes (0: never). An atomic,
+    /// not a lock: every read of every forwarded connection stores it.
+    heard_ms: AtomicU64,
+    /// The handler's task, woken when a stream closes (it may be holding opens back).
+    closed: AtomicWaker,
+}
+
+/// Milliseconds since the first call, the clock of [`Usage::heard_ms`].
+fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 impl Usage {
+    /// Streams of this connection in use now: all, or only those this side opened.
+    pub(crate) fn open(&self, opened_here_only: bool) -> usize {
+        if opened_here_only { &self.opened_here } else { &self.open }.load(Ordering::Relaxed)
+    }
+
+    /// Wakes the handler's task (`cx`) when a stream closes.
+    pub(crate) fn wake_on_close(&self, cx: &Context<'_>) {
+        self.closed.register(cx.waker());
+    }
+
+    /// Whether a stream of this connection read bytes from the peer within `window` before now.
+    pub(crate) fn heard_within(&self, window: Duration) -> bool {
+        self.heard_within_at(now_ms(), window)
+    }
+
+    fn heard_within_at(&self, now_ms: u64, window: Duration) -> bool {
+        let at = self.heard_ms.load(Ordering::Relaxed);
+        at != 0 && now_ms.saturating_sub(at) <= window.as_millis() as u64
+    }
+
+    fn heard(&self) {
+        self.heard_ms.store(now_ms().max(1), Ordering::Relaxed);
+    }
+
     /// Whether the connection should stay open: a stream is open, or the last one closed less
     /// than `linger` ago.
     pub(crate) fn wanted(&self, linger: Duration) -> bool {
@@ -31,10 +71,13 @@ impl Usage {
             || self.last_closed.lock().expect("usage lock").is_some_and(|closed| closed.elapsed() < linger)
     }
 
-    /// Counts `stream` in until it is dropped.
-    pub(crate) fn track(self: &Arc<Self>, stream: libp2p::Stream) -> Stream {
+    /// Counts `stream` in until it is dropped; `opened_here`: this side opened it.
+    pub(crate) fn track(self: &Arc<Self>, stream: libp2p::Stream, opened_here: bool) -> Stream {
         self.open.fetch_add(1, Ordering::Relaxed);
-        Stream { inner: stream, usage: self.clone() }
+        if opened_here {
+            self.opened_here.fetch_add(1, Ordering::Relaxed);
+        }
+        Stream { inner: stream, usage: self.clone(), opened_here }
     }
 }
 
@@ -44,18 +87,33 @@ impl Usage {
 pub struct Stream {
     inner: libp2p::Stream,
     usage: Arc<Usage>,
+    opened_here: bool,
 }
 
 impl Drop for Stream {
     fn drop(&mut self) {
         *self.usage.last_closed.lock().expect("usage lock") = Some(Instant::now());
         self.usage.open.fetch_sub(1, Ordering::Relaxed);
+        if self.opened_here {
+            self.usage.opened_here.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.usage.closed.wake();
+    }
+}
+
+impl Stream {
+    fn note_read(&self, read: &Poll<io::Result<usize>>) {
+        if matches!(read, Poll::Ready(Ok(n)) if *n > 0) {
+            self.usage.heard();
+        }
     }
 }
 
 impl futures::AsyncRead for Stream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.note_read(&read);
+        read
     }
 
     fn poll_read_vectored(
@@ -63,7 +121,9 @@ impl futures::AsyncRead for Stream {
         cx: &mut Context<'_>,
         bufs: &mut [io::IoSliceMut<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_read_vectored(cx, bufs)
+        let read = Pin::new(&mut self.inner).poll_read_vectored(cx, bufs);
+        self.note_read(&read);
+        read
     }
 }
 
@@ -99,5 +159,16 @@ mod tests {
         *usage.last_closed.lock().unwrap() = Some(Instant::now() - Duration::from_secs(30));
         assert!(usage.wanted(Duration::from_secs(60)), "closed 30 s ago, linger 60 s");
         assert!(!usage.wanted(Duration::from_secs(20)), "closed 30 s ago, linger 20 s");
+    }
+
+    #[test]
+    fn a_connection_is_heard_from_when_a_stream_read_bytes_lately() {
+        let usage = Usage::default();
+        assert!(!usage.heard_within(Duration::from_secs(3600)), "nothing read yet");
+        usage.heard();
+        assert!(usage.heard_within(Duration::from_secs(2)));
+        usage.heard_ms.store(1_000, Ordering::Relaxed);
+        assert!(usage.heard_within_at(2_900, Duration::from_secs(2)));
+        assert!(!usage.heard_within_at(3_100, Duration::from_secs(2)), "read before the window");
     }
 }
