@@ -43,7 +43,8 @@ pub enum Command {
     /// A forwarded connection to the peer went silent: probe its direct connections.
     CheckPaths(PeerId),
     /// A direct connection did not answer its probe (why): close it.
-    PathSilent(PeerId, libp2p::swarm::ConnectionId, crate::paths::Silent),
+    /// A probe of this connection, started at the instant, went unanswered.
+    PathSilent(PeerId, libp2p::swarm::ConnectionId, crate::paths::Silent, std::time::Instant),
 }
 
 /// What the event loop gathered for `warren netcheck`; [`NetcheckDraft::finish`] traces the

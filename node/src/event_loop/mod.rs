@@ -390,7 +390,7 @@ impl EventLoop {
                 birthday::answered(reply);
             }
             Command::CheckPaths(peer) => self.check_paths(peer),
-            Command::PathSilent(peer, connection, silent) => self.on_path_silent(peer, connection, silent),
+            Command::PathSilent(peer, connection, silent, started) => self.on_path_silent(peer, connection, silent, started),
             Command::RoutingTable(reply) => {
                 let peers = self.swarm.behaviour_mut().kad.kbuckets().flat_map(|b| b.iter().map(|e| *e.node.key.preimage()).collect::<Vec<_>>()).collect();
                 let _ = reply.send(peers);

@@ -36,7 +36,7 @@ impl EventLoop {
                 match probe(opening, within).await {
                     Ok(()) => tracing::debug!(peer = %peer, took = ?started.elapsed(), "direct connection answered its probe"),
                     Err(silent) => {
-                        let _ = handle.tell(Command::PathSilent(peer, connection, silent)).await;
+                        let _ = handle.tell(Command::PathSilent(peer, connection, silent, started)).await;
                     }
                 }
             });
@@ -44,12 +44,13 @@ impl EventLoop {
     }
 
     /// A direct connection did not answer its probe: closed, so that what it carried moves on,
-    /// unless its forwarded connections brought bytes meanwhile. A connection carrying many of
+    /// unless its forwarded connections brought bytes since the probe `started` (the event loop
+    /// may take this up well after the probe gave up). A connection carrying many of
     /// them may hold the probe's stream back (its stream limit, the peer's queue of streams to
     /// accept) for longer than the probe waits: 1,000 forwarded connections opened at once had
     /// their working connection closed under them that way (measured).
-    pub(super) fn on_path_silent(&mut self, peer: PeerId, connection: ConnectionId, silent: Silent) {
-        if self.swarm.behaviour().forward.heard_within(&peer, connection, silent.0) {
+    pub(super) fn on_path_silent(&mut self, peer: PeerId, connection: ConnectionId, silent: Silent, started: Instant) {
+        if self.swarm.behaviour().forward.heard_since(&peer, connection, started) {
             tracing::debug!(peer = %peer, %silent, "a probe went unanswered on a connection that carries data; keeping it");
             return;
         }

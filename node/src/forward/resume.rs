@@ -560,7 +560,7 @@ where
         }
         wake.notify_one();
     }
-    let mut buf = vec![0u8; BUFFER];
+    let mut buf = super::splice::ReadBuf::new();
     loop {
         {
             let st = state.lock().unwrap();
@@ -586,7 +586,7 @@ where
             Chunk::Data(len) => {
                 let mut left = len;
                 while left > 0 {
-                    let n = stream.read(&mut buf[..left.min(BUFFER)]).await.map_err(Detached::Stream)?;
+                    let n = stream.read(buf.room(left)).await.map_err(Detached::Stream)?;
                     if n == 0 {
                         return Err(Detached::Stream(Error::new(ErrorKind::ConnectionReset, "the stream ended mid-chunk")));
                     }
@@ -601,7 +601,7 @@ where
                         // While the local application is slow to read, the stream is not read
                         // either: its silence is ours, not the path's.
                         state.lock().unwrap().writing_local = true;
-                        let wrote = tcp.write(&buf[at..n]).await.map_err(Detached::Fatal)?;
+                        let wrote = tcp.write(&buf.read(n)[at..]).await.map_err(Detached::Fatal)?;
                         if wrote == 0 {
                             return Err(Detached::Fatal(Error::from(ErrorKind::WriteZero)));
                         }
@@ -612,6 +612,7 @@ where
                         st.heard = Some(Instant::now());
                         counters.received.fetch_add(wrote as u64, Ordering::Relaxed);
                     }
+                    buf.used(n);
                 }
                 if state.lock().unwrap().ack_due() {
                     wake.notify_one();

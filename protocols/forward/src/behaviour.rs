@@ -185,13 +185,13 @@ impl Behaviour {
         handler
     }
 
-    /// Whether a stream of this behaviour on `connection` read bytes from the peer within
-    /// `window` before now: the connection works, whatever a probe on it says.
-    pub fn heard_within(&self, peer: &PeerId, connection: ConnectionId, window: Duration) -> bool {
+    /// Whether a stream of this behaviour on `connection` read bytes from the peer since
+    /// `since`: the connection works, whatever a probe on it says.
+    pub fn heard_since(&self, peer: &PeerId, connection: ConnectionId, since: std::time::Instant) -> bool {
         self.connections
             .get(peer)
             .and_then(|list| list.iter().find(|(id, ..)| *id == connection))
-            .is_some_and(|(.., usage)| usage.heard_within(window))
+            .is_some_and(|(.., usage)| usage.heard_since(since))
     }
 
     fn update_direct(&self, peer: PeerId) {

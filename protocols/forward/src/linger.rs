@@ -50,9 +50,9 @@ impl Usage {
         self.closed.register(cx.waker());
     }
 
-    /// Whether a stream of this connection read bytes from the peer within `window` before now.
-    pub(crate) fn heard_within(&self, window: Duration) -> bool {
-        self.heard_within_at(now_ms(), window)
+    /// Whether a stream of this connection read bytes from the peer since `since`.
+    pub(crate) fn heard_since(&self, since: Instant) -> bool {
+        self.heard_within_at(now_ms(), since.elapsed())
     }
 
     fn heard_within_at(&self, now_ms: u64, window: Duration) -> bool {
@@ -164,9 +164,10 @@ mod tests {
     #[test]
     fn a_connection_is_heard_from_when_a_stream_read_bytes_lately() {
         let usage = Usage::default();
-        assert!(!usage.heard_within(Duration::from_secs(3600)), "nothing read yet");
+        let before = Instant::now();
+        assert!(!usage.heard_since(before), "nothing read yet");
         usage.heard();
-        assert!(usage.heard_within(Duration::from_secs(2)));
+        assert!(usage.heard_since(before));
         usage.heard_ms.store(1_000, Ordering::Relaxed);
         assert!(usage.heard_within_at(2_900, Duration::from_secs(2)));
         assert!(!usage.heard_within_at(3_100, Duration::from_secs(2)), "read before the window");
