@@ -55,7 +55,8 @@ impl EventLoop {
             return;
         }
         if self.conns.contains_key(&connection) {
-            tracing::warn!(peer = %peer, why = %silent, "direct connection stopped carrying anything; closing it");
+            let heard_ago = self.swarm.behaviour().forward.heard_ago(&peer, connection);
+            tracing::warn!(peer = %peer, why = %silent, ?heard_ago, "direct connection stopped carrying anything; closing it");
             if self.swarm.close_connection(connection) {
                 self.silenced.insert(connection);
             }

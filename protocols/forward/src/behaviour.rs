@@ -188,10 +188,16 @@ impl Behaviour {
     /// Whether a stream of this behaviour on `connection` read bytes from the peer since
     /// `since`: the connection works, whatever a probe on it says.
     pub fn heard_since(&self, peer: &PeerId, connection: ConnectionId, since: std::time::Instant) -> bool {
-        self.connections
-            .get(peer)
-            .and_then(|list| list.iter().find(|(id, ..)| *id == connection))
-            .is_some_and(|(.., usage)| usage.heard_since(since))
+        self.usage(peer, connection).is_some_and(|usage| usage.heard_since(since))
+    }
+
+    /// How long ago a stream of this behaviour on `connection` last read bytes, if ever.
+    pub fn heard_ago(&self, peer: &PeerId, connection: ConnectionId) -> Option<Duration> {
+        self.usage(peer, connection).and_then(|usage| usage.heard_ago())
+    }
+
+    fn usage(&self, peer: &PeerId, connection: ConnectionId) -> Option<&Usage> {
+        self.connections.get(peer)?.iter().find(|(id, ..)| *id == connection).map(|(.., usage)| usage.as_ref())
     }
 
     fn update_direct(&self, peer: PeerId) {

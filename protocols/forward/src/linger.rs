@@ -55,6 +55,12 @@ impl Usage {
         self.heard_within_at(now_ms(), since.elapsed())
     }
 
+    /// How long ago a stream of this connection last read bytes from the peer, if ever.
+    pub(crate) fn heard_ago(&self) -> Option<Duration> {
+        let at = self.heard_ms.load(Ordering::Relaxed);
+        (at != 0).then(|| Duration::from_millis(now_ms().saturating_sub(at)))
+    }
+
     fn heard_within_at(&self, now_ms: u64, window: Duration) -> bool {
         let at = self.heard_ms.load(Ordering::Relaxed);
         at != 0 && now_ms.saturating_sub(at) <= window.as_millis() as u64
