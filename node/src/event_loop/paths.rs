@@ -50,12 +50,12 @@ impl EventLoop {
     /// accept) for longer than the probe waits: 1,000 forwarded connections opened at once had
     /// their working connection closed under them that way (measured).
     pub(super) fn on_path_silent(&mut self, peer: PeerId, connection: ConnectionId, silent: Silent, started: Instant) {
-        if self.swarm.behaviour().forward.heard_since(&peer, connection, started) {
+        let heard_ago = self.swarm.behaviour().forward.heard_ago(&peer, connection);
+        if heard_ago.is_some_and(|ago| ago <= started.elapsed()) {
             tracing::debug!(peer = %peer, %silent, "a probe went unanswered on a connection that carries data; keeping it");
             return;
         }
         if self.conns.contains_key(&connection) {
-            let heard_ago = self.swarm.behaviour().forward.heard_ago(&peer, connection);
             tracing::warn!(peer = %peer, why = %silent, ?heard_ago, "direct connection stopped carrying anything; closing it");
             if self.swarm.close_connection(connection) {
                 self.silenced.insert(connection);

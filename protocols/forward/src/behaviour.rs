@@ -185,13 +185,8 @@ impl Behaviour {
         handler
     }
 
-    /// Whether a stream of this behaviour on `connection` read bytes from the peer since
-    /// `since`: the connection works, whatever a probe on it says.
-    pub fn heard_since(&self, peer: &PeerId, connection: ConnectionId, since: std::time::Instant) -> bool {
-        self.usage(peer, connection).is_some_and(|usage| usage.heard_since(since))
-    }
-
-    /// How long ago a stream of this behaviour on `connection` last read bytes, if ever.
+    /// How long ago a stream of this behaviour on `connection` last read bytes from the peer, if
+    /// ever: one that did since a probe started works, whatever the probe says.
     pub fn heard_ago(&self, peer: &PeerId, connection: ConnectionId) -> Option<Duration> {
         self.usage(peer, connection).and_then(|usage| usage.heard_ago())
     }

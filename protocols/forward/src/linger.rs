@@ -50,20 +50,10 @@ impl Usage {
         self.closed.register(cx.waker());
     }
 
-    /// Whether a stream of this connection read bytes from the peer since `since`.
-    pub(crate) fn heard_since(&self, since: Instant) -> bool {
-        self.heard_within_at(now_ms(), since.elapsed())
-    }
-
     /// How long ago a stream of this connection last read bytes from the peer, if ever.
     pub(crate) fn heard_ago(&self) -> Option<Duration> {
         let at = self.heard_ms.load(Ordering::Relaxed);
         (at != 0).then(|| Duration::from_millis(now_ms().saturating_sub(at)))
-    }
-
-    fn heard_within_at(&self, now_ms: u64, window: Duration) -> bool {
-        let at = self.heard_ms.load(Ordering::Relaxed);
-        at != 0 && now_ms.saturating_sub(at) <= window.as_millis() as u64
     }
 
     fn heard(&self) {
@@ -170,12 +160,11 @@ mod tests {
     #[test]
     fn a_connection_is_heard_from_when_a_stream_read_bytes_lately() {
         let usage = Usage::default();
-        let before = Instant::now();
-        assert!(!usage.heard_since(before), "nothing read yet");
+        assert_eq!(usage.heard_ago(), None, "nothing read yet");
         usage.heard();
-        assert!(usage.heard_since(before));
-        usage.heard_ms.store(1_000, Ordering::Relaxed);
-        assert!(usage.heard_within_at(2_900, Duration::from_secs(2)));
-        assert!(!usage.heard_within_at(3_100, Duration::from_secs(2)), "read before the window");
+        assert!(usage.heard_ago().is_some_and(|ago| ago < Duration::from_secs(1)));
+        usage.heard_ms.store(1, Ordering::Relaxed);
+        let now = now_ms();
+        assert!(usage.heard_ago().unwrap() >= Duration::from_millis(now.saturating_sub(1)), "counted from the read's instant");
     }
 }
