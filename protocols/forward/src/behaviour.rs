@@ -42,10 +42,11 @@ pub const INBOUND_QUEUE: usize = 1024;
 /// TCP connection they shared (measured). A quarter of the limit is left for the other
 /// protocols and for streams yamux still holds after they were dropped here.
 pub const YAMUX_STREAMS: usize = 384;
-/// ... and, counting only the streams this side opened, over QUIC, where the peer lets us open
-/// 1024 at once (the node's `max_concurrent_stream_limit`) and quinn makes the rest wait, so
-/// long that libp2p's negotiation times out: a little under it, so the DHT, a path probe or a
-/// punch offer always has room.
+/// ... and, counting only the streams this side opened, over QUIC. The peer (a warren node)
+/// lets us open 1280 at once, but quinn may withhold an eighth of that credit for as long as
+/// streams stay open, and a stream opened beyond the credit waits in quinn, ahead of every
+/// later open on the connection (path probes included). The node asserts that this cap fits
+/// under the credit quinn always grants, with room for the DHT, probes and punch offers.
 pub const QUIC_STREAMS: usize = 1008;
 
 /// Inbound forward streams, in arrival order, with the peer that opened each.
