@@ -8,6 +8,9 @@ Usage: simulations/forward_bench.py [--mib 512] [--rounds N] [--baseline OLD_WAR
 With dumbpipe, the whole run moves into a fresh network namespace with only loopback (needs
 root): dumbpipe (iroh) would otherwise contact its public relay and discovery servers.
 Peak RSS sums both ends of a forwarder.
+With --relay, warren is also measured through a volunteer relay: the serving node sits behind
+the relay with no path of its own (three namespaces), and the relay's own CPU per GiB is reported
+beside the two ends' (the relay runs with its byte and bandwidth limits lifted).
 CPU-seconds per GiB counts both ends of a forwarder (warren's two nodes; socat's process and
 its per-connection children) over the bulk upload and download, the steadiest figure here.
 Nothing here asserts: machines are shared and noisy, so read the ratios, not the absolutes.
@@ -293,9 +296,14 @@ def in_ns(netns):
     return ["ip", "netns", "exec", netns] if netns else []
 
 
-def start_node(data_dir, *extra, bin=None, ip="127.0.0.1", netns=None, tcp_only=False):
-    listen = ["--listen", f"/ip4/{ip}/tcp/0"] if tcp_only else ["--listen", f"/ip4/{ip}/udp/0/quic-v1", "--listen", f"/ip4/{ip}/tcp/0"]
-    p = subprocess.Popen([*in_ns(netns), bin or BIN, "--data-dir", data_dir, "up", "--no-mdns", "--dht-mode", "server",
+def start_node(data_dir, *extra, bin=None, ip="127.0.0.1", netns=None, tcp_only=False, listen=None):
+    """`listen=[]`: no listen address at all (a node reachable only through a relay)."""
+    if listen is None:
+        listen = ["--listen", f"/ip4/{ip}/tcp/0"] if tcp_only else ["--listen", f"/ip4/{ip}/udp/0/quic-v1", "--listen", f"/ip4/{ip}/tcp/0"]
+        listen += ["--dht-mode", "server"]
+    else:
+        listen = listen or ["--no-listen"]
+    p = subprocess.Popen([*in_ns(netns), bin or BIN, "--data-dir", data_dir, "up", "--no-mdns",
                           *listen, *extra],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "error"})
     for _ in range(500):
@@ -303,6 +311,76 @@ def start_node(data_dir, *extra, bin=None, ip="127.0.0.1", netns=None, tcp_only=
             return p
         time.sleep(0.02)
     sys.exit("node did not start")
+
+
+# Limits a relay operator lifts to carry bulk traffic (the defaults cap a circuit at 1 GiB and all
+# circuits together at 10 MiB/s).
+UNLIMITED_RELAY = """[relay_limits]
+max_circuit_bytes = "unlimited"
+max_circuit_duration_secs = "unlimited"
+max_relayed_bytes_per_sec = "unlimited"
+"""
+
+
+def relayed_forward(base, procs, pids, namespaces):
+    """A forward through a volunteer relay: client here, relay and server each in a namespace of
+    their own, joined by veth pairs (MTU 1500); the relay does not route, so the server's only way
+    in is a circuit. Returns the forward's port and the client's data dir; pids gets the two ends
+    (as "warren-relay") and the relay."""
+    mid, behind = f"wrnmid{os.getpid()}", f"wrnbehind{os.getpid()}"
+    client_ip, relay_ip, relay_far_ip, server_ip = "10.77.1.1", "10.77.1.2", "10.77.2.1", "10.77.2.2"
+    for ns in (mid, behind):
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        namespaces.append(ns)
+    for cmd in (["ip", "link", "add", "wrnr0", "mtu", "1500", "type", "veth", "peer", "name", "wrnr1", "mtu", "1500", "netns", mid],
+                ["ip", "addr", "add", f"{client_ip}/24", "dev", "wrnr0"], ["ip", "link", "set", "wrnr0", "up"],
+                [*in_ns(mid), "ip", "addr", "add", f"{relay_ip}/24", "dev", "wrnr1"], [*in_ns(mid), "ip", "link", "set", "wrnr1", "up"],
+                [*in_ns(mid), "ip", "link", "add", "wrnr2", "mtu", "1500", "type", "veth", "peer", "name", "wrnr3", "mtu", "1500", "netns", behind],
+                [*in_ns(mid), "ip", "addr", "add", f"{relay_far_ip}/24", "dev", "wrnr2"], [*in_ns(mid), "ip", "link", "set", "wrnr2", "up"],
+                [*in_ns(mid), "ip", "link", "set", "lo", "up"],
+                [*in_ns(behind), "ip", "addr", "add", f"{server_ip}/24", "dev", "wrnr3"], [*in_ns(behind), "ip", "link", "set", "wrnr3", "up"],
+                [*in_ns(behind), "ip", "link", "set", "lo", "up"],
+                # The server reaches the relay's client-side address through the relay's other one.
+                [*in_ns(behind), "ip", "route", "add", f"{relay_ip}/32", "via", relay_far_ip]):
+        subprocess.run(cmd, check=True)
+    service = free_port()
+    procs.append(subprocess.Popen([*in_ns(behind), sys.executable, os.path.abspath(__file__), "--serve", str(service)]))
+    os.makedirs(base, exist_ok=True)
+    config = os.path.join(base, "relay.toml")
+    with open(config, "w") as f:
+        f.write(UNLIMITED_RELAY)
+    relay_dir, server_dir, client_dir = (os.path.join(base, n) for n in ("relay", "server", "client"))
+    # A volunteer relay that also serves the DHT (in a lab AutoNAT confirms neither by itself).
+    procs.append(subprocess.Popen([*in_ns(mid), BIN, "--data-dir", relay_dir, "up", "--no-mdns", "--relay-force", "--dht-mode", "server", "--config", config,
+                                   "--listen", f"/ip4/{relay_ip}/udp/0/quic-v1"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "error"}))
+    pids["relay"] = [procs[-1].pid]
+    wait_for(lambda: succeeds(relay_dir, "status"), "the relay's control API")
+    status = json.loads(warren(relay_dir, "status", "--json"))
+    relay_addr = f"{next(a for a in status['listen_addrs'] if 'quic' in a)}/p2p/{status['peer_id']}"
+    procs.append(start_node(server_dir, "--relay-via", relay_addr, "--bootstrap", relay_addr, "--auto-relays", "0",
+                            netns=behind, listen=[]))
+    procs.append(start_node(client_dir, "--bootstrap", relay_addr, listen=[]))
+    pids["warren-relay"] = [procs[-1].pid, procs[-2].pid]
+    server_id, client_id = warren(server_dir, "id").strip(), warren(client_dir, "id").strip()
+    warren(server_dir, "expose", "bench", f"127.0.0.1:{service}", "--allow", client_id)
+    wait_for(lambda: any(h["accepted"] for h in json.loads(warren(server_dir, "status", "--json"))["relayed_through"]),
+             "the server's reservation on the relay")
+    wait_for(lambda: succeeds(client_dir, "find", server_id), "the client finding the server through the relay")
+    fwd = json.loads(warren(client_dir, "forward", "127.0.0.1:0", f"{server_id}/bench", "--json"))
+    return int(fwd["bind"].rsplit(":", 1)[1]), client_dir
+
+
+def succeeds(data_dir, *args):
+    return subprocess.run([BIN, "--data-dir", data_dir, *args], capture_output=True).returncode == 0
+
+
+def wait_for(condition, what, timeout=30):
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            sys.exit(f"timed out waiting for {what}")
+        time.sleep(0.1)
 
 
 def main():
@@ -320,6 +398,9 @@ def main():
     ap.add_argument("--conns", type=int, default=0, metavar="N",
                     help="also hold N connections open through every path at once (each echoes 1 KiB once all "
                          "are open): time to open them, time for the echoes, the forwarder's memory meanwhile")
+    ap.add_argument("--relay", action="store_true",
+                    help="also measure warren through a volunteer relay: client, relay and server in three network "
+                         "namespaces (veth, MTU 1500), the server reachable only through the relay (needs root)")
     ap.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--serve", metavar="PORT", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -334,7 +415,7 @@ def main():
         serve(listener)
         return
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "warren-node"], cwd=ROOT, check=True)
-    if (shutil.which("dumbpipe") or args.veth) and not args.in_netns:
+    if (shutil.which("dumbpipe") or args.veth or args.relay) and not args.in_netns:
         # Loopback only: nothing dumbpipe tries to reach beyond this host gets out, and the veth
         # pair lives and dies with this namespace.
         inner = " ".join([sys.executable, os.path.abspath(__file__), "--in-netns", *map(shlex.quote, sys.argv[1:])])
@@ -343,6 +424,7 @@ def main():
     procs = []
     pids = {}
     far, far_ip, near_ip = None, "127.0.0.1", "127.0.0.1"
+    namespaces = []
     try:
         if args.veth:
             # The far side: its own namespace, a veth pair with MTU 1500, the service in there.
@@ -353,6 +435,7 @@ def main():
                         [*in_ns(far), "ip", "addr", "add", f"{far_ip}/24", "dev", "wrnb1"],
                         [*in_ns(far), "ip", "link", "set", "wrnb1", "up"], [*in_ns(far), "ip", "link", "set", "lo", "up"]):
                 subprocess.run(cmd, check=True)
+            namespaces.append(far)
             service = free_port()
             procs.append(subprocess.Popen([*in_ns(far), sys.executable, os.path.abspath(__file__), "--serve", str(service)]))
         else:
@@ -392,6 +475,9 @@ def main():
             paths.append(("warren-tcp", warren_forward("warren-tcp", BIN, tcp_only=True)))
         if args.baseline:
             paths.append(("baseline", warren_forward("baseline", os.path.abspath(args.baseline))))
+        if args.relay:
+            port, relay_client_dir = relayed_forward(os.path.join(tmp, "warren-relay"), procs, pids, namespaces)
+            paths.append(("warren-relay", port))
         for port in ((far_ip, service), ("127.0.0.1", socat_port)):
             while True:
                 try:
@@ -408,9 +494,10 @@ def main():
                 setup(port, 20)  # warm up: connection to the peer, threads
                 r50, r99 = rtt(port)
                 s50, s99 = setup(port)
-                cpu0 = cpu_seconds(pids.get(name, []))
+                cpu0, relay0 = cpu_seconds(pids.get(name, [])), cpu_seconds(pids.get("relay", []))
                 up, down = upload(port, nbytes), download(port, nbytes)
                 cpu = cpu_seconds(pids.get(name, [])) - cpu0
+                relay_cpu = cpu_seconds(pids.get("relay", [])) - relay0
                 samples[name].append({
                     "upload_mib_s": up,
                     "download_mib_s": down,
@@ -420,6 +507,14 @@ def main():
                     "concurrent_200x64k_ms": concurrent(port) * 1e3,
                     "peak_rss_mib": peak_rss_mib(pids.get(name, [])),
                 })
+                if name == "warren-relay":
+                    # Only a forward that stayed relayed measured the relay.
+                    path = json.loads(warren(relay_client_dir, "forwards", "--json"))[0]["path"]
+                    if path != "relayed":
+                        sys.exit(f"the relayed forward's path became {path!r}: the relay was not measured")
+                    # The relay's own cost, apart from the two ends' (which the row above counts).
+                    samples[name][-1]["relay_cpu_s_per_gib"] = relay_cpu / (2 * nbytes / 2**30)
+                    samples[name][-1]["relay_peak_rss_mib"] = peak_rss_mib(pids["relay"])
                 # Last, so that what the held connections leave behind disturbs nothing else.
                 if args.conns:
                     opened, echoed, intact, rss_idle, rss_busy = held_open(port, args.conns, pids.get(name, []))
@@ -431,23 +526,25 @@ def main():
         rows = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in samples.items()}
         print(json.dumps(samples, indent=2), file=sys.stderr)
         names = [name for name, _ in paths]
-        keys = list(rows["socat"].keys())
+        keys = list(dict.fromkeys(k for row in rows.values() for k in row))
         # Ratios of every forwarder to socat, and of warren (and the baseline) to dumbpipe.
         ratios = [(n, "socat") for n in names[2:]]
+        if "warren-relay" in rows:
+            ratios.append(("warren-relay", "warren"))
         if "dumbpipe" in rows:
             ratios += [(n, "dumbpipe") for n in names if n in ("warren", "warren-tcp", "baseline")]
         print(f"medians of {args.rounds} round(s)")
         print("| metric | " + " | ".join(names) + " | " + " | ".join(f"{a} / {b}" for a, b in ratios) + " |")
         print("|---" * (len(names) + len(ratios) + 1) + "|")
         for k in keys:
-            ratio = lambda a, b: f"{rows[a][k] / rows[b][k]:.2f}" if rows[b][k] else "-"
-            print(f"| {k} | " + " | ".join(f"{rows[n][k]:.2f}" for n in names) + " | "
+            ratio = lambda a, b: f"{rows[a][k] / rows[b][k]:.2f}" if rows[a].get(k) and rows[b].get(k) else "-"
+            print(f"| {k} | " + " | ".join(f"{rows[n][k]:.2f}" if k in rows[n] else "-" for n in names) + " | "
                   + " | ".join(ratio(a, b) for a, b in ratios) + " |")
     finally:
         for p in procs:
             p.kill()
-        if far:
-            subprocess.run(["ip", "netns", "del", far])
+        for ns in namespaces:
+            subprocess.run(["ip", "netns", "del", ns])
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::echo::{echo_service, echo_transfer, expose, forward, forward_info};
+use common::echo::{Close, echo_service, echo_transfer, expose, forward, forward_info, hold_then_echo};
 use common::{Node, wait_until};
 use serde_json::Value;
 
@@ -132,6 +132,21 @@ async fn a_peer_with_no_direct_address_is_reached_by_peer_id_through_a_relay() {
     assert!(sample(&metrics, "warren_relayed_bytes_total") >= 20.0 * 1024.0 * 1024.0);
     assert!(sample(&metrics, "warren_relay_circuit_requests_total{outcome=\"accepted\"}") >= 1.0);
     assert!(sample(&metrics, "warren_relay_reservations ") >= 2.0, "A and B hold reservations");
+}
+
+/// More long-lived connections through a relay than one circuit carries (384 forward streams,
+/// under yamux's 512): the rest go over a further circuit, dialed for them. Before, they waited
+/// for one of the first 384 to close, which long-lived connections never do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn long_lived_connections_beyond_what_one_circuit_carries_go_over_another() {
+    const HELD: usize = 500;
+    let trio = trio(&[], "");
+    let bind = trio.echo_forward().await;
+    assert_eq!(hold_then_echo(bind, HELD, Close::AllAtTheEnd).await, HELD, "every held connection echoed intact through the relay");
+    let conns = connections_to(&trio.a, &trio.b.peer_id);
+    assert!(conns.len() >= 2, "a further connection carried the rest: {conns:?}");
+    assert!(conns.iter().all(|c| c["path"] == "relayed"), "{conns:?}");
+    assert_eq!(forward_info(&trio.a, bind)["failed"], 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

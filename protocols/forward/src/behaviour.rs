@@ -8,7 +8,9 @@
 //! negotiates one outbound stream per connection at a time. Here inbound streams queue in a
 //! bounded channel (a full queue refuses the stream, which the opener sees as a reset), and any
 //! number of outbound negotiations run concurrently, each answered on its own reply channel.
-//! Opening prefers a direct connection over a relayed one.
+//! Opening prefers a direct connection over a relayed one. A connection carries a bounded number
+//! of forward streams ([`YAMUX_STREAMS`], [`QUIC_STREAMS`]); when every one to the peer is full,
+//! the behaviour dials another (up to [`MAX_FORWARD_CONNECTIONS`]) and opens the rest there.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -22,11 +24,12 @@ use libp2p::{
     swarm::{
         ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, NotifyHandler, THandler, THandlerInEvent,
         THandlerOutEvent, ToSwarm,
+        dial_opts::{DialOpts, PeerCondition},
     },
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::handler::{Handler, Open};
+use crate::handler::{Handler, Open, Spilled};
 use crate::linger::{Stream, Usage};
 
 /// The protocol id as libp2p negotiates it.
@@ -48,6 +51,53 @@ pub const YAMUX_STREAMS: usize = 384;
 /// later open on the connection (path probes included). The node asserts that this cap fits
 /// under the credit quinn always grants, with room for the DHT, probes and punch offers.
 pub const QUIC_STREAMS: usize = 1008;
+/// Connections to one peer that forward streams spread over when each is full: another is
+/// dialed only then. 4 × 384 = 1,536 forwarded connections at once over TCP or a relay (where a
+/// second circuit costs the relay a circuit slot; it allows 8 per peer by default), 4,032 over
+/// QUIC; beyond, new ones wait for a stream to close. The node allows 8 connections per peer.
+pub const MAX_FORWARD_CONNECTIONS: usize = 4;
+
+/// How many forward streams one connection carries at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamLimit {
+    /// yamux (TCP, relayed circuits): [`YAMUX_STREAMS`], counting both directions.
+    Yamux,
+    /// QUIC: [`QUIC_STREAMS`], counting only the streams this side opened.
+    Quic,
+}
+
+impl StreamLimit {
+    fn of(addr: &Multiaddr) -> Self {
+        let quic = !is_relayed(addr) && addr.iter().any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic));
+        if quic { Self::Quic } else { Self::Yamux }
+    }
+
+    /// Whether a connection with this `usage`, and `coming` more forward streams on their way,
+    /// has room for another forward stream.
+    pub(crate) fn has_room(self, usage: &Usage, coming: usize) -> bool {
+        let (in_use, cap) = match self {
+            Self::Yamux => (usage.open(false), YAMUX_STREAMS),
+            Self::Quic => (usage.open(true), QUIC_STREAMS),
+        };
+        in_use + coming < cap
+    }
+}
+
+/// One connection to a peer, as the behaviour knows it.
+struct Conn {
+    id: ConnectionId,
+    relayed: bool,
+    usage: Arc<Usage>,
+    limit: StreamLimit,
+    /// The address we dialed (None: the peer dialed us); a further connection dials it again.
+    dialed: Option<Multiaddr>,
+}
+
+/// Forward streams waiting for a further connection to the peer, being dialed.
+struct Spill {
+    dial: ConnectionId,
+    waiting: Vec<Open>,
+}
 
 /// Inbound forward streams, in arrival order, with the peer that opened each.
 pub type Incoming = mpsc::Receiver<(PeerId, Stream)>;
@@ -104,8 +154,10 @@ pub(crate) type Accepted = Arc<Vec<(StreamProtocol, mpsc::Sender<(PeerId, Stream
 
 pub struct Behaviour {
     inbound: Accepted,
-    /// Each peer's connections, oldest first, whether each is relayed, and its streams' use.
-    connections: HashMap<PeerId, Vec<(ConnectionId, bool, Arc<Usage>)>>,
+    /// Each peer's connections, oldest first.
+    connections: HashMap<PeerId, Vec<Conn>>,
+    /// Per peer: forward streams that found every connection full, waiting for another.
+    spills: HashMap<PeerId, Spill>,
     direct: Direct,
     events: VecDeque<ToSwarm<(), Open>>,
     /// The swarm's task, woken when `open` queues a request from outside `poll`.
@@ -122,6 +174,7 @@ impl Behaviour {
         let behaviour = Self {
             inbound,
             connections: HashMap::new(),
+            spills: HashMap::new(),
             direct: Direct::default(),
             events: VecDeque::new(),
             waker: None,
@@ -146,43 +199,122 @@ impl Behaviour {
         self.direct.clone()
     }
 
-    /// Opens a stream of `protocol` to `peer` on its newest direct connection, else its newest
-    /// relayed one; the stream (or why not) arrives on `reply`. Never dials.
+    /// Opens a stream of `protocol` to `peer` on a direct connection if it has one, else on a
+    /// relayed one; the stream (or why not) arrives on `reply`. A forward stream goes to a
+    /// connection with room, and when all are full to a further connection, dialed for it;
+    /// other protocols go to the newest connection. Never dials a peer it is not connected to.
     pub fn open(&mut self, peer: PeerId, protocol: StreamProtocol, reply: Reply) {
-        let chosen = self.connections.get(&peer).and_then(|list| {
-            list.iter().rev().find(|(_, relayed, _)| !relayed).or_else(|| list.last()).map(|(id, ..)| *id)
-        });
-        self.open_chosen(peer, chosen, protocol, reply);
+        let spill = protocol == STREAM_PROTOCOL;
+        self.route(peer, Open { protocol, reply, spill }, None);
     }
 
     /// Opens a stream of `protocol` on that one connection to `peer` (to probe it, say).
     pub fn open_on(&mut self, peer: PeerId, connection: ConnectionId, protocol: StreamProtocol, reply: Reply) {
-        let known = self.connections.get(&peer).is_some_and(|list| list.iter().any(|(id, ..)| *id == connection));
-        self.open_chosen(peer, known.then_some(connection), protocol, reply);
+        let known = self.connections.get(&peer).is_some_and(|list| list.iter().any(|c| c.id == connection));
+        self.send(peer, known.then_some(connection), Open { protocol, reply, spill: false });
     }
 
-    fn open_chosen(&mut self, peer: PeerId, chosen: Option<ConnectionId>, protocol: StreamProtocol, reply: Reply) {
+    /// The connections to `peer` an open may use, best first: the direct ones if there are any
+    /// (else the relayed ones), newest first.
+    fn usable(&self, peer: &PeerId) -> Vec<&Conn> {
+        let Some(list) = self.connections.get(peer) else { return Vec::new() };
+        let direct = list.iter().any(|c| !c.relayed);
+        list.iter().rev().filter(|c| !direct || !c.relayed).collect()
+    }
+
+    /// Sends `open` to the best connection to `peer` (other than `full`, which just handed it
+    /// back) with room for it; with none, a forward stream that may spill waits for a further
+    /// connection.
+    fn route(&mut self, peer: PeerId, open: Open, full: Option<ConnectionId>) {
+        let usable = self.usable(&peer);
+        let roomy = usable.iter().find(|c| Some(c.id) != full && c.limit.has_room(&c.usage, c.usage.reserved())).map(|c| c.id);
+        let best = usable.first().map(|c| c.id);
+        match roomy {
+            Some(id) => self.send(peer, Some(id), open),
+            None if open.spill && best.is_some() => self.spill(peer, open),
+            None => self.send(peer, best, open),
+        }
+    }
+
+    /// `open` found every connection to `peer` full: it waits for a further connection, dialed
+    /// now unless one is on its way, or (at [`MAX_FORWARD_CONNECTIONS`]) waits on the best
+    /// connection for a stream to close.
+    fn spill(&mut self, peer: PeerId, mut open: Open) {
+        if let Some(spill) = self.spills.get_mut(&peer) {
+            spill.waiting.push(open);
+            return;
+        }
+        let usable = self.usable(&peer);
+        if usable.len() >= MAX_FORWARD_CONNECTIONS || self.connections.get(&peer).map_or(0, Vec::len) >= MAX_FORWARD_CONNECTIONS * 2 {
+            open.spill = false;
+            let best = usable.first().map(|c| c.id);
+            return self.send(peer, best, open);
+        }
+        // The addresses the full connections were dialed on (a relayed one's names its relay);
+        // the swarm adds what the other behaviours know of the peer. A new port: TCP's dial
+        // from the listen port to the same address would collide with the connection we have.
+        let addresses: Vec<Multiaddr> = usable.iter().filter_map(|c| c.dialed.clone()).collect();
+        let dial = DialOpts::peer_id(peer)
+            .condition(PeerCondition::Always)
+            .addresses(addresses)
+            .extend_addresses_through_behaviour()
+            .allocate_new_port()
+            .build();
+        tracing::debug!(%peer, connections = usable.len(), "every connection to the peer carries its most forward streams: dialing another");
+        self.spills.insert(peer, Spill { dial: dial.connection_id(), waiting: vec![open] });
+        self.events.push_back(ToSwarm::Dial { opts: dial });
+        self.wake();
+    }
+
+    fn send(&mut self, peer: PeerId, chosen: Option<ConnectionId>, open: Open) {
+        if open.protocol == STREAM_PROTOCOL {
+            // Counted in until the handler has opened it (or let it go).
+            if let Some(conn) = chosen.and_then(|id| self.connections.get(&peer)?.iter().find(|c| c.id == id)) {
+                conn.usage.reserve();
+            }
+        }
         match chosen {
             Some(connection) => self.events.push_back(ToSwarm::NotifyHandler {
                 peer_id: peer,
                 handler: NotifyHandler::One(connection),
-                event: Open { protocol, reply },
+                event: open,
             }),
             None => {
-                let _ = reply.send(Err(OpenError::NotConnected));
+                let _ = open.reply.send(Err(OpenError::NotConnected));
             }
         }
+        self.wake();
+    }
+
+    fn wake(&mut self) {
         if let Some(waker) = self.waker.take() {
             waker.wake();
         }
     }
 
-    fn add_connection(&mut self, peer: PeerId, connection: ConnectionId, addr: &Multiaddr) -> Handler {
+    /// The further connection to `peer` is there, or could not be had (`dial_failed`): what
+    /// waited for it is routed again (and, after a failure, waits on a full connection).
+    fn end_spill(&mut self, peer: PeerId, dial_failed: bool) {
+        let Some(spill) = self.spills.remove(&peer) else { return };
+        if dial_failed {
+            tracing::debug!(%peer, waiting = spill.waiting.len(), "no further connection to the peer: forwarded connections wait for room");
+        }
+        for mut open in spill.waiting {
+            open.spill &= !dial_failed;
+            self.route(peer, open, None);
+        }
+    }
+
+    fn add_connection(&mut self, peer: PeerId, connection: ConnectionId, addr: &Multiaddr, dialed: bool) -> Handler {
         let relayed = is_relayed(addr);
-        let quic = !relayed && addr.iter().any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic));
-        let handler = Handler::new(peer, relayed, self.inbound.clone(), self.linger, if quic { (QUIC_STREAMS, true) } else { (YAMUX_STREAMS, false) });
-        self.connections.entry(peer).or_default().push((connection, relayed, handler.usage()));
+        let limit = StreamLimit::of(addr);
+        let handler = Handler::new(peer, relayed, self.inbound.clone(), self.linger, limit);
+        let dialed = dialed.then(|| addr.clone());
+        self.connections.entry(peer).or_default().push(Conn { id: connection, relayed, usage: handler.usage(), limit, dialed });
         self.update_direct(peer);
+        if self.spills.get(&peer).is_some_and(|spill| spill.dial == connection) {
+            self.end_spill(peer, false);
+        }
         handler
     }
 
@@ -193,11 +325,11 @@ impl Behaviour {
     }
 
     fn usage(&self, peer: &PeerId, connection: ConnectionId) -> Option<&Usage> {
-        self.connections.get(peer)?.iter().find(|(id, ..)| *id == connection).map(|(.., usage)| usage.as_ref())
+        self.connections.get(peer)?.iter().find(|c| c.id == connection).map(|c| c.usage.as_ref())
     }
 
     fn update_direct(&self, peer: PeerId) {
-        let direct = self.connections.get(&peer).is_some_and(|list| list.iter().any(|(_, relayed, _)| !relayed));
+        let direct = self.connections.get(&peer).is_some_and(|list| list.iter().any(|c| !c.relayed));
         self.direct.set(peer, direct);
     }
 }
@@ -216,7 +348,7 @@ impl NetworkBehaviour for Behaviour {
         // An inbound relayed connection shows the circuit in its local address (the relay
         // listener it arrived on); its remote address is just the peer's id.
         let addr = if is_relayed(local) { local } else { remote };
-        Ok(self.add_connection(peer, connection, addr))
+        Ok(self.add_connection(peer, connection, addr, false))
     }
 
     fn handle_established_outbound_connection(
@@ -227,23 +359,32 @@ impl NetworkBehaviour for Behaviour {
         _role: Endpoint,
         _port_use: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(self.add_connection(peer, connection, addr))
+        Ok(self.add_connection(peer, connection, addr, true))
     }
 
     fn on_swarm_event(&mut self, event: FromSwarm) {
-        if let FromSwarm::ConnectionClosed(closed) = event {
-            if let Some(list) = self.connections.get_mut(&closed.peer_id) {
-                list.retain(|(id, ..)| *id != closed.connection_id);
-                if list.is_empty() {
-                    self.connections.remove(&closed.peer_id);
+        match event {
+            FromSwarm::ConnectionClosed(closed) => {
+                if let Some(list) = self.connections.get_mut(&closed.peer_id) {
+                    list.retain(|c| c.id != closed.connection_id);
+                    if list.is_empty() {
+                        self.connections.remove(&closed.peer_id);
+                    }
+                }
+                self.update_direct(closed.peer_id);
+            }
+            FromSwarm::DialFailure(failure) => {
+                let ours = failure.peer_id.filter(|peer| self.spills.get(peer).is_some_and(|spill| spill.dial == failure.connection_id));
+                if let Some(peer) = ours {
+                    self.end_spill(peer, true);
                 }
             }
-            self.update_direct(closed.peer_id);
+            _ => {}
         }
     }
 
-    fn on_connection_handler_event(&mut self, _: PeerId, _: ConnectionId, event: THandlerOutEvent<Self>) {
-        libp2p::core::util::unreachable(event)
+    fn on_connection_handler_event(&mut self, peer: PeerId, connection: ConnectionId, Spilled(open): THandlerOutEvent<Self>) {
+        self.route(peer, open, Some(connection));
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {

@@ -17,7 +17,7 @@ use libp2p::{
 };
 use tokio::sync::mpsc;
 
-use crate::behaviour::{Accepted, OpenError, Opened, Reply};
+use crate::behaviour::{Accepted, OpenError, Opened, Reply, StreamLimit};
 use crate::linger::Usage;
 
 /// A request to open one outbound stream.
@@ -25,7 +25,14 @@ use crate::linger::Usage;
 pub struct Open {
     pub(crate) protocol: StreamProtocol,
     pub(crate) reply: Reply,
+    /// A forward stream the handler hands back to the behaviour ([`Spilled`]) when its
+    /// connection is full, rather than holding it until a stream closes.
+    pub(crate) spill: bool,
 }
+
+/// A forward stream the connection had no room for, handed back to be opened elsewhere.
+#[derive(Debug)]
+pub struct Spilled(pub(crate) Open);
 
 pub struct Handler {
     peer: PeerId,
@@ -38,14 +45,12 @@ pub struct Handler {
     /// The streams handed out on this connection (see [`crate::linger`]).
     usage: Arc<Usage>,
     linger: Duration,
-    /// Streams of this behaviour the connection may carry at once before forward streams wait,
-    /// and whether that counts only the streams this side opened (see
-    /// [`crate::behaviour::YAMUX_STREAMS`]).
-    stream_limit: (usize, bool),
+    /// How many forward streams the connection may carry at once.
+    stream_limit: StreamLimit,
 }
 
 impl Handler {
-    pub(crate) fn new(peer: PeerId, relayed: bool, inbound: Accepted, linger: Duration, stream_limit: (usize, bool)) -> Self {
+    pub(crate) fn new(peer: PeerId, relayed: bool, inbound: Accepted, linger: Duration, stream_limit: StreamLimit) -> Self {
         Self { peer, relayed, inbound, to_open: VecDeque::new(), negotiating: 0, usage: Arc::default(), linger, stream_limit }
     }
 
@@ -64,19 +69,33 @@ impl Handler {
         }
         // Registered before counting, so a stream closing in between still wakes us.
         self.usage.wake_on_close(cx);
-        let (limit, opened_here_only) = self.stream_limit;
         let next = self
             .to_open
             .iter()
             .position(|open| open.protocol != crate::behaviour::STREAM_PROTOCOL)
-            .or_else(|| (self.usage.open(opened_here_only) + self.negotiating < limit).then_some(0));
+            .or_else(|| self.stream_limit.has_room(&self.usage, self.negotiating).then_some(0));
         next.and_then(|i| self.to_open.remove(i))
+    }
+
+    /// A forward stream waiting for room that may go elsewhere (the connection is full).
+    fn next_to_spill(&mut self) -> Option<Open> {
+        let i = self.to_open.iter().position(|open| open.spill)?;
+        self.usage.unreserve();
+        self.to_open.remove(i)
+    }
+
+    /// A forward stream this connection was reserved for has opened or failed.
+    fn settled(&mut self, protocol: &StreamProtocol) {
+        self.negotiating = self.negotiating.saturating_sub(1);
+        if *protocol == crate::behaviour::STREAM_PROTOCOL {
+            self.usage.unreserve();
+        }
     }
 }
 
 impl ConnectionHandler for Handler {
     type FromBehaviour = Open;
-    type ToBehaviour = std::convert::Infallible;
+    type ToBehaviour = Spilled;
     type InboundProtocol = AnyOf;
     type OutboundProtocol = ReadyUpgrade<StreamProtocol>;
     type InboundOpenInfo = ();
@@ -96,13 +115,16 @@ impl ConnectionHandler for Handler {
         cx: &mut Context<'_>,
     ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, Self::OutboundOpenInfo, Self::ToBehaviour>> {
         match self.next_to_open(cx) {
-            Some(Open { protocol, reply }) => {
+            Some(Open { protocol, reply, .. }) => {
                 self.negotiating += 1;
                 Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest {
                     protocol: SubstreamProtocol::new(ReadyUpgrade::new(protocol.clone()), (protocol, reply)),
                 })
             }
-            None => Poll::Pending,
+            None => match self.next_to_spill() {
+                Some(open) => Poll::Ready(ConnectionHandlerEvent::NotifyBehaviour(Spilled(open))),
+                None => Poll::Pending,
+            },
         }
     }
 
@@ -127,12 +149,13 @@ impl ConnectionHandler for Handler {
                     }
                 }
             }
-            ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound { protocol: stream, info: (_, reply) }) => {
-                self.negotiating = self.negotiating.saturating_sub(1);
-                let _ = reply.send(Ok(Opened { stream: self.usage.track(stream, true), relayed: self.relayed }));
+            ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound { protocol: stream, info: (protocol, reply) }) => {
+                let stream = self.usage.track(stream, true);
+                self.settled(&protocol);
+                let _ = reply.send(Ok(Opened { stream, relayed: self.relayed }));
             }
             ConnectionEvent::DialUpgradeError(DialUpgradeError { info: (protocol, reply), error }) => {
-                self.negotiating = self.negotiating.saturating_sub(1);
+                self.settled(&protocol);
                 let error = match error {
                     StreamUpgradeError::NegotiationFailed => OpenError::Unsupported(protocol),
                     StreamUpgradeError::Timeout => OpenError::Failed("negotiation timed out".into()),

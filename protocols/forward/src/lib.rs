@@ -66,7 +66,8 @@
 //! - [`Behaviour`] (feature `swarm`, on by default): a libp2p behaviour that accepts
 //!   `/warren/forward/1.0.0` streams on every connection into a bounded queue ([`Incoming`]) and
 //!   opens outbound streams of any protocol on request, preferring a direct connection over a
-//!   relayed one; its per-connection [`handler`] negotiates them.
+//!   relayed one, and dialing a further connection when every one to the peer carries its most
+//!   forward streams; its per-connection [`handler`] negotiates them.
 
 pub mod answerer;
 pub mod opener;

@@ -25,6 +25,9 @@ pub(crate) struct Usage {
     open: AtomicUsize,
     /// Of those, the ones this side opened.
     opened_here: AtomicUsize,
+    /// Forward streams sent to this connection to be opened and not open yet (queued or
+    /// negotiating): with `opened_here`, what the behaviour reads to tell whether it is full.
+    reserved: AtomicUsize,
     last_closed: Mutex<Option<Instant>>,
     /// The [`now_ms`] at which a stream last read bytes (0: never). An atomic,
     /// not a lock: every read of every forwarded connection stores it.
@@ -43,6 +46,20 @@ impl Usage {
     /// Streams of this connection in use now: all, or only those this side opened.
     pub(crate) fn open(&self, opened_here_only: bool) -> usize {
         if opened_here_only { &self.opened_here } else { &self.open }.load(Ordering::Relaxed)
+    }
+
+    /// Forward streams on their way to being opened here.
+    pub(crate) fn reserved(&self) -> usize {
+        self.reserved.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn reserve(&self) {
+        self.reserved.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One reserved stream opened (it counts as open by now), failed, or went elsewhere.
+    pub(crate) fn unreserve(&self) {
+        let _ = self.reserved.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     /// Wakes the handler's task (`cx`) when a stream closes.

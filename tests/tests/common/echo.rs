@@ -2,6 +2,7 @@
 //! echo transfer, and the expose/forward CLI calls.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -92,3 +93,32 @@ pub async fn echo_transfer(addr: SocketAddr, n: usize, seed: u8) -> ([u8; 32], [
     (writer.await.unwrap(), hash.finalize().into())
 }
 
+/// When the connections of [`hold_then_echo`] close.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Close {
+    EachAfterItsEcho,
+    /// Long-lived connections: all stay open until every one has echoed.
+    AllAtTheEnd,
+}
+
+/// Opens `n` connections through the forward at `bind` and holds them all open; then each
+/// echoes a line. Returns how many echoed intact within 60 s.
+pub async fn hold_then_echo(bind: SocketAddr, n: usize, close: Close) -> usize {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(TcpStream::connect(bind).await.unwrap());
+    }
+    let echoes = held.into_iter().enumerate().map(|(i, mut tcp)| async move {
+        let sent = format!("connection {i}");
+        let echoed = async {
+            tcp.write_all(sent.as_bytes()).await?;
+            let mut back = vec![0; sent.len()];
+            tcp.read_exact(&mut back).await?;
+            Ok::<_, std::io::Error>(back == sent.as_bytes())
+        }
+        .await;
+        (echoed, (close == Close::AllAtTheEnd).then_some(tcp))
+    });
+    let results = tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(echoes)).await.expect("every echo ends within 60 s");
+    results.iter().filter(|(echoed, _)| matches!(echoed, Ok(true))).count()
+}
