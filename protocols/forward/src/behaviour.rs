@@ -15,7 +15,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol,
@@ -56,6 +56,10 @@ pub const QUIC_STREAMS: usize = 1008;
 /// second circuit costs the relay a circuit slot; it allows 8 per peer by default), 4,032 over
 /// QUIC; beyond, new ones wait for a stream to close. The node allows 8 connections per peer.
 pub const MAX_FORWARD_CONNECTIONS: usize = 4;
+/// After a further connection to a peer could not be had, how long its full connections make
+/// new forward streams wait rather than dial again: each dial to a peer that cannot be reached
+/// that way costs its timeout, and a relay's circuit budget.
+const SPILL_RETRY: Duration = Duration::from_secs(30);
 
 /// How many forward streams one connection carries at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,6 +162,8 @@ pub struct Behaviour {
     connections: HashMap<PeerId, Vec<Conn>>,
     /// Per peer: forward streams that found every connection full, waiting for another.
     spills: HashMap<PeerId, Spill>,
+    /// Per connected peer: when a further connection last could not be had.
+    spill_failed: HashMap<PeerId, Instant>,
     direct: Direct,
     events: VecDeque<ToSwarm<(), Open>>,
     /// The swarm's task, woken when `open` queues a request from outside `poll`.
@@ -175,6 +181,7 @@ impl Behaviour {
             inbound,
             connections: HashMap::new(),
             spills: HashMap::new(),
+            spill_failed: HashMap::new(),
             direct: Direct::default(),
             events: VecDeque::new(),
             waker: None,
@@ -225,41 +232,59 @@ impl Behaviour {
     /// Sends `open` to the best connection to `peer` (other than `full`, which just handed it
     /// back) with room for it; with none, a forward stream that may spill waits for a further
     /// connection.
-    fn route(&mut self, peer: PeerId, open: Open, full: Option<ConnectionId>) {
+    fn route(&mut self, peer: PeerId, mut open: Open, full: Option<ConnectionId>) {
+        if open.reply.is_closed() {
+            return; // its caller gave up
+        }
         let usable = self.usable(&peer);
-        let roomy = usable.iter().find(|c| Some(c.id) != full && c.limit.has_room(&c.usage, c.usage.reserved())).map(|c| c.id);
         let best = usable.first().map(|c| c.id);
+        if open.protocol != STREAM_PROTOCOL {
+            return self.send(peer, best, open);
+        }
+        let roomy = usable.iter().find(|c| Some(c.id) != full && c.limit.has_room(&c.usage, c.usage.reserved())).map(|c| c.id);
         match roomy {
-            Some(id) => self.send(peer, Some(id), open),
+            Some(id) => {
+                // One handed back (inbound streams filled its connection meanwhile) is not
+                // handed on again: no bouncing between connections.
+                open.spill &= full.is_none();
+                self.send(peer, Some(id), open)
+            }
             None if open.spill && best.is_some() => self.spill(peer, open),
             None => self.send(peer, best, open),
         }
     }
 
     /// `open` found every connection to `peer` full: it waits for a further connection, dialed
-    /// now unless one is on its way, or (at [`MAX_FORWARD_CONNECTIONS`]) waits on the best
-    /// connection for a stream to close.
+    /// now unless one is on its way; or, where none may be dialed ([`MAX_FORWARD_CONNECTIONS`]
+    /// reached, one failed less than [`SPILL_RETRY`] ago, or a direct connection the peer
+    /// dialed, whose address we do not know), on the best connection for a stream to close.
     fn spill(&mut self, peer: PeerId, mut open: Open) {
         if let Some(spill) = self.spills.get_mut(&peer) {
             spill.waiting.push(open);
             return;
         }
         let usable = self.usable(&peer);
-        if usable.len() >= MAX_FORWARD_CONNECTIONS || self.connections.get(&peer).map_or(0, Vec::len) >= MAX_FORWARD_CONNECTIONS * 2 {
+        let direct = usable.iter().any(|c| !c.relayed);
+        // The addresses the full connections were dialed on (a relayed one's names its relay).
+        let addresses: Vec<Multiaddr> = usable.iter().filter_map(|c| c.dialed.clone()).collect();
+        let failed_lately = self.spill_failed.get(&peer).is_some_and(|at| at.elapsed() < SPILL_RETRY);
+        let can_dial = !failed_lately
+            && usable.len() < MAX_FORWARD_CONNECTIONS
+            && self.connections.get(&peer).map_or(0, Vec::len) < MAX_FORWARD_CONNECTIONS * 2
+            // A direct connection is dialed again only where one was dialed before: the peer's
+            // other addresses (relayed ones) would bring a connection of no use here.
+            && (!direct || !addresses.is_empty());
+        if !can_dial {
             open.spill = false;
             let best = usable.first().map(|c| c.id);
             return self.send(peer, best, open);
         }
-        // The addresses the full connections were dialed on (a relayed one's names its relay);
-        // the swarm adds what the other behaviours know of the peer. A new port: TCP's dial
-        // from the listen port to the same address would collide with the connection we have.
-        let addresses: Vec<Multiaddr> = usable.iter().filter_map(|c| c.dialed.clone()).collect();
-        let dial = DialOpts::peer_id(peer)
-            .condition(PeerCondition::Always)
-            .addresses(addresses)
-            .extend_addresses_through_behaviour()
-            .allocate_new_port()
-            .build();
+        let mut dial = DialOpts::peer_id(peer).condition(PeerCondition::Always).addresses(addresses);
+        if !direct {
+            // Relayed: what the other behaviours know of the peer (its relayed addresses) too.
+            dial = dial.extend_addresses_through_behaviour();
+        }
+        let dial = dial.build();
         tracing::debug!(%peer, connections = usable.len(), "every connection to the peer carries its most forward streams: dialing another");
         self.spills.insert(peer, Spill { dial: dial.connection_id(), waiting: vec![open] });
         self.events.push_back(ToSwarm::Dial { opts: dial });
@@ -298,6 +323,7 @@ impl Behaviour {
         let Some(spill) = self.spills.remove(&peer) else { return };
         if dial_failed {
             tracing::debug!(%peer, waiting = spill.waiting.len(), "no further connection to the peer: forwarded connections wait for room");
+            self.spill_failed.insert(peer, Instant::now());
         }
         for mut open in spill.waiting {
             open.spill &= !dial_failed;
@@ -313,7 +339,9 @@ impl Behaviour {
         self.connections.entry(peer).or_default().push(Conn { id: connection, relayed, usage: handler.usage(), limit, dialed });
         self.update_direct(peer);
         if self.spills.get(&peer).is_some_and(|spill| spill.dial == connection) {
-            self.end_spill(peer, false);
+            // A relayed connection where a direct one is full is no use for what waited.
+            let useful = self.usable(&peer).iter().any(|c| c.id == connection);
+            self.end_spill(peer, !useful);
         }
         handler
     }
@@ -369,6 +397,7 @@ impl NetworkBehaviour for Behaviour {
                     list.retain(|c| c.id != closed.connection_id);
                     if list.is_empty() {
                         self.connections.remove(&closed.peer_id);
+                        self.spill_failed.remove(&closed.peer_id);
                     }
                 }
                 self.update_direct(closed.peer_id);

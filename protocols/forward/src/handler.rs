@@ -40,8 +40,9 @@ pub struct Handler {
     inbound: Accepted,
     /// Requests not yet handed to the connection.
     to_open: VecDeque<Open>,
-    /// Outbound negotiations running.
+    /// Outbound negotiations running, and of those the forward streams'.
     negotiating: usize,
+    negotiating_forward: usize,
     /// The streams handed out on this connection (see [`crate::linger`]).
     usage: Arc<Usage>,
     linger: Duration,
@@ -51,7 +52,7 @@ pub struct Handler {
 
 impl Handler {
     pub(crate) fn new(peer: PeerId, relayed: bool, inbound: Accepted, linger: Duration, stream_limit: StreamLimit) -> Self {
-        Self { peer, relayed, inbound, to_open: VecDeque::new(), negotiating: 0, usage: Arc::default(), linger, stream_limit }
+        Self { peer, relayed, inbound, to_open: VecDeque::new(), negotiating: 0, negotiating_forward: 0, usage: Arc::default(), linger, stream_limit }
     }
 
     pub(crate) fn usage(&self) -> Arc<Usage> {
@@ -73,7 +74,7 @@ impl Handler {
             .to_open
             .iter()
             .position(|open| open.protocol != crate::behaviour::STREAM_PROTOCOL)
-            .or_else(|| self.stream_limit.has_room(&self.usage, self.negotiating).then_some(0));
+            .or_else(|| self.stream_limit.has_room(&self.usage, self.negotiating_forward).then_some(0));
         next.and_then(|i| self.to_open.remove(i))
     }
 
@@ -88,6 +89,7 @@ impl Handler {
     fn settled(&mut self, protocol: &StreamProtocol) {
         self.negotiating = self.negotiating.saturating_sub(1);
         if *protocol == crate::behaviour::STREAM_PROTOCOL {
+            self.negotiating_forward = self.negotiating_forward.saturating_sub(1);
             self.usage.unreserve();
         }
     }
@@ -117,6 +119,7 @@ impl ConnectionHandler for Handler {
         match self.next_to_open(cx) {
             Some(Open { protocol, reply, .. }) => {
                 self.negotiating += 1;
+                self.negotiating_forward += usize::from(protocol == crate::behaviour::STREAM_PROTOCOL);
                 Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest {
                     protocol: SubstreamProtocol::new(ReadyUpgrade::new(protocol.clone()), (protocol, reply)),
                 })
