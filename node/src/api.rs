@@ -51,6 +51,13 @@ pub struct Status {
     /// included); none yet if it has not ended.
     #[serde(default)]
     pub dht_refreshed_secs_ago: Option<u64>,
+    /// Seconds since our own record (the addresses others find us at by PeerId) last reached
+    /// the WAN DHT peers closest to it; none if it never has (yet).
+    #[serde(default)]
+    pub addresses_published_secs_ago: Option<u64>,
+    /// Attempts in a row to publish that record that timed out (0 after a success).
+    #[serde(default)]
+    pub address_publish_failures: u32,
     /// Dials that reached another peer than the one dialed, since start (stale addresses,
     /// dropped from the peer's record as they were found).
     #[serde(default)]

@@ -183,6 +183,9 @@ impl EventLoop {
                 result: kad::QueryResult::StartProviding(Ok(ok)) | kad::QueryResult::RepublishProvider(Ok(ok)),
                 ..
             } => {
+                if ok.key == peer_key(self.swarm.local_peer_id()) {
+                    self.own_record_published.insert(dht, Instant::now());
+                }
                 self.publish_failures.remove(&(dht, ok.key));
             }
             kad::Event::OutboundQueryProgressed { id, result: kad::QueryResult::GetProviders(result), step, stats, .. } => {

@@ -107,6 +107,8 @@ pub struct EventLoop {
     /// Publications of ours (own record, relay announcement) that failed in a row, by DHT and
     /// key; at most four entries.
     publish_failures: HashMap<(Dht, kad::RecordKey), u32>,
+    /// When our own provider record last reached the peers closest to it, per DHT.
+    own_record_published: HashMap<Dht, Instant>,
     /// When the DHTs' routing tables are next refreshed (see `dht::refresh_targets`).
     dht_refresh_due: Instant,
     /// When the relay service is next announced in the DHT (once it is advertised): at start and
@@ -193,6 +195,7 @@ impl EventLoop {
             relay_lookups: Default::default(),
             own_record_due: HashMap::new(),
             publish_failures: HashMap::new(),
+            own_record_published: HashMap::new(),
             dht_refresh_due: Instant::now() + dht::refresh_interval(&config),
             relay_announce_due: Some(Instant::now()),
             hole_punch: HolePunch::default(),

@@ -39,6 +39,12 @@ impl EventLoop {
             routing_table_peers: self.table_size(Dht::Wan),
             lan_routing_table_peers: self.table_size(Dht::Lan),
             dht_refreshed_secs_ago: self.bootstrapped_at.get(&Dht::Wan).map(|t| t.elapsed().as_secs()),
+            addresses_published_secs_ago: self.own_record_published.get(&Dht::Wan).map(|t| t.elapsed().as_secs()),
+            address_publish_failures: self
+                .publish_failures
+                .get(&(Dht::Wan, super::dht::peer_key(self.swarm.local_peer_id())))
+                .copied()
+                .unwrap_or(0),
             wrong_peer_dials: self.wrong_peer_dials,
             stored_peers: self.book.len(),
             peer_store_writes: self.writer.as_ref().map(|w| w.writes.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(0),

@@ -504,12 +504,27 @@ async fn sample_find((from, target, natted_target): (NodeHandle, PeerId, bool), 
     let failure = match &reply {
         Ok(Ok(r)) if r.found && !r.addrs.is_empty() => None,
         Ok(Ok(r)) if r.found => Some("found without a usable address".to_string()),
-        Ok(Ok(_)) => Some("not found".to_string()),
+        Ok(Ok(_)) => Some(format!("not found ({})", publication(target, &live).await)),
         Ok(Err(e)) => Some(e.to_string()),
         Err(_) => Some("no answer in time".to_string()),
     };
     let requests = reply.ok().and_then(|r| r.ok()).map(|r| r.requests);
     record(started, failure, natted_target, requests, &[from.peer_id, target], &live, &out);
+}
+
+/// Where the target of a failed find stands with publishing its record, as its status says:
+/// whether what was looked for was there to be found.
+async fn publication(target: PeerId, live: &Live) -> &'static str {
+    let handle = live.lock().expect("live").get(&target).map(|n| n.handle.clone());
+    let Some(handle) = handle else { return "target gone" };
+    let Ok(status) = handle.request(Command::Status).await else { return "target without status" };
+    match (status.addresses_published_secs_ago, status.address_publish_failures) {
+        (None, 0) => "target's record never published, none failed",
+        (None, _) => "target's record never published, attempts timed out",
+        (Some(_), failed) if failed > 0 => "target's record published once, lately timing out",
+        (Some(secs), _) if secs < 120 => "target's record published < 2 min ago",
+        (Some(_), _) => "target's record published >= 2 min ago",
+    }
 }
 
 /// A forward stream, as `warren forward` opens one for a new connection: reach the peer (its
