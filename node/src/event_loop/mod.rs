@@ -107,8 +107,9 @@ pub struct EventLoop {
     /// Publications of ours (own record, relay announcement) that failed in a row, by DHT and
     /// key; at most four entries.
     publish_failures: HashMap<(Dht, kad::RecordKey), u32>,
-    /// When our own provider record last reached the peers closest to it, per DHT.
-    own_record_published: HashMap<Dht, Instant>,
+    /// When our own provider record last reached the peers closest to it, per DHT, and which
+    /// peers our routing table had closest to it then.
+    own_record_published: HashMap<Dht, (Instant, std::collections::HashSet<PeerId>)>,
     /// When the DHTs' routing tables are next refreshed (see `dht::refresh_targets`).
     dht_refresh_due: Instant,
     /// When the relay service is next announced in the DHT (once it is advertised): at start and
