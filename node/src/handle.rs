@@ -28,6 +28,9 @@ pub enum Command {
     OpenStream(PeerId, StreamProtocol, oneshot::Sender<Result<Opened, OpenError>>),
     /// The peers in the WAN DHT's routing table (diagnostics and simulations).
     RoutingTable(oneshot::Sender<Vec<PeerId>>),
+    /// The addresses in the provider record of this peer's own key that this node holds in the
+    /// WAN DHT, if it holds one (diagnostics and simulations).
+    HeldRecord(PeerId, oneshot::Sender<Option<Vec<libp2p::Multiaddr>>>),
     /// Adds synthetic records to the peer store (diagnostics and crash tests).
     StoreChurn(u32, oneshot::Sender<api::ChurnReply>),
     /// Gathers what `warren netcheck` judges from, probing over QUIC first where that helps.

@@ -395,6 +395,11 @@ impl EventLoop {
             }
             Command::CheckPaths(peer) => self.check_paths(peer),
             Command::PathSilent(peer, connection, silent, started) => self.on_path_silent(peer, connection, silent, started),
+            Command::HeldRecord(peer, reply) => {
+                use libp2p::kad::store::RecordStore as _;
+                let held = self.swarm.behaviour_mut().kad.store_mut().providers(&dht::peer_key(&peer));
+                let _ = reply.send(held.into_iter().find(|r| r.provider == peer).map(|r| r.addresses));
+            }
             Command::RoutingTable(reply) => {
                 let peers = self.swarm.behaviour_mut().kad.kbuckets().flat_map(|b| b.iter().map(|e| *e.node.key.preimage()).collect::<Vec<_>>()).collect();
                 let _ = reply.send(peers);

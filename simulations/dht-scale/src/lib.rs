@@ -512,18 +512,49 @@ async fn sample_find((from, target, natted_target): (NodeHandle, PeerId, bool), 
     record(started, failure, natted_target, requests, &[from.peer_id, target], &live, &out);
 }
 
-/// Where the target of a failed find stands with publishing its record, as its status says:
-/// whether what was looked for was there to be found.
-async fn publication(target: PeerId, live: &Live) -> &'static str {
+/// Where the target of a failed find stands with publishing its record, as its status says,
+/// and who holds it: whether what was looked for was there to be found.
+async fn publication(target: PeerId, live: &Live) -> String {
     let handle = live.lock().expect("live").get(&target).map(|n| n.handle.clone());
-    let Some(handle) = handle else { return "target gone" };
-    let Ok(status) = handle.request(Command::Status).await else { return "target without status" };
-    match (status.addresses_published_secs_ago, status.address_publish_failures) {
+    let Some(handle) = handle else { return "target gone".into() };
+    let Ok(status) = handle.request(Command::Status).await else { return "target without status".into() };
+    let published = match (status.addresses_published_secs_ago, status.address_publish_failures) {
         (None, 0) => "target's record never published, none failed",
         (None, _) => "target's record never published, attempts timed out",
         (Some(_), failed) if failed > 0 => "target's record published once, lately timing out",
         (Some(secs), _) if secs < 120 => "target's record published < 2 min ago",
         (Some(_), _) => "target's record published >= 2 min ago",
+    };
+    format!("{published}; {}", holders(target, live).await)
+}
+
+/// Which live nodes hold `target`'s record, against the 20 DHT servers closest to its key (the
+/// ones a lookup ends at): printed in full, summed up in the answer.
+async fn holders(target: PeerId, live: &Live) -> &'static str {
+    let nodes: Vec<NodeHandle> = live.lock().expect("live").values().map(|n| n.handle.clone()).collect();
+    let key = libp2p::kad::KBucketKey::from(target);
+    let mut servers = Vec::new();
+    let mut held = Vec::new();
+    for node in &nodes {
+        if let Ok(status) = node.request(Command::Status).await
+            && status.dht_mode == "server"
+        {
+            servers.push((libp2p::kad::KBucketKey::from(node.peer_id).distance(&key), node.peer_id));
+        }
+        if let Ok(Some(addrs)) = node.request(|tx| Command::HeldRecord(target, tx)).await {
+            held.push((node.peer_id, addrs.len()));
+        }
+    }
+    servers.sort();
+    let closest: std::collections::HashSet<PeerId> = servers.iter().take(20).map(|(_, p)| *p).collect();
+    let near = held.iter().filter(|(p, _)| closest.contains(p)).count();
+    let empty = held.iter().filter(|(_, addrs)| *addrs == 0).count();
+    eprintln!("held record of failed find target {target}: {} live holders, {near} among the 20 closest of {} servers, {empty} without addresses", held.len(), servers.len());
+    match (held.len(), near) {
+        (0, _) => "no live node holds it",
+        (_, 0) => "held, but by none of the 20 closest servers",
+        _ if empty == held.len() => "held near, without addresses",
+        _ => "held by some of the 20 closest servers",
     }
 }
 
