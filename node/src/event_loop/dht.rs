@@ -196,6 +196,16 @@ impl EventLoop {
             } => self.on_publication_failed(dht, error.into_key()),
             kad::Event::OutboundQueryProgressed {
                 result: kad::QueryResult::StartProviding(Ok(ok)) | kad::QueryResult::RepublishProvider(Ok(ok)),
+                stats,
+                ..
+            } if stats.num_successes() == 0 => {
+                // libp2p reports success once the record was sent to every peer its lookup
+                // found answering: with none (a table of departed peers, say), to nobody.
+                tracing::info!(?dht, "a publication of ours reached no peer");
+                self.on_publication_failed(dht, ok.key);
+            }
+            kad::Event::OutboundQueryProgressed {
+                result: kad::QueryResult::StartProviding(Ok(ok)) | kad::QueryResult::RepublishProvider(Ok(ok)),
                 ..
             } => {
                 if ok.key == peer_key(self.swarm.local_peer_id()) {

@@ -85,6 +85,9 @@ pub struct Params {
     pub measure_secs: u64,
     /// Lookups started per second, and as many forward streams.
     pub samples_per_sec: f64,
+    /// After a failed find, ask every live node whether it holds the target's record (two
+    /// requests per node per failure: for diagnosis, it loads the run).
+    pub who_holds: bool,
     pub seed: u64,
 }
 
@@ -102,6 +105,7 @@ impl Default for Params {
             settle_timeout_secs: 180,
             measure_secs: 60,
             samples_per_sec: 2.0,
+            who_holds: false,
             seed: 1,
         }
     }
@@ -342,7 +346,7 @@ pub async fn run(params: &Params, root: &Path) -> Result<Report, String> {
                     [pick(), pick()]
                 };
                 let [find_pair, forward_pair] = pairs;
-                sample_tasks.push(tokio::spawn(sample_find(find_pair, live.clone(), finds.clone())));
+                sample_tasks.push(tokio::spawn(sample_find(find_pair, live.clone(), finds.clone(), params.who_holds)));
                 sample_tasks.push(tokio::spawn(sample_forward(forward_pair, live.clone(), forwards.clone())));
             }
             _ = churn_tick.tick() => {
@@ -498,13 +502,13 @@ fn total_traffic(net: &Net, live: &Live) -> (u64, u64) {
 }
 
 /// A lookup, as `warren find PEER` makes it: found means addresses came back.
-async fn sample_find((from, target, natted_target): (NodeHandle, PeerId, bool), live: Live, out: Arc<Mutex<Vec<Sample>>>) {
+async fn sample_find((from, target, natted_target): (NodeHandle, PeerId, bool), live: Live, out: Arc<Mutex<Vec<Sample>>>, who_holds: bool) {
     let started = Instant::now();
     let reply = tokio::time::timeout(SAMPLE_TIMEOUT, from.request(|tx| Command::Find(target, tx))).await;
     let failure = match &reply {
         Ok(Ok(r)) if r.found && !r.addrs.is_empty() => None,
         Ok(Ok(r)) if r.found => Some("found without a usable address".to_string()),
-        Ok(Ok(_)) => Some(format!("not found ({})", publication(target, &live).await)),
+        Ok(Ok(_)) => Some(format!("not found ({})", publication(target, &live, who_holds).await)),
         Ok(Err(e)) => Some(e.to_string()),
         Err(_) => Some("no answer in time".to_string()),
     };
@@ -514,7 +518,7 @@ async fn sample_find((from, target, natted_target): (NodeHandle, PeerId, bool), 
 
 /// Where the target of a failed find stands with publishing its record, as its status says,
 /// and who holds it: whether what was looked for was there to be found.
-async fn publication(target: PeerId, live: &Live) -> String {
+async fn publication(target: PeerId, live: &Live, who_holds: bool) -> String {
     let handle = live.lock().expect("live").get(&target).map(|n| n.handle.clone());
     let Some(handle) = handle else { return "target gone".into() };
     let Ok(status) = handle.request(Command::Status).await else { return "target without status".into() };
@@ -525,6 +529,9 @@ async fn publication(target: PeerId, live: &Live) -> String {
         (Some(secs), _) if secs < 120 => "target's record published < 2 min ago",
         (Some(_), _) => "target's record published >= 2 min ago",
     };
+    if !who_holds {
+        return published.into();
+    }
     format!("{published}; {}", holders(target, live).await)
 }
 

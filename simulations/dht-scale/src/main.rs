@@ -35,6 +35,10 @@ struct Cli {
     /// Lookups started per second (and as many forward streams).
     #[arg(long, default_value_t = Params::default().samples_per_sec)]
     samples_per_sec: f64,
+    /// After a failed find, ask every live node whether it holds the target's record and print
+    /// who does (diagnosis: two requests per node per failure load the run).
+    #[arg(long)]
+    who_holds: bool,
     /// Seconds the nodes may take to settle before measuring starts anyway.
     #[arg(long, default_value_t = Params::default().settle_timeout_secs)]
     settle_timeout_secs: u64,
@@ -77,6 +81,7 @@ fn main() -> std::process::ExitCode {
         join_per_sec: cli.join_per_sec,
         measure_secs: cli.measure_secs,
         samples_per_sec: cli.samples_per_sec,
+        who_holds: cli.who_holds,
         settle_timeout_secs: cli.settle_timeout_secs,
         seed: cli.seed,
         ..Params::default()
