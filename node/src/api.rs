@@ -58,6 +58,10 @@ pub struct Status {
     /// Attempts in a row to publish that record that timed out (0 after a success).
     #[serde(default)]
     pub address_publish_failures: u32,
+    /// The same for the LAN DHT (peers on our private network), where a private network of
+    /// plain nodes finds us.
+    #[serde(default)]
+    pub lan_addresses_published_secs_ago: Option<u64>,
     /// Dials that reached another peer than the one dialed, since start (stale addresses,
     /// dropped from the peer's record as they were found).
     #[serde(default)]

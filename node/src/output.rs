@@ -25,12 +25,15 @@ pub fn status(s: &api::Status) -> String {
         "routing       {} in the DHT ({refreshed}), {} in the LAN DHT; {} dials reached a different peer",
         s.routing_table_peers, s.lan_routing_table_peers, s.wrong_peer_dials
     );
-    let published = match (s.addresses_published_secs_ago, s.address_publish_failures) {
+    let mut published = match (s.addresses_published_secs_ago, s.address_publish_failures) {
         (Some(secs), 0) => format!("our addresses published in the DHT {secs} s ago"),
         (Some(secs), failed) => format!("our addresses published in the DHT {secs} s ago; the last {failed} attempts timed out"),
         (None, 0) => "our addresses not published in the DHT yet".to_string(),
         (None, failed) => format!("our addresses not published in the DHT yet; {failed} attempts timed out"),
     };
+    if let Some(secs) = s.lan_addresses_published_secs_ago {
+        let _ = write!(published, "; in the LAN DHT {secs} s ago");
+    }
     let _ = writeln!(out, "findable      {published}");
     let _ = writeln!(out, "uptime        {}s", s.uptime_secs);
     list(&mut out, "listening", &s.listen_addrs);

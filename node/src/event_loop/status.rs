@@ -40,6 +40,7 @@ impl EventLoop {
             lan_routing_table_peers: self.table_size(Dht::Lan),
             dht_refreshed_secs_ago: self.bootstrapped_at.get(&Dht::Wan).map(|t| t.elapsed().as_secs()),
             addresses_published_secs_ago: self.own_record_published.get(&Dht::Wan).map(|(t, _)| t.elapsed().as_secs()),
+            lan_addresses_published_secs_ago: self.own_record_published.get(&Dht::Lan).map(|(t, _)| t.elapsed().as_secs()),
             address_publish_failures: self
                 .publish_failures
                 .get(&(Dht::Wan, super::dht::peer_key(self.swarm.local_peer_id())))
