@@ -86,7 +86,9 @@ pub struct Params {
     /// Lookups started per second, and as many forward streams.
     pub samples_per_sec: f64,
     /// After a failed find, ask every live node whether it holds the target's record (two
-    /// requests per node per failure: for diagnosis, it loads the run).
+    /// requests per node per failure: for diagnosis, it loads the run). Runs recorded before
+    /// it existed read as without.
+    #[serde(default)]
     pub who_holds: bool,
     pub seed: u64,
 }
