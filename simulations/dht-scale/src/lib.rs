@@ -55,6 +55,8 @@ const IDLE_SETTLE: Duration = Duration::from_secs(65);
 const NEW_TARGET: Duration = Duration::from_secs(120);
 /// How long stopping the nodes at the end may take before the run returns without them.
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the timer whose lateness measures the machine's backlog fires ([`timer_lag_until`]).
+const LAG_TICK: Duration = Duration::from_millis(100);
 /// How long a node that leaves to come back stays away, at most.
 const MAX_DOWNTIME: Duration = Duration::from_secs(60);
 
@@ -318,6 +320,7 @@ pub async fn run(params: &Params, root: &Path) -> Result<Report, String> {
     let cpu_before = report::cpu_seconds();
     let measure_start = Instant::now();
     let measure_end = measure_start + Duration::from_secs(params.measure_secs);
+    let timer_lag = tokio::spawn(timer_lag_until(measure_end));
     let finds: Arc<Mutex<Vec<Sample>>> = Arc::default();
     let forwards: Arc<Mutex<Vec<Sample>>> = Arc::default();
     let mut sample_tasks = Vec::new();
@@ -393,6 +396,7 @@ pub async fn run(params: &Params, root: &Path) -> Result<Report, String> {
         }
     }
     futures::future::join_all(sample_tasks.drain(..)).await;
+    let (timer_lag_p99_ms, timer_lag_max_ms) = timer_lag.await.unwrap_or_default();
     let measured_secs = measure_start.elapsed().as_secs_f64();
     let cpu_secs = report::cpu_seconds() - cpu_before;
     let traffic_after = total_traffic(&net, &live);
@@ -481,6 +485,8 @@ pub async fn run(params: &Params, root: &Path) -> Result<Report, String> {
         dials_per_node_per_min: traffic.1 as f64 / nodes_now.max(1) as f64 / (measured_secs / 60.0),
         rss_per_node_kib: rss.saturating_sub(rss_before) as f64 / 1024.0 / nodes_now.max(1) as f64,
         cpu_share: cpu_secs / measured_secs / report::cores() as f64,
+        timer_lag_p99_ms,
+        timer_lag_max_ms,
         relays,
         connections_per_node: connections,
         connections_per_node_measuring: connections_measuring,
@@ -550,7 +556,10 @@ async fn holders(target: PeerId, live: &Live) -> &'static str {
         {
             servers.push((libp2p::kad::KBucketKey::from(node.peer_id).distance(&key), node.peer_id));
         }
-        if let Ok(Some(addrs)) = node.request(|tx| Command::HeldRecord(target, tx)).await {
+        // The target holds its own record (libp2p stores what it provides): not a holder.
+        if node.peer_id != target
+            && let Ok(Some(addrs)) = node.request(|tx| Command::HeldRecord(target, tx)).await
+        {
             held.push((node.peer_id, addrs.len()));
         }
     }
@@ -605,4 +614,18 @@ fn record(started: Instant, failure: Option<String>, natted_target: bool, reques
         let failure = failure.map(|f| format!("{} [{joined}]", report::generalise(&f)));
         out.lock().expect("samples").push(Sample { ok, failure, millis: started.elapsed().as_secs_f64() * 1000.0, natted_target, requests });
     }
+}
+
+/// Sleeps [`LAG_TICK`] at a time until `end` and returns how late the wake-ups came, p99 and
+/// worst, in ms.
+async fn timer_lag_until(end: Instant) -> (f64, f64) {
+    let mut lags = Vec::new();
+    while Instant::now() < end {
+        let due = Instant::now() + LAG_TICK;
+        tokio::time::sleep_until(due).await;
+        lags.push(Instant::now().saturating_duration_since(due).as_secs_f64() * 1000.0);
+    }
+    lags.sort_by(f64::total_cmp);
+    let p99 = lags.get(lags.len() * 99 / 100).or(lags.last()).copied().unwrap_or_default();
+    (p99, lags.last().copied().unwrap_or_default())
 }

@@ -34,6 +34,13 @@ pub struct Report {
     /// The share of the machine's cores the simulation used while measuring; near 1, the
     /// machine bounded the run and its latencies include waiting for a core.
     pub cpu_share: f64,
+    /// How late a timer set to fire every 100 ms fired while measuring, p99 and worst, ms: the
+    /// machine's backlog. Every timeout in the nodes (30 s lookups, 5 s dials) runs on the same
+    /// clock, so a backlog of seconds makes lookups fail that a node on its own machine finishes.
+    #[serde(default)]
+    pub timer_lag_p99_ms: f64,
+    #[serde(default)]
+    pub timer_lag_max_ms: f64,
     /// What the relays did, summed over the relays up at the end.
     #[serde(default)]
     pub relays: RelaySummary,
@@ -185,14 +192,14 @@ impl Outcomes {
 /// The Markdown table of runs.
 pub fn markdown(reports: &[Report]) -> String {
     let mut out = String::from(
-        "| nodes | churn /10 min | find ok | find p50 / p90 / p99 | DHT requests /find p50 / p90 | forward ok | forward p50 / p90 / p99 | table live | table size | KiB sent /node/min (idle) | dials /node/min (idle) | connections /node (idle) | CPU ms /node/s idle | RSS /node | CPU used | unsettled |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| nodes | churn /10 min | find ok | find p50 / p90 / p99 | DHT requests /find p50 / p90 | forward ok | forward p50 / p90 / p99 | table live | table size | KiB sent /node/min (idle) | dials /node/min (idle) | connections /node (idle) | CPU ms /node/s idle | RSS /node | CPU used | timer lag p99 / max | unsettled |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in reports {
         let times = |o: &Outcomes| format!("{:.0} / {:.0} / {:.0} ms", o.p50_ms, o.p90_ms, o.p99_ms);
         let rate = |o: &Outcomes| format!("{:.1} % ({}/{})", o.rate(), o.ok, o.tried);
         out.push_str(&format!(
-            "| {} | {:.0} % | {} | {} | {:.0} / {:.0} | {} | {} | {:.1} % | {:.0} | {:.0} ({:.0}) | {:.1} ({:.1}) | {:.0} ({:.1}) | {:.2} | {:.0} KiB | {:.0} % | {} |\n",
+            "| {} | {:.0} % | {} | {} | {:.0} / {:.0} | {} | {} | {:.1} % | {:.0} | {:.0} ({:.0}) | {:.1} ({:.1}) | {:.0} ({:.1}) | {:.2} | {:.0} KiB | {:.0} % | {:.0} / {:.0} ms | {} |\n",
             r.params.nodes,
             r.params.churn_per_10min * 100.0,
             rate(&r.finds),
@@ -212,6 +219,8 @@ pub fn markdown(reports: &[Report]) -> String {
             r.idle_cpu_ms_per_node_per_sec,
             r.rss_per_node_kib,
             r.cpu_share * 100.0,
+            r.timer_lag_p99_ms,
+            r.timer_lag_max_ms,
             r.unsettled,
         ));
     }
