@@ -30,6 +30,11 @@ pub const RELAYS_KEY: &[u8] = b"/warren/relays/1";
 const RETRY_AFTER: Duration = Duration::from_secs(30);
 /// How often the DHT is asked for relays while candidates are short.
 const LOOKUP_EVERY: Duration = Duration::from_secs(30);
+/// Relays a lookup connects to beyond the reservations missing: one dial may fail or one relay
+/// refuse, and the next lookup is 30 s away. Connecting to every relay a lookup finds, as
+/// before, made 3,030 relay dials in 18 minutes of `simulations/dht-scale` (500 nodes, 36 of
+/// them relays), each a handshake and an identify for a relay that mostly had nothing to give.
+const LOOKUP_SPARE_DIALS: usize = 1;
 /// A relay being dialed is not dialed again for this long.
 const DIAL_WAIT: Duration = Duration::from_secs(5);
 /// A relay that has held our reservations this long in all, dropping them at most once an hour,
@@ -303,6 +308,13 @@ impl AutoRelay {
         actions
     }
 
+    /// How many of the relays a DHT lookup finds to connect to: the reservations missing, and
+    /// [`LOOKUP_SPARE_DIALS`].
+    pub fn dials_per_lookup(&self) -> usize {
+        let automatic = self.held.values().filter(|h| !h.pinned).count();
+        self.target.saturating_sub(automatic) + LOOKUP_SPARE_DIALS
+    }
+
     /// Records a reservation attempt the event loop started.
     pub fn reserving(&mut self, id: ListenerId, relay: PeerId, relay_addr: Multiaddr, pinned: bool) {
         self.held.insert(id, Held { relay, relay_addr, pinned, accepted_at: None, renewals: 0 });
@@ -358,6 +370,17 @@ mod tests {
         // Publicly reachable: automatic reservations are released.
         let actions = auto.tick(false, true, |_| CONNECTED);
         assert_eq!(actions.release.len(), 1);
+    }
+
+    #[test]
+    fn a_relay_lookup_connects_to_the_relays_missing_and_one_spare() {
+        let mut auto = AutoRelay::new(2, &[]);
+        assert_eq!(auto.dials_per_lookup(), 3);
+        let relay = PeerId::random();
+        auto.on_identify(relay, vec![addr(4000)]);
+        let (peer, relay_addr, pinned) = auto.tick(true, true, |_| CONNECTED).reserve.remove(0);
+        auto.reserving(ListenerId::next(), peer, relay_addr, pinned);
+        assert_eq!(auto.dials_per_lookup(), 2, "one reservation under way");
     }
 
     #[test]

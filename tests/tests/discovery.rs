@@ -63,3 +63,26 @@ fn a_restarted_node_keeps_its_peer_id_and_rejoins_from_its_peer_store() {
     let ping = restarted.json(&["ping", &other.peer_id, "--count", "2"]).expect("ping answers");
     assert_eq!(ping["rtts_ms"].as_array().unwrap().len(), 2);
 }
+
+#[test]
+fn a_peer_that_left_leaves_the_routing_table_once_a_dial_to_it_fails_and_returns_when_it_comes_back() {
+    let hub = Node::start(&[]);
+    let bootstrap = hub.quic_addr();
+    let stays = Node::start(&["--bootstrap", &bootstrap]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut leaves = Node::start_in(dir.path(), &["--bootstrap", &bootstrap]);
+    let table = |node: &Node| node.status()["lan_routing_table_peers"].as_u64().unwrap();
+    wait_until(Duration::from_secs(30), "both peers in the hub's routing table", || table(&hub) == 2);
+    let gone = leaves.peer_id.clone();
+    leaves.stop();
+    assert_eq!(table(&hub), 2, "a disconnect alone keeps the peer (libp2p's rule; a dial decides)");
+
+    let ping = hub.cli(&["ping", &gone, "--count", "1"]);
+    assert!(!ping.status.success(), "a ping of a stopped node answered");
+    wait_until(Duration::from_secs(10), "the departed peer to leave the hub's routing table", || table(&hub) == 1);
+    assert!(hub.finds(&stays.peer_id), "the peer that stayed is still found");
+
+    let back = Node::start_in(dir.path(), &["--bootstrap", &bootstrap]);
+    assert_eq!(back.peer_id, gone);
+    wait_until(Duration::from_secs(30), "the returning peer back in the hub's routing table", || table(&hub) == 2);
+}

@@ -114,6 +114,8 @@ impl EventLoop {
     pub(super) fn on_dial_failure(&mut self, peer: PeerId, error: &DialError) {
         let now = unix_now();
         let connected = self.swarm.is_connected(&peer);
+        // Every address failed for reasons of the network, not our policy's refusals.
+        let mut unreachable_everywhere = false;
         match error {
             DialError::WrongPeerId { obtained, address } => {
                 let addr = without_p2p(address);
@@ -144,6 +146,7 @@ impl EventLoop {
                 }
             }
             DialError::Transport(failed) => {
+                unreachable_everywhere = !failed.is_empty() && failed.iter().all(|(_, e)| refusal_in(e).is_none());
                 for (addr, error) in failed {
                     let addr = without_p2p(addr);
                     match refusal_in(error) {
@@ -155,6 +158,9 @@ impl EventLoop {
                 }
             }
             _ => {}
+        }
+        if unreachable_everywhere && !connected && self.swarm.connected_peers().next().is_some() {
+            self.forget_unreachable_dht_peer(peer);
         }
         let unreachable = self.bootstrap.on_dial_failed(&peer, connected, Instant::now());
         if connected {

@@ -192,8 +192,9 @@ impl EventLoop {
             }
             kad::Event::OutboundQueryProgressed {
                 result: kad::QueryResult::StartProviding(Err(error)) | kad::QueryResult::RepublishProvider(Err(error)),
+                stats,
                 ..
-            } => self.on_publication_failed(dht, error.into_key()),
+            } => self.on_publication_failed(dht, error.into_key(), &stats),
             kad::Event::OutboundQueryProgressed {
                 result: kad::QueryResult::StartProviding(Ok(ok)) | kad::QueryResult::RepublishProvider(Ok(ok)),
                 stats,
@@ -202,7 +203,7 @@ impl EventLoop {
                 // libp2p reports success once the record was sent to every peer its lookup
                 // found answering: with none (a table of departed peers, say), to nobody.
                 tracing::info!(?dht, "a publication of ours reached no peer");
-                self.on_publication_failed(dht, ok.key);
+                self.on_publication_failed(dht, ok.key, &stats);
             }
             kad::Event::OutboundQueryProgressed {
                 result: kad::QueryResult::StartProviding(Ok(ok)) | kad::QueryResult::RepublishProvider(Ok(ok)),
@@ -221,16 +222,8 @@ impl EventLoop {
                     _ => Default::default(),
                 };
                 let done = step.last;
-                if dht == Dht::Wan && self.relay_lookups.contains(&id) {
-                    for relay in providers {
-                        if relay != *self.swarm.local_peer_id() && !self.swarm.is_connected(&relay) {
-                            tracing::info!(relay = %relay, "found a relay in the DHT; connecting");
-                            let _ = self.swarm.dial(DialOpts::peer_id(relay).build());
-                        }
-                    }
-                    if done {
-                        self.relay_lookups.remove(&id);
-                    }
+                if dht == Dht::Wan && self.relay_lookups.contains_key(&id) {
+                    self.on_relays_found(id, providers, done);
                     return;
                 }
                 let query = (dht, id);
@@ -287,6 +280,29 @@ impl EventLoop {
             // sends would make every server a free storage service.
             kad::Event::InboundRequest { request: kad::InboundRequest::PutRecord { .. } } => {}
             _ => {}
+        }
+    }
+
+    /// A lookup for relays found these: connects to as many as it may, picked at random (every
+    /// node's lookup meets the same records first), and ends the lookup once it has.
+    fn on_relays_found(&mut self, id: kad::QueryId, providers: std::collections::HashSet<PeerId>, done: bool) {
+        use rand::seq::SliceRandom as _;
+        let local = *self.swarm.local_peer_id();
+        let mut found: Vec<PeerId> = providers.into_iter().filter(|r| *r != local && !self.swarm.is_connected(r)).collect();
+        found.shuffle(&mut rand::thread_rng());
+        let Some(left) = self.relay_lookups.get_mut(&id) else { return };
+        found.truncate(*left);
+        *left -= found.len();
+        let enough = *left == 0;
+        for relay in found {
+            tracing::info!(relay = %relay, "found a relay in the DHT; connecting");
+            let _ = self.swarm.dial(DialOpts::peer_id(relay).build());
+        }
+        if done || enough {
+            self.relay_lookups.remove(&id);
+            if let Some(mut query) = self.kad(Dht::Wan).query_mut(&id) {
+                query.finish();
+            }
         }
     }
 
@@ -393,18 +409,30 @@ impl EventLoop {
 
     /// A provider record of ours reached nobody in time: our own record is published again
     /// after [`publish_retry`], as is the relay announcement.
-    fn on_publication_failed(&mut self, dht: Dht, key: kad::RecordKey) {
+    fn on_publication_failed(&mut self, dht: Dht, key: kad::RecordKey, stats: &kad::QueryStats) {
         let own = key == peer_key(self.swarm.local_peer_id());
         let relays = dht == Dht::Wan && key.as_ref() == crate::autorelay::RELAYS_KEY;
         if !own && !relays {
             return;
         }
+        let table = self.table_size(dht);
         let failures = self.publish_failures.entry((dht, key)).or_default();
         *failures = failures.saturating_add(1);
         let wait = publish_retry(*failures);
         let retry_at = Instant::now() + wait;
         if own {
-            tracing::info!(?dht, retry_in_secs = wait.as_secs(), failures = *failures, "publishing our addresses in the DHT timed out");
+            tracing::info!(
+                ?dht,
+                retry_in_secs = wait.as_secs(),
+                failures = *failures,
+                requests = stats.num_requests(),
+                answers = stats.num_successes(),
+                unanswered = stats.num_failures(),
+                pending = stats.num_pending(),
+                secs = stats.duration().map(|d| d.as_secs()),
+                table,
+                "publishing our addresses in the DHT timed out"
+            );
             self.own_record_due.entry(dht).or_insert(retry_at);
         } else {
             tracing::info!(retry_in_secs = wait.as_secs(), failures = *failures, "announcing the relay service in the DHT timed out");
@@ -433,6 +461,20 @@ impl EventLoop {
             }
         }
         true
+    }
+
+    /// A dial to `peer` failed on every address while other peers are connected to us (so our
+    /// own network works): the peer left, or is out of our reach, and leaves both routing
+    /// tables. libp2p keeps it for good otherwise: it drops a failed address but never the last
+    /// one, and replaces the peer only when a newcomer needs its place in a full bucket. Until
+    /// then every lookup through us waits out a dial timeout on it, ours and everyone's we
+    /// answer with it. It comes back the way any peer enters: when it connects again.
+    pub(super) fn forget_unreachable_dht_peer(&mut self, peer: PeerId) {
+        for dht in [Dht::Wan, Dht::Lan] {
+            if self.kad(dht).remove_peer(&peer).is_some() {
+                tracing::debug!(?dht, %peer, "a peer in the routing table cannot be reached; dropped from it");
+            }
+        }
     }
 
     /// Peers in a DHT's routing table.

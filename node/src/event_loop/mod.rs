@@ -101,7 +101,8 @@ pub struct EventLoop {
     relay_stats: RelayStats,
     reservations_by_ip: Option<crate::relay::RelayByIp>,
     relay_advertised: bool,
-    relay_lookups: std::collections::HashSet<kad::QueryId>,
+    /// DHT lookups for relays under way, with how many more relays each may connect to.
+    relay_lookups: HashMap<kad::QueryId, usize>,
     /// When our own provider record is next published, per DHT.
     own_record_due: HashMap<Dht, Instant>,
     /// Publications of ours (own record, relay announcement) that failed in a row, by DHT and

@@ -73,7 +73,7 @@ impl EventLoop {
         }
         if actions.lookup {
             let id = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&RELAYS_KEY));
-            self.relay_lookups.insert(id);
+            self.relay_lookups.insert(id, self.autorelay.dials_per_lookup());
         }
         self.announce_relay_when_due();
     }
