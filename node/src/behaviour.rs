@@ -48,7 +48,7 @@ const PROVIDER_REPUBLISH: Duration = Duration::from_secs(30 * 60);
 /// of a node that has left are forgotten (libp2p's default keeps them 48 h).
 const PROVIDER_TTL: Duration = Duration::from_secs(2 * 60 * 60);
 /// How long a DHT query may run before it reports what it found.
-const KAD_QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const KAD_QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pending inbound handshakes at once: bounds what a flood of dials can cost.
 const MAX_PENDING_INCOMING: u32 = 128;
 /// Direct inbound connections from one IP (one IPv6 /64) at once. An office or a carrier-grade

@@ -295,6 +295,7 @@ impl EventLoop {
                     self.connects.retain(|_, a| a.waiters.iter().any(|w| !w.is_closed()));
                     self.manage_relays();
                     self.publish_own_record_when_due();
+                    self.end_slow_publication_lookups();
                     self.refresh_dht_when_due();
                     self.repunch_when_due();
                     self.netcheck_when_due();
