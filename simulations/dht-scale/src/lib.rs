@@ -626,6 +626,5 @@ async fn timer_lag_until(end: Instant) -> (f64, f64) {
         lags.push(Instant::now().saturating_duration_since(due).as_secs_f64() * 1000.0);
     }
     lags.sort_by(f64::total_cmp);
-    let p99 = lags.get(lags.len() * 99 / 100).or(lags.last()).copied().unwrap_or_default();
-    (p99, lags.last().copied().unwrap_or_default())
+    (report::quantile(&lags, 0.99), report::quantile(&lags, 1.0))
 }

@@ -156,7 +156,7 @@ impl Outcomes {
     pub fn of(samples: &[Sample]) -> Self {
         let mut times: Vec<f64> = samples.iter().filter(|s| s.ok).map(|s| s.millis).collect();
         times.sort_by(f64::total_cmp);
-        let at = |q: f64| if times.is_empty() { 0.0 } else { times[((times.len() - 1) as f64 * q).round() as usize] };
+        let at = |q: f64| quantile(&times, q);
         let mut failures: Vec<(String, usize)> = Vec::new();
         for reason in samples.iter().filter_map(|s| s.failure.as_ref()) {
             match failures.iter_mut().find(|(r, _)| r == reason) {
@@ -168,7 +168,7 @@ impl Outcomes {
         failures.truncate(TOP_FAILURES);
         let mut requests: Vec<f64> = samples.iter().filter(|s| s.ok).filter_map(|s| s.requests).map(f64::from).collect();
         requests.sort_by(f64::total_cmp);
-        let requests_at = |q: f64| if requests.is_empty() { 0.0 } else { requests[((requests.len() - 1) as f64 * q).round() as usize] };
+        let requests_at = |q: f64| quantile(&requests, q);
         Outcomes {
             failures,
             requests_p50: requests_at(0.5),
@@ -187,6 +187,11 @@ impl Outcomes {
     pub fn rate(&self) -> f64 {
         if self.tried == 0 { 0.0 } else { 100.0 * self.ok as f64 / self.tried as f64 }
     }
+}
+
+/// The value at quantile `q` (0 to 1) of `sorted`, ascending; 0 when it is empty.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() { 0.0 } else { sorted[((sorted.len() - 1) as f64 * q).round() as usize] }
 }
 
 /// The Markdown table of runs.
