@@ -41,7 +41,7 @@ const PING_TIMEOUT: Duration = Duration::from_secs(10);
 const PING_GAP: Duration = Duration::from_millis(200);
 /// Fresh streams one `warren ping` may open after its stream is dropped under it. A rust-libp2p
 /// peer keeps one inbound ping stream per connection and drops the older one when another
-/// arrives, and both nodes' own liveness pings (every 5 s) open such streams, so a user's ping
+/// arrives, and both nodes' own liveness pings (every 15 s) open such streams, so a user's ping
 /// can lose its stream on a fresh or busy connection; a peer that keeps dropping it is reported.
 const PING_STREAM_REOPENS: u32 = 3;
 

@@ -607,7 +607,7 @@ impl EventLoop {
             // A peer that does not speak ping is fine; only silence counts.
             BehaviourEvent::Ping(ping::Event { result: Err(ping::Failure::Unsupported), .. }) => {}
             BehaviourEvent::Ping(ping::Event { peer, connection, result: Err(error) }) => {
-                // Ping reports only after two failures in a row (10 s and more of silence). A
+                // Ping reports only after two failures in a row, an interval apart (25 s and more of silence). A
                 // connection that has gone silent is dropped when something can take its place:
                 // a relay we hold a reservation on is replaced, and a peer with another
                 // connection (a direct path that died beside a relayed one) moves its new
