@@ -607,11 +607,12 @@ impl EventLoop {
             // A peer that does not speak ping is fine; only silence counts.
             BehaviourEvent::Ping(ping::Event { result: Err(ping::Failure::Unsupported), .. }) => {}
             BehaviourEvent::Ping(ping::Event { peer, connection, result: Err(error) }) => {
-                // Ping reports only after two failures in a row, an interval apart (25 s and more of silence). A
-                // connection that has gone silent is dropped when something can take its place:
-                // a relay we hold a reservation on is replaced, and a peer with another
-                // connection (a direct path that died beside a relayed one) moves its new
-                // streams there. TCP would otherwise keep a dead connection for many minutes.
+                // Ping reports only after two failures in a row, an interval apart (25 s and
+                // more of silence). A connection that has gone silent is dropped when something
+                // can take its place: a relay we hold a reservation on is replaced, and a peer
+                // with another connection (a direct path that died beside a relayed one) moves
+                // its new streams there. TCP would otherwise keep a dead connection for many
+                // minutes.
                 let held_relay = self.autorelay.held().any(|h| h.relay == peer);
                 let has_other = self.conns.iter().any(|(id, c)| c.peer == peer && *id != connection);
                 if held_relay || has_other {
